@@ -1,0 +1,85 @@
+"""
+Checkpoints: written atomically, loaded safely, turned back into a model.
+
+A checkpoint is one torch file (`<out_dir>/ckpt.pt`) holding a dict:
+  model          the model's state_dict (from the uncompiled, unwrapped model: no `_orig_mod.`/`module.`)
+  model_config   dataclasses.asdict(ModelConfig)
+  tokenizer      the tokenizer spec (see tokenizer.py), so sampling decodes with what training used
+  ... plus whatever the writer adds (train.py: optimizer, iter_num, RNG states, data position;
+      quantize.py: quantization = "w8a8" or "w8" and its int8 tensors).
+"""
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model import MobileLLM, config_from_dict
+
+CKPT_NAME = "ckpt.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or not one of ours."""
+
+
+def checkpoint_file(path):
+    """Accept a checkpoint file or the directory holding ckpt.pt."""
+    path = Path(path)
+    return path / CKPT_NAME if path.is_dir() else path
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-write leaves the previous file intact, never half a checkpoint."""
+    path = checkpoint_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load with weights_only=True (no arbitrary code from pickles); one clear error when it fails."""
+    path = checkpoint_file(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path} (give a {CKPT_NAME} file or the out_dir holding one)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path} is not a nanoMobileLLM checkpoint (it has no 'model' and 'model_config')")
+    return ckpt
+
+
+def unwrap(model):
+    """The plain MobileLLM inside DDP (.module) and torch.compile (._orig_mod) wrappers, so saved keys
+    never carry their prefixes."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def model_checkpoint(model, tokenizer_spec, **extra):
+    """The minimal checkpoint dict for a model (writers add their own keys through extra)."""
+    plain = unwrap(model)
+    return dict(model=plain.state_dict(), model_config=asdict(plain.config), tokenizer=tokenizer_spec, **extra)
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a float MobileLLM from one of our checkpoints. Returns (model in eval mode, checkpoint)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("quantization"):
+        raise CheckpointError(f"{checkpoint_file(path)} is an int8 ({ckpt['quantization']}) checkpoint: "
+                              "load it with quantize.load_quantized")
+    try:
+        model = MobileLLM(config_from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{checkpoint_file(path)} does not match the model: {e}") from e
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from model import MobileLLM, ModelConfig
+
+SPEC = {"kind": "char", "chars": "abc"}
+
+
+def tiny():
+    torch.manual_seed(0)
+    return MobileLLM(ModelConfig(vocab_size=3, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                                 block_size=8, share="immediate"))
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    model = tiny()
+    save_checkpoint(model_checkpoint(model, SPEC, iter_num=7), tmp_path)
+    loaded, ckpt = load_model(tmp_path)
+    idx = torch.tensor([[0, 1, 2, 1]])
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+    assert ckpt["iter_num"] == 7 and ckpt["tokenizer"] == SPEC and not loaded.training
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+
+
+def test_compiled_model_saves_plain_keys(tmp_path):
+    ckpt = model_checkpoint(torch.compile(tiny()), SPEC)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(model_checkpoint(tiny(), SPEC, iter_num=1), tmp_path)
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model_checkpoint(tiny(), SPEC, iter_num=2), tmp_path)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)["iter_num"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]       # no temp file left behind
+
+
+def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "ckpt.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path)
+    torch.save({"state_dict": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="not a nanoMobileLLM checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(tmp_path):
+    ckpt = model_checkpoint(tiny(), SPEC)
+    ckpt["model_config"]["dim"] = 32
+    save_checkpoint(ckpt, tmp_path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_model(tmp_path)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"model": {}, "model_config": {}, "evil": print}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path)
