@@ -40,6 +40,12 @@ class ModelConfig:
     share: str = "none"         # §2.3 layer sharing: "none", "immediate" (b0 b0 b1 b1 .., MobileLLM-LS),
                                 #      "repeat_all" (b0..bN b0..bN) or "reverse" (b0..bN bN..b0)
     share_repeats: int = 2      # §2.3 how many times each block is applied when sharing (the paper: 2)
+    meta_ls_cache: bool = False  # reproduce the KV cache of Meta's own code for its facebook/MobileLLM-*-layer-share
+                                 # checkpoints (github.com/facebookresearch/MobileLLM utils/modeling_llama.py on
+                                 # transformers 4.41: both applications of a block append to ONE growing cache).
+                                 # Prefill: every application attends to the FIRST application's keys/values;
+                                 # one-token decode: to all cached entries of every application. Needs
+                                 # share="immediate"; cached decoding only (training/no-cache forward is unchanged)
     init_std: float = 0.02      # std of the normal weight init (residual projections scaled down, as GPT-2)
 
     def __post_init__(self):
@@ -58,6 +64,8 @@ class ModelConfig:
             raise ValueError(f"share must be one of {SHARE_STRATEGIES}, got {self.share!r}")
         if self.share != "none" and self.share_repeats < 2:
             raise ValueError(f"share_repeats must be >= 2 when share={self.share!r}, got {self.share_repeats}")
+        if self.meta_ls_cache and self.share != "immediate":
+            raise ValueError("meta_ls_cache reproduces Meta's immediate layer sharing; it needs share='immediate'")
         if self.ffn_type not in FFN_TYPES:
             raise ValueError(f"ffn_type must be one of {FFN_TYPES}, got {self.ffn_type!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -216,6 +224,19 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def meta_ls_masks(input_pos, cache_len, repeats):
+    """Attention masks (T, repeats * cache_len), one per application, of Meta's layer-share cache
+    (ModelConfig.meta_ls_cache). Slot s holds application s // cache_len at position s % cache_len.
+    Their code appends both applications to one cache and calls SDPA with is_causal (top-left aligned)
+    for a prompt and with no mask for one token, so a prompt sees the first application's entries up
+    to its position, and one token at p sees every entry before p plus applications 0..r at p."""
+    slot = torch.arange(repeats * cache_len, device=input_pos.device)
+    app, pos, p = slot // cache_len, slot % cache_len, input_pos[:, None]
+    if input_pos.numel() > 1:
+        return [(app == 0) & (pos <= p)] * repeats
+    return [(pos < p) | ((pos == p) & (app <= r)) for r in range(repeats)]
+
+
 class MobileLLM(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -231,6 +252,7 @@ class MobileLLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.caches = None                            # nn.ModuleList of KVCache, one per block application
+        self.cache_len = 0                            # positions each cache holds (per application)
         self.init_weights()
 
     def init_weights(self):
@@ -254,8 +276,13 @@ class MobileLLM(nn.Module):
             raise ValueError(f"max_seq_len ({max_seq_len}) exceeds block_size ({self.config.block_size})")
         w = self.tok_embeddings.weight
         c = self.config
-        self.caches = nn.ModuleList(KVCache(batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype or w.dtype,
-                                            w.device) for _ in self.schedule)
+        if c.meta_ls_cache:   # one cache per unique block, a max_seq_len slice for each of its applications
+            sizes = [c.share_repeats * max_seq_len] * c.n_layers
+        else:
+            sizes = [max_seq_len] * len(self.schedule)
+        self.caches = nn.ModuleList(KVCache(batch_size, size, c.n_kv_heads, c.head_dim, dtype or w.dtype, w.device)
+                                    for size in sizes)
+        self.cache_len = max_seq_len
 
     def clear_cache(self):
         self.caches = None
@@ -272,13 +299,20 @@ class MobileLLM(nn.Module):
         else:
             if self.caches is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache() first")
-            cache_len = self.caches[0].k.size(2)
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            mask = input_pos[:, None] >= torch.arange(cache_len, device=idx.device)[None, :]   # (T, L)
+            if self.config.meta_ls_cache:
+                masks = meta_ls_masks(input_pos, self.cache_len, self.config.share_repeats)        # (T, R*L)
+            else:
+                mask = input_pos[:, None] >= torch.arange(self.cache_len, device=idx.device)[None, :]  # (T, L)
         x = self.tok_embeddings(idx)                                                           # (B, T, C)
         for i, b in enumerate(self.schedule):
-            cache = self.caches[i] if input_pos is not None else None
-            x = self.layers[b](x, cos, sin, mask, cache, input_pos)
+            if input_pos is None:
+                x = self.layers[b](x, cos, sin)
+            elif self.config.meta_ls_cache:   # application r of block b writes slice r of the block's one cache
+                r = i % self.config.share_repeats
+                x = self.layers[b](x, cos, sin, masks[r], self.caches[b], input_pos + r * self.cache_len)
+            else:
+                x = self.layers[b](x, cos, sin, mask, self.caches[i], input_pos)
         logits = self.output(self.norm(x))                                                     # (B, T, V)
         loss = None
         if targets is not None:
@@ -293,7 +327,7 @@ class MobileLLM(nn.Module):
         context = idx[:, -L:]
         T = context.size(1)
         self.setup_cache(idx.size(0), min(L, T + max_new_tokens))
-        cache_len = self.caches[0].k.size(2)
+        cache_len = self.cache_len
         logits = self(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
         pos = T
         for step in range(max_new_tokens):

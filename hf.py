@@ -1,0 +1,220 @@
+"""
+Hugging Face interop: load LLaMA-format checkpoints (Meta's facebook/MobileLLM-* among them) into MobileLLM,
+and export our models in the format that transformers' LlamaForCausalLM loads unchanged.
+
+  from hf import load_hf, export_hf
+  model, tokenizer = load_hf("facebook/MobileLLM-125M")     # repo id (downloads) or a local HF-format dir
+  export_hf(model, "out-hf")                                # config.json + model.safetensors
+
+The layouts are the same up to names: our RoPE already uses the HF "rotate half" pairing, so no weight is
+permuted, only renamed. Meta's configs carry two fields of their own (their modeling code, checked):
+  share_embedding: true   the LM head is the token embedding (their config still says
+                          tie_word_embeddings: false, and the files have no lm_head tensor)
+  layer_sharing: true     each block is applied twice in a row (§2.3 immediate block-wise sharing)
+Meta's 125M safetensors conversion is reported broken, so pytorch_model.bin is preferred when both exist
+(it is loaded with weights_only=True). safetensors, sentencepiece and huggingface_hub are optional.
+"""
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from model import MobileLLM, ModelConfig
+from tokenizer import sentencepiece_tokenizer
+
+# our parameter name -> LLaMA name ({} is the unique block index)
+BLOCK_KEYS = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "pytorch_model.bin.index.json",
+                "model.safetensors.index.json")   # in order of preference
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class HFFormatError(ValueError):
+    """An HF checkpoint that is missing files or that MobileLLM cannot represent."""
+
+
+def _require(module, package):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise RuntimeError(f"Hugging Face format support needs {package}: pip install {package}") from e
+
+
+# --- config ------------------------------------------------------------------------------------
+
+def config_from_hf(hf, has_lm_head, meta_ls_cache=False):
+    """ModelConfig from an HF config.json dict; one HFFormatError naming every field we cannot represent."""
+    problems = []
+    if hf.get("model_type", "llama") not in ("llama", "mobilellm"):
+        problems.append(f"model_type {hf.get('model_type')!r} (only LLaMA-style models)")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (SwiGLU needs silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            problems.append(f"{flag}: true (our projections have no biases)")
+    if hf.get("rope_scaling"):
+        problems.append(f"rope_scaling {hf['rope_scaling']!r} (only plain RoPE)")
+    n_heads = hf.get("num_attention_heads", 0)
+    if hf.get("head_dim") not in (None, hf.get("hidden_size", 0) // max(n_heads, 1)):
+        problems.append(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if problems:
+        raise HFFormatError("this Hugging Face config cannot be represented by MobileLLM: " + "; ".join(problems))
+    shared_head = bool(hf.get("share_embedding") or hf.get("tie_word_embeddings"))
+    if not shared_head and not has_lm_head:
+        warnings.warn("config says the LM head is untied but there is no lm_head tensor: using the token "
+                      "embedding as the head (what Meta's share_embedding models need)")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            ffn_dim=hf["intermediate_size"], block_size=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=shared_head or not has_lm_head,
+            share="immediate" if hf.get("layer_sharing") else "none", share_repeats=2,
+            meta_ls_cache=meta_ls_cache)
+    except KeyError as e:
+        raise HFFormatError(f"Hugging Face config.json lacks {e.args[0]!r}") from e
+    except ValueError as e:
+        raise HFFormatError(f"this Hugging Face config cannot be represented by MobileLLM: {e}") from e
+
+
+def config_to_hf(config):
+    """LLaMA config.json dict for a ModelConfig whose blocks are unrolled (see unrolled_state_dict)."""
+    if config.ffn_type != "swiglu":
+        raise HFFormatError(f"LLaMA has a SwiGLU feed-forward; ffn_type={config.ffn_type!r} cannot be exported")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "num_hidden_layers": config.depth,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.ffn_dim, "hidden_act": "silu",
+        "max_position_embeddings": config.block_size, "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "rope_scaling": None, "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+def state_dict_from_hf(hf_sd, config):
+    """Rename LLaMA tensors to ours. With layer sharing the file holds the unique blocks only."""
+    sd = {ours: hf_sd[theirs] for ours, theirs in TOP_KEYS.items() if theirs in hf_sd}
+    if config.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    for i in range(config.n_layers):
+        for ours, theirs in BLOCK_KEYS.items():
+            name = f"model.layers.{i}.{theirs}"
+            if name in hf_sd:
+                sd[f"layers.{i}.{ours}"] = hf_sd[name]
+    return sd
+
+
+def unrolled_state_dict(model):
+    """LLaMA-named tensors with one layer per block *application*: an LS model's shared blocks are written
+    once per use (the file doubles), so any LLaMA runtime can run it."""
+    sd = model.state_dict()
+    out = {theirs: sd[ours] for ours, theirs in TOP_KEYS.items() if not (ours == "output.weight"
+                                                                      and model.config.tie_embeddings)}
+    for depth, block in enumerate(model.schedule):
+        for ours, theirs in BLOCK_KEYS.items():
+            out[f"model.layers.{depth}.{theirs}"] = sd[f"layers.{block}.{ours}"]
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def read_hf_weights(hf_dir):
+    """All tensors of an HF dir: pytorch_model.bin first (Meta's 125M safetensors is reported broken)."""
+    hf_dir = Path(hf_dir)
+    found = next((hf_dir / name for name in WEIGHT_FILES if (hf_dir / name).is_file()), None)
+    if found is None:
+        raise HFFormatError(f"{hf_dir} has no weights (expected one of: {', '.join(WEIGHT_FILES)})")
+    files = [found]
+    if found.name.endswith(".index.json"):
+        files = [hf_dir / f for f in sorted(set(json.loads(found.read_text())["weight_map"].values()))]
+    sd = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                sd.update(_require("safetensors.torch", "safetensors").torch.load_file(str(f)))
+            else:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise HFFormatError(f"could not read weights {f} ({type(e).__name__}: {e})") from e
+    return sd
+
+
+# --- load / download / export ------------------------------------------------------------------
+
+def download(repo_id, revision=None):
+    """Fetch config, tokenizer and ONE weights format of a hub repo into the HF cache; return the dir."""
+    hub = _require("huggingface_hub", "huggingface_hub")
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    def fetch(name, required=True):
+        try:
+            return Path(hub.hf_hub_download(repo_id, name, revision=revision))
+        except RemoteEntryNotFoundError:      # the repo exists but lacks this file
+            if required:
+                raise HFFormatError(f"{repo_id} has no {name}") from None
+            return None
+        except Exception as e:  # offline, unknown repo, gated repo: huggingface_hub raises many types
+            raise RuntimeError(f"could not download {name} from the Hugging Face hub repo {repo_id!r} "
+                               f"({type(e).__name__}: {e}). Offline? Give a local HF-format dir instead") from e
+
+    config_path = fetch("config.json")
+    fetch(TOKENIZER_FILE, required=False)
+    for name in WEIGHT_FILES:
+        path = fetch(name, required=False)
+        if path is not None:
+            if name.endswith(".index.json"):
+                for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                    fetch(shard)
+            return config_path.parent
+    raise HFFormatError(f"{repo_id} has none of {', '.join(WEIGHT_FILES)}")
+
+
+def load_hf(repo_id_or_dir, device="cpu", meta_ls_cache=False, revision=None):
+    """Load an HF LLaMA/MobileLLM checkpoint (a local dir, else a hub repo id) -> (model in eval mode, tokenizer).
+    meta_ls_cache: reproduce Meta's cached decoding of -layer-share models (ModelConfig.meta_ls_cache)."""
+    hf_dir = Path(repo_id_or_dir)
+    if not hf_dir.is_dir():
+        hf_dir = download(str(repo_id_or_dir), revision)
+    if not (hf_dir / "config.json").is_file():
+        raise HFFormatError(f"{hf_dir} is not a Hugging Face model dir (no config.json)")
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    hf_sd = read_hf_weights(hf_dir)
+    config = config_from_hf(hf_config, "lm_head.weight" in hf_sd, meta_ls_cache)
+    model = MobileLLM(config)
+    try:
+        model.load_state_dict(state_dict_from_hf(hf_sd, config))     # fp16/bf16 files are cast to fp32 here
+    except RuntimeError as e:
+        raise HFFormatError(f"the weights in {hf_dir} do not match its config.json: {e}") from e
+    tokenizer = None
+    if (hf_dir / TOKENIZER_FILE).is_file():
+        tokenizer = sentencepiece_tokenizer(hf_dir / TOKENIZER_FILE)
+    return model.to(device).eval(), tokenizer
+
+
+def export_hf(model, out_dir, tokenizer_file=None):
+    """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads unchanged.
+    A layer-shared model is unrolled (one LLaMA layer per block application: the file doubles for LS)."""
+    st = _require("safetensors.torch", "safetensors").torch
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st.save_file(unrolled_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    if tokenizer_file is not None:
+        (out_dir / TOKENIZER_FILE).write_bytes(Path(tokenizer_file).read_bytes())
+    return out_dir

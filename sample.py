@@ -1,0 +1,176 @@
+"""
+Generate text from a trained MobileLLM: our checkpoints, int8 checkpoints from quantize.py, or Meta's
+released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo id).
+
+  python sample.py --init_from out-shakespeare-char --start "ROMEO:"
+  python sample.py --init_from facebook/MobileLLM-125M --start "The capital of France is" --temperature 0
+  python sample.py --init_from out --start FILE:prompt.txt --num_samples 3 --top_k 50 --top_p 0.9
+  python sample.py --init_from mobilellm-125m --benchmark --dtype bfloat16     # decode speed, random weights
+
+Tokens stream to stdout as they are made; generation stops at the tokenizer's end-of-text token; the
+prefill and decode speeds (tokens/s) are printed at the end. Decoding goes through the model's static
+KV cache (model.generate_tokens); --compile compiles the forward pass with torch.compile.
+"""
+import argparse
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model
+from model import PRESETS, MobileLLM, config_from_preset
+from tokenizer import load_tokenizer
+
+HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a missing .pt path
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
+    """(model in eval mode, tokenizer) from: one of our checkpoints (file or out_dir), an int8 checkpoint
+    (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), or a preset name (random weights,
+    tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models)."""
+    path = Path(init_from)
+    if init_from in PRESETS and not path.exists():
+        torch.manual_seed(0)
+        return MobileLLM(config_from_preset(init_from, meta_ls_cache=meta_ls_cache)).to(device).eval(), None
+    if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
+        import hf
+        return hf.load_hf(init_from, device, meta_ls_cache=meta_ls_cache)
+    ckpt = load_checkpoint(path)
+    if "tokenizer" not in ckpt:
+        raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")
+    if ckpt.get("quantization"):
+        import quantize
+        model, ckpt = quantize.load_quantized(path, device)
+    else:
+        model, ckpt = load_model(path, device)
+    return model.eval(), load_tokenizer(ckpt["tokenizer"])
+
+
+def read_prompt(start):
+    if start.startswith("FILE:"):
+        prompt_file = Path(start[len("FILE:"):])
+        if not prompt_file.is_file():
+            raise SystemExit(f"error: --start {start}: no such file")
+        return prompt_file.read_text(encoding="utf-8")
+    return start
+
+
+def encode_prompt(tokenizer, text, block_size):
+    ids = tokenizer.encode(text)
+    if tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    if not ids:
+        raise SystemExit("error: the prompt is empty and this tokenizer has no beginning-of-text token: "
+                         "give --start some text")
+    if len(ids) > block_size:
+        warnings.warn(f"the prompt has {len(ids)} tokens, more than the context ({block_size}): "
+                      f"keeping its last {block_size}")
+        ids = ids[-block_size:]
+    return ids
+
+
+def generate_one(model, ids, args, generator, tokenizer=None, out=sys.stdout):
+    """Stream one sample after its prompt; return (new token ids, decode steps, prefill s, decode s)."""
+    device = model.tok_embeddings.weight.device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    eos = None if tokenizer is None else tokenizer.eos_id
+    if tokenizer is not None:
+        printed = tokenizer.decode(ids)
+        out.write(printed)
+    new, steps = [], 0
+    t0 = time.perf_counter()
+    t_first = t_last = t0
+    stream = model.generate_tokens(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+    for token in stream:
+        t_last = time.perf_counter()
+        t_first, steps = (t_last if steps == 0 else t_first), steps + 1
+        token = token.item()
+        if token == eos:
+            break
+        new.append(token)
+        if tokenizer is not None:
+            text = tokenizer.decode(ids + new)          # whole text: SentencePiece spaces depend on neighbours
+            if not text.endswith("\ufffd"):               # wait for the rest of a multi-byte character
+                out.write(text[len(printed):])
+                out.flush()
+                printed = text
+    stream.close()
+    model.clear_cache()
+    return new, steps - 1, t_first - t0, t_last - t_first
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", required=True,
+                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name")
+    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="weights are converted to this dtype (bfloat16 halves the bytes read per token)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    p.add_argument("--meta_ls_cache", action="store_true",
+                   help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time greedy decoding of --max_new_tokens after a random --prompt_tokens prompt")
+    p.add_argument("--prompt_tokens", type=int, default=64, help="--benchmark prompt length")
+    args = p.parse_args(argv)
+    if args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
+        p.error("--temperature must be >= 0, --max_new_tokens and --num_samples >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top_p must be in (0, 1]")
+
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.init_from, args.device, args.meta_ls_cache)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    model.to(dtype=DTYPES[args.dtype])
+    if args.compile:
+        model.forward = torch.compile(model.forward)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    if args.benchmark or tokenizer is None:
+        if not args.benchmark:
+            p.error(f"{args.init_from} is a preset (random weights, no tokenizer): use it with --benchmark")
+        return benchmark(model, args, generator)
+    ids = encode_prompt(tokenizer, read_prompt(args.start), model.config.block_size)
+    prefill_s = decode_s = decoded = 0
+    for _ in range(args.num_samples):
+        _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator, tokenizer)
+        prefill_s, decode_s, decoded = prefill_s + t_prefill, decode_s + t_decode, decoded + steps
+        print("\n---------------")
+    report(len(ids) * args.num_samples, prefill_s, decoded, decode_s)
+
+
+def benchmark(model, args, generator):
+    """Greedy decoding from a random prompt; the first sample warms up (and compiles), the rest are timed."""
+    args.temperature = 0
+    ids = torch.randint(model.config.vocab_size, (args.prompt_tokens,), generator=generator).tolist()
+    generate_one(model, ids, args, generator)
+    prefill_s = decode_s = decoded = 0
+    for _ in range(args.num_samples):
+        _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator)
+        prefill_s, decode_s, decoded = prefill_s + t_prefill, decode_s + t_decode, decoded + steps
+    print(f"{args.init_from}: {model.num_params() / 1e6:.1f}M params, dtype {args.dtype}, "
+          f"compile {args.compile}, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads")
+    report(args.prompt_tokens * args.num_samples, prefill_s, decoded, decode_s)
+
+
+def report(prefill_tokens, prefill_s, decoded, decode_s):
+    print(f"prefill: {prefill_tokens / max(prefill_s, 1e-9):.1f} tokens/s | "
+          f"decode: {decoded / max(decode_s, 1e-9):.1f} tokens/s ({decoded} tokens)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
