@@ -1,0 +1,392 @@
+"""
+int8 post-training quantization of a trained MobileLLM, the way the paper does it (§3.5, Fig. 7):
+per-token min/max quantization of weights and activations to 8 bits (W8A8), with no retraining.
+
+Usage:
+  python quantize.py out-shakespeare-char                     # W8A8 checkpoint in out-shakespeare-char-w8a8/
+  python quantize.py out-x --mode=w8 --out_dir=out-x-int8     # weight-only int8 (activations stay float)
+  python quantize.py out-x --eval_tokens=65536 --decode_tokens=64
+
+It writes the int8 checkpoint (checkpoint.py's format plus "quantization": "w8a8" | "w8") and prints,
+on the same validation tokens, loss and perplexity in fp32, bf16, W8A8 and weight-only int8, the size
+on disk against fp32, and eager decoding speed. `python sample.py <int8 out_dir>` samples from it;
+in Python, `model, ckpt = quantize.load_quantized(out_dir)`.
+
+The math (everything below is these few lines, applied to every Linear of the model):
+
+  int8 holds the integers -128 .. 127. A float tensor x is stored as integers q and a float step `scale`:
+      q = clamp(round(x / scale) + zero, -128, 127)          quantize
+      x ~ (q - zero) * scale                                  dequantize; error <= scale / 2 inside [lo, hi]
+  "min/max" means the range [lo, hi] that the 256 levels cover is simply the smallest and largest value.
+
+  Weights W (out, in): symmetric, one scale per output channel (row), zero = 0:
+      scale_w[n] = max(|W[n, :]|) / 127,  q_w = round(W / scale_w)       levels -127 .. 127
+  Activations x (tokens, in): asymmetric, one scale and zero point per token (row), computed at run time:
+      lo = min(x[t, :], 0), hi = max(x[t, :], 0)     (0 is kept in range so it is exactly representable)
+      scale_x[t] = (hi - lo) / 255,  zero[t] = -128 - round(lo / scale_x[t])     lo -> -128, hi -> 127
+  Then a Linear y = x W^T becomes one integer matmul plus a float rescale per output:
+      y[t, n] = scale_x[t] * scale_w[n] * sum_k (q_x[t, k] - zero[t]) * q_w[n, k]
+              = scale_x[t] * scale_w[n] * (acc[t, n] - zero[t] * wsum[n])
+      acc = q_x @ q_w^T  (int8 x int8 -> int32, torch._int_mm),  wsum[n] = sum_k q_w[n, k]  (precomputed)
+  Symmetric weights make the weight zero point vanish, so no cross terms; the per-token activation zero
+  point costs one multiply-add per output. This is also how XNNPACK's dynamically quantized linear works
+  (per-token asymmetric int8 activations x per-channel symmetric int8 weights), the kernel ExecuTorch uses
+  on phones. The same formula evaluated in float on dequantized tensors is the "simulated" (fake-quant)
+  path; it must give the same numbers as the integer path (tests/test_quantize.py checks it).
+
+  Weight-only int8 ("w8") keeps activations in float: y = (x @ q_w^T) * scale_w, 1/4 of the weight bytes.
+
+Embeddings and the tied LM head (§2.2.3): the token embedding and the output projection are ONE matrix
+E (vocab, dim). It is quantized once, per row: a row of E is the embedding of one token *and* one output
+channel of the LM head, so per-row scales are at the same time per-token (for the lookup) and
+per-output-channel (for the head). The int8 embedding looks rows up and dequantizes them (a gather: there is
+no matmul, so nothing to quantize on the activation side); the LM head is an Int8Linear holding the very
+same int8 tensor and scales (the same Python objects, saved once), so the tie survives quantization. The
+checkpoint is then ~1/4 of fp32 even when the embedding is most of the model (small models, GPT-2's 50k
+vocabulary). An untied model gets two independent int8 matrices. RMSNorm weights (a few thousand numbers)
+stay float.
+"""
+import argparse
+import copy
+import io
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from model import MobileLLM, config_from_dict
+
+MODES = ("w8a8", "w8")
+QMIN, QMAX = -128, 127
+MIN_SCALE = 1e-12        # an all-zero row still gets a positive scale (its integers are then all zero-point)
+
+
+# --- the quantization math -------------------------------------------------------------------------
+
+def quantize_per_channel(w):
+    """Symmetric min/max int8 per output channel. w (N, K) float -> q (N, K) int8 in [-127, 127], scale (N,)."""
+    scale = (w.float().abs().amax(dim=1) / 127).clamp_min(MIN_SCALE)                  # (N,)
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)        # (N, K)
+    return q, scale
+
+
+def dequantize_per_channel(q, scale):
+    return q.float() * scale[:, None]                                                   # (N, K)
+
+
+def quantize_per_token(x):
+    """Asymmetric min/max int8 per token (row). x (M, K) float -> q (M, K) int8, scale (M,), zero (M,) int32."""
+    x = x.float()
+    lo = x.amin(dim=1).clamp(max=0)                                                     # (M,)
+    hi = x.amax(dim=1).clamp(min=0)                                                     # (M,)
+    scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(MIN_SCALE)                            # (M,)
+    zero = QMIN - torch.round(lo / scale)                                               # (M,) in [-128, 127]
+    q = (torch.round(x / scale[:, None]) + zero[:, None]).clamp(QMIN, QMAX).to(torch.int8)
+    return q, scale, zero.to(torch.int32)
+
+
+def dequantize_per_token(q, scale, zero):
+    return (q.int() - zero[:, None]).float() * scale[:, None]                           # (M, K)
+
+
+def int_mm(a, b):
+    """Exact (M, K) int8 @ (K, N) int8 -> (M, N) int32. torch._int_mm takes any shape on CPU; on CUDA it
+    wants M > 16 and K, N multiples of 8, so there the operands are zero-padded (zeros add nothing)."""
+    if a.is_cuda:
+        M, K, N = a.size(0), a.size(1), b.size(1)
+        a = F.pad(a, (0, -K % 8, 0, max(17 - M, 0)))
+        b = F.pad(b, (0, -N % 8, 0, -K % 8))
+        return torch._int_mm(a, b)[:M, :N]
+    return torch._int_mm(a, b)
+
+
+def w8a8_linear(x, qweight, scale, weight_sum):
+    """The real int8 path. x (M, K) float; qweight (N, K) int8; scale (N,); weight_sum (N,) int32 -> (M, N)."""
+    q_x, scale_x, zero_x = quantize_per_token(x)
+    acc = int_mm(q_x, qweight.t())                                                      # (M, N) int32
+    acc = acc - zero_x[:, None] * weight_sum[None, :]                                   # remove the zero point
+    return acc.float() * scale_x[:, None] * scale.float()[None, :]
+
+
+def w8a8_linear_simulated(x, qweight, scale):
+    """The fake-quant path: the same rounding, the matmul in float on dequantized tensors."""
+    return F.linear(dequantize_per_token(*quantize_per_token(x)), dequantize_per_channel(qweight, scale))
+
+
+def w8_linear(x, qweight, scale):
+    """Weight-only int8: float activations times int8 weights, rescaled per output channel."""
+    if x.device.type == "cpu":          # a fused CPU kernel that reads the int8 weights directly
+        return torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), qweight, scale.float())
+    return F.linear(x.float(), qweight.float()) * scale.float()
+
+
+def w8_linear_simulated(x, qweight, scale):
+    return F.linear(x.float(), dequantize_per_channel(qweight, scale))
+
+
+# --- the modules that replace nn.Linear and nn.Embedding ----------------------------------------------
+
+class Int8Linear(nn.Module):
+    """A bias-free Linear with int8 weights. mode "w8a8": activations quantized per token at run time and an
+    int8 x int8 -> int32 matmul; "w8": float activations. simulate=True runs the fake-quant float path."""
+
+    def __init__(self, qweight, scale, mode="w8a8", simulate=False):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.simulate = mode, simulate
+        self.in_features, self.out_features = qweight.size(1), qweight.size(0)
+        self.register_buffer("qweight", qweight)                                        # (N, K) int8
+        self.register_buffer("scale", scale)                                            # (N,) float32
+        self.register_buffer("weight_sum", None, persistent=False)                       # (N,) int32
+        self.refresh_weight_sum()
+
+    def refresh_weight_sum(self):
+        """sum_k q_w[n, k], the zero-point correction (derived from qweight, so not saved)."""
+        self.weight_sum = self.qweight.sum(dim=1, dtype=torch.int32)
+
+    @classmethod
+    def from_linear(cls, linear, mode="w8a8"):
+        if linear.bias is not None:
+            raise ValueError("Int8Linear has no bias (MobileLLM's Linears have none)")
+        return cls(*quantize_per_channel(linear.weight.detach()), mode=mode)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)                                            # (M, K), M = B*T
+        if self.mode == "w8a8":
+            y = (w8a8_linear_simulated(x2, self.qweight, self.scale) if self.simulate
+                 else w8a8_linear(x2, self.qweight, self.scale, self.weight_sum))
+        else:
+            y = (w8_linear_simulated if self.simulate else w8_linear)(x2, self.qweight, self.scale)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)                 # (B, T, N)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}" + \
+               (", simulate=True" if self.simulate else "")
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored as int8 rows with one scale per row (= per token): lookup, then dequantize."""
+
+    def __init__(self, qweight, scale):
+        super().__init__()
+        self.register_buffer("qweight", qweight)                                        # (V, C) int8
+        self.register_buffer("scale", scale)                                            # (V,) float32
+
+    @property
+    def weight(self):
+        """model.py reads tok_embeddings.weight only for the dtype and device of the KV cache
+        (MobileLLM.setup_cache). The float table no longer exists; the float scales stand in for it."""
+        return self.scale
+
+    def forward(self, idx):
+        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)                # (B, T, C)
+
+
+def is_quantized(model):
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
+
+
+@torch.no_grad()
+def quantize_model(model, mode="w8a8"):
+    """Swap every Linear and the embedding of a float MobileLLM for int8 modules, in place; returns it.
+    A tied embedding/LM head stays tied: one int8 matrix and one scale vector serve both (see the top)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(model, MobileLLM):
+        raise TypeError(f"quantize_model expects a MobileLLM, got {type(model).__name__}")
+    if is_quantized(model):
+        raise ValueError("this model is already quantized")
+    tied = model.output.weight is model.tok_embeddings.weight
+    q, scale = quantize_per_channel(model.tok_embeddings.weight)                        # per row = per token
+    model.tok_embeddings = Int8Embedding(q, scale)
+    model.output = Int8Linear(q, scale, mode) if tied else Int8Linear.from_linear(model.output, mode)
+    for name, module in list(model.layers.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.layers.get_submodule(parent), child, Int8Linear.from_linear(module, mode))
+    return model
+
+
+def set_simulate(model, simulate):
+    """Switch every Int8Linear between the real integer path and the fake-quant float path."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.simulate = simulate
+    return model
+
+
+def load_quantized(path, device="cpu"):
+    """Rebuild an int8 MobileLLM from a checkpoint written by quantize.py. Returns (model in eval mode, ckpt)."""
+    ckpt = load_checkpoint(path)
+    mode = ckpt.get("quantization")
+    if mode not in MODES:
+        raise CheckpointError(f"{checkpoint_file(path)} is not an int8 checkpoint (quantization={mode!r}): "
+                              "load it with checkpoint.load_model, or make one with `python quantize.py`")
+    try:
+        model = quantize_model(MobileLLM(config_from_dict(ckpt["model_config"])), mode)
+        model.load_state_dict(ckpt["model"])      # copies in place: the tied head and embedding stay one tensor
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.refresh_weight_sum()
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{checkpoint_file(path)} does not match the model: {e}") from e
+    return model.to(device).eval(), ckpt
+
+
+def load_float_model(path):
+    ckpt = load_checkpoint(path)
+    if ckpt.get("quantization"):
+        raise CheckpointError(f"{checkpoint_file(path)} is already quantized ({ckpt['quantization']}): "
+                              "give the float checkpoint it was made from")
+    return load_model(path)
+
+
+def quantized_checkpoint(model, ckpt, mode):
+    """Our checkpoint format plus "quantization"; training state (optimizer, data position) is dropped."""
+    extra = {k: ckpt[k] for k in ("train_config", "iter_num", "best_val_loss") if k in ckpt}
+    return model_checkpoint(model, ckpt["tokenizer"], quantization=mode, **extra)
+
+
+# --- measuring: the same validation tokens through every variant ------------------------------------
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+def validation_tokens(ckpt, n_tokens, data_dir=""):
+    """The first n_tokens of the checkpoint's validation split (data/<dataset>/val.bin or val_*.bin shards,
+    uint16, as train.py reads them), as a (n,) int64 tensor."""
+    train_config = ckpt.get("train_config") or {}
+    if not data_dir:
+        data_dir = train_config.get("data_dir") or (REPO_DIR / "data" / train_config["dataset"]
+                                                    if train_config.get("dataset") else "")
+    if not data_dir:
+        raise CheckpointError("the checkpoint does not say which dataset it was trained on: pass --data_dir")
+    data_dir = Path(data_dir)
+    files = [data_dir / "val.bin"] if (data_dir / "val.bin").is_file() else sorted(data_dir.glob("val_*.bin"))
+    if not files:
+        raise CheckpointError(f"no val.bin (or val_*.bin shards) in {data_dir}: prepare the dataset "
+                              f"(python data/<dataset>/prepare.py) or pass --data_dir")
+    parts, have = [], 0
+    for f in files:
+        if have >= n_tokens:
+            break
+        part = np.memmap(f, dtype=np.uint16, mode="r")[: n_tokens - have]
+        parts.append(torch.from_numpy(part.astype(np.int64)))
+        have += len(part)
+    tokens = torch.cat(parts)
+    vocab_size = ckpt["model_config"]["vocab_size"]
+    if int(tokens.max()) >= vocab_size:
+        raise CheckpointError(f"{data_dir} holds token ids >= the model's vocab_size {vocab_size}: wrong dataset?")
+    return tokens
+
+
+@torch.inference_mode()
+def evaluate(model, tokens, block_size, batch_size=8, desc="eval"):
+    """Mean next-token cross-entropy over non-overlapping windows of block_size tokens."""
+    from tqdm import tqdm
+    n_windows = (len(tokens) - 1) // block_size
+    if n_windows < 1:
+        raise ValueError(f"need more than {block_size} validation tokens, got {len(tokens)}")
+    x = tokens[: n_windows * block_size].view(n_windows, block_size)                 # (W, T)
+    y = tokens[1: n_windows * block_size + 1].view(n_windows, block_size)            # (W, T)
+    total = 0.0
+    for i in tqdm(range(0, n_windows, batch_size), desc=desc, leave=False):
+        _, loss = model(x[i: i + batch_size], y[i: i + batch_size])
+        total += loss.item() * len(x[i: i + batch_size])
+    return total / n_windows
+
+
+@torch.inference_mode()
+def decode_tokens_per_second(model, prompt, n_tokens):
+    """Greedy decoding through the KV cache; the clock starts after the prompt's prefill and first token."""
+    steps = model.generate_tokens(prompt, n_tokens + 1, temperature=0)
+    next(steps)
+    t0 = time.perf_counter()
+    for _ in steps:
+        pass
+    return n_tokens / (time.perf_counter() - t0)
+
+
+def serialized_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt_dir", help="a float checkpoint (its out_dir, or the ckpt.pt file)")
+    parser.add_argument("--out_dir", default="", help="where to write the int8 ckpt.pt (default: <ckpt_dir>-<mode>)")
+    parser.add_argument("--mode", default="w8a8", choices=MODES,
+                        help="w8a8: int8 weights and per-token int8 activations; w8: int8 weights only")
+    parser.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens to score (0: skip)")
+    parser.add_argument("--block_size", type=int, default=0, help="evaluation window (default: the model's, <= 512)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--data_dir", default="", help="folder with val.bin (default: the training data)")
+    parser.add_argument("--decode_tokens", type=int, default=32, help="tokens to time per variant (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    src = checkpoint_file(args.ckpt_dir)
+    model, ckpt = load_float_model(src)
+    out_dir = Path(args.out_dir or f"{str(args.ckpt_dir).rstrip('/')}-{args.mode}")
+    if checkpoint_file(out_dir).resolve() == src.resolve():
+        raise SystemExit("--out_dir would overwrite the float checkpoint: choose another folder")
+    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    for mode in MODES:
+        variants[mode] = quantize_model(copy.deepcopy(model), mode)
+    variants["w8a8 fake-quant"] = set_simulate(quantize_model(copy.deepcopy(model), "w8a8"), True)
+    save_checkpoint(quantized_checkpoint(variants[args.mode], ckpt, args.mode), out_dir)
+    int8_file = checkpoint_file(out_dir)
+    print(f"wrote {int8_file} ({args.mode})")
+
+    fp32_bytes = serialized_bytes(model_checkpoint(model, ckpt["tokenizer"]))
+    sizes = {"fp32": fp32_bytes, "bf16": serialized_bytes(model_checkpoint(variants["bf16"], ckpt["tokenizer"])),
+             args.mode: os.path.getsize(int8_file)}
+    other = "w8" if args.mode == "w8a8" else "w8a8"
+    sizes[other] = serialized_bytes(quantized_checkpoint(variants[other], ckpt, other))
+    sizes["w8a8 fake-quant"] = sizes["w8a8"]
+
+    losses = {}
+    if args.eval_tokens:
+        tokens = validation_tokens(ckpt, args.eval_tokens + 1, args.data_dir)
+        block_size = min(args.block_size or min(model.config.block_size, 512), len(tokens) - 1)
+        print(f"scoring {(len(tokens) - 1) // block_size * block_size} validation tokens in windows of {block_size}")
+        losses = {name: evaluate(m, tokens, block_size, args.batch_size, desc=name) for name, m in variants.items()}
+    speeds = {}
+    if args.decode_tokens:
+        prompt = torch.zeros(1, 1, dtype=torch.long)
+        n = min(args.decode_tokens, model.config.block_size - 2)
+        speeds = {name: decode_tokens_per_second(m, prompt, n) for name, m in variants.items()}
+
+    print(f"\n{ckpt['model_config']['n_layers']} layers x dim {ckpt['model_config']['dim']}, "
+          f"{model.num_params():,} parameters, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| variant | val loss | perplexity | loss vs fp32 | size on disk | vs fp32 | decode tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in variants:
+        loss = losses.get(name)
+        cells = [name, f"{loss:.4f}" if loss is not None else "-", f"{math.exp(loss):.2f}" if loss is not None else "-",
+                 f"{100 * (loss / losses['fp32'] - 1):+.2f}%" if loss is not None else "-",
+                 f"{sizes[name] / 2**20:.2f} MiB", f"{sizes[name] / fp32_bytes:.3f}x",
+                 f"{speeds[name]:.1f}" if name in speeds else "-"]
+        print("| " + " | ".join(cells) + " |")
+    print("(fp32 and bf16 sizes: the model weights alone, as load_model needs them; training checkpoints also hold "
+          "the optimizer)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
