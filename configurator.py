@@ -1,0 +1,84 @@
+"""
+nanoGPT-style configuration for a dataclass of settings: defaults in the dataclass, then config files
+(python files that assign settings), then --key=value overrides, applied left to right.
+
+  python train.py config/train_shakespeare_char.py --batch_size=32 --compile=True
+
+An unknown key or a value of the wrong type is an error that names it, never a silent default.
+"""
+import ast
+import dataclasses
+import types
+import typing
+
+
+class ConfigError(ValueError):
+    """A config file or --key=value override that does not fit the settings."""
+
+
+def _field_types(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(key, value, annotation):
+    """Return value converted to the field's type (int -> float is allowed), or raise ConfigError."""
+    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (bool, str) and type(value) is kind:
+            return value
+    names = " or ".join("None" if k is type(None) else k.__name__ for k in allowed)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_value(text):
+    """--key=value: a python literal (3, 1e-3, True, None, 'x'), else the bare text as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _read_config_file(path):
+    """The settings a config file assigns: every top-level name not starting with '_' (modules skipped)."""
+    namespace = {}
+    try:
+        source = open(path).read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    exec(compile(source, path, "exec"), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def apply_settings(config, settings, source):
+    """A copy of the dataclass instance config with settings (a dict) applied and type-checked."""
+    types_by_name = _field_types(type(config))
+    unknown = sorted(set(settings) - set(types_by_name))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))} in {source}; "
+                          f"known keys: {', '.join(types_by_name)}")
+    checked = {k: _check_type(k, v, types_by_name[k]) for k, v in settings.items()}
+    return dataclasses.replace(config, **checked)
+
+
+def configure(config, argv):
+    """Apply command-line arguments (config file paths and --key=value) to a dataclass instance."""
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"override {arg!r} must look like --key=value")
+            value = _parse_value(text)
+            if _field_types(type(config)).get(key) is str and not isinstance(value, str):
+                value = text                     # --out_dir=2024 is the folder "2024", not an int
+            config = apply_settings(config, {key: value}, f"override {arg!r}")
+        else:
+            config = apply_settings(config, _read_config_file(arg), f"config file {arg}")
+    return config

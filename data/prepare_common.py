@@ -1,0 +1,88 @@
+"""
+What every data/<name>/prepare.py shares: getting the text (download, cached copy or --input PATH),
+encoding it with a progress bar, and writing the files train.py reads:
+  train.bin, val.bin   token ids as uint16, back to back (documents joined as in the text)
+  meta.json            {"tokenizer": <spec from tokenizer.py>, "vocab_size": N}
+Sharded datasets (fineweb_edu) write train_000000.bin, train_000001.bin, ... instead of train.bin.
+"""
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))   # tokenizer.py lives at the repo root
+
+
+def download(url, dest):
+    """Fetch url into dest (atomically, with a progress bar); one clear message when it fails."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        tmp.replace(dest)
+    except OSError as e:   # URLError, timeouts and HTTP errors are all OSErrors
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"could not download {url} ({e}). Offline? Get the file elsewhere and pass it "
+                         f"with --input PATH") from e
+    return dest
+
+
+def read_text(path):
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--input {path}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def text_from_source(input_path, url, cache_file):
+    """The text of --input PATH if given, else cache_file (downloading url into it when missing)."""
+    if input_path:
+        return read_text(input_path)
+    if not Path(cache_file).is_file():
+        download(url, cache_file)
+    return read_text(cache_file)
+
+
+def encode(tokenizer, text, desc, chunk_chars=1 << 20):
+    """Token ids of text as uint16, encoded in ~1 MB pieces cut at newlines so tqdm can show progress."""
+    if tokenizer.vocab_size > 1 << 16:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit in uint16 token files")
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_chars)
+        end = len(text) if end < 0 else end + 1
+        pieces.append(text[start:end])
+        start = end
+    ids = [tokenizer.encode(piece) for piece in tqdm(pieces, desc=desc, unit="MB")]
+    return np.array([i for chunk in ids for i in chunk], dtype=np.uint16)
+
+
+def write_meta(out_dir, tokenizer):
+    meta = {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size}
+    (Path(out_dir) / "meta.json").write_text(json.dumps(meta))
+
+
+def write_dataset(out_dir, tokenizer, train_text, val_text):
+    """Encode both splits and write train.bin, val.bin and meta.json into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, text in (("train", train_text), ("val", val_text)):
+        ids = encode(tokenizer, text, desc=f"encoding {split}")
+        ids.tofile(out_dir / f"{split}.bin")
+        print(f"{split}: {len(ids):,} tokens -> {out_dir / f'{split}.bin'}")
+    write_meta(out_dir, tokenizer)
+
+
+def split_text(text, val_fraction=0.1):
+    """nanoGPT's split: the first 90% of the text trains, the last 10% validates."""
+    n = int(len(text) * (1 - val_fraction))
+    return text[:n], text[n:]

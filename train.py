@@ -1,0 +1,520 @@
+"""
+Train MobileLLM on a laptop CPU, one GPU, or many GPUs, with one script.
+
+  python train.py                                   # default: deep-and-thin MobileLLM-LS on shakespeare_char
+  python train.py config/train_shakespeare_char.py --max_iters=500 --dtype=float32
+  python train.py --init_from=resume                # continue exactly where out_dir/ckpt.pt stopped
+  torchrun --nproc_per_node=8 train.py config/train_mobilellm_125m.py    # DDP: one process per GPU
+
+Settings: the TrainConfig defaults below, then config files, then --key=value overrides (configurator.py).
+In python: `from train import TrainConfig, train; log = train(TrainConfig(max_iters=100, quiet=True))`.
+
+Writes into out_dir: ckpt.pt (model, optimizer, iteration, config, RNG states, data position; written
+atomically), log.jsonl (one JSON line per eval) and loss.png (when matplotlib is installed).
+Ctrl-C saves a checkpoint and stops; a NaN/inf loss stops the run and keeps the last good checkpoint.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from configurator import ConfigError, apply_settings, configure
+from model import MobileLLM, ModelConfig
+
+REPO_DIR = Path(__file__).resolve().parent
+AUTO_PREPARED = ("shakespeare_char", "shakespeare")   # small enough to prepare on the fly when missing
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out-shakespeare-char"
+    dataset: str = "shakespeare_char"
+    data_dir: str = ""                  # folder with train.bin, val.bin, meta.json; "" = data/<dataset>
+    init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10              # iterations between progress-bar updates of loss, tokens/s, MFU
+    always_save_checkpoint: bool = False  # False: save only when val loss improves (and on Ctrl-C)
+    quiet: bool = False                 # no progress bar, no printing (for many runs in one process)
+    # model: the ModelConfig fields (vocab_size comes from the dataset's meta.json; decoding-only fields
+    # such as meta_ls_cache keep their ModelConfig defaults)
+    n_layers: int = 6
+    dim: int = 192
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    ffn_dim: int = 512
+    ffn_type: str = "swiglu"
+    share: str = "immediate"            # MobileLLM-LS: each block applied twice in a row
+    share_repeats: int = 2
+    tie_embeddings: bool = True
+    block_size: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # optimization: AdamW, linear warmup, cosine decay to min_lr, gradient clipping
+    max_iters: int = 2000
+    batch_size: int = 32                # sequences per micro-step per process
+    gradient_accumulation_steps: int = 1  # micro-steps per iteration, summed over all processes
+    learning_rate: float = 2e-3
+    min_lr: Optional[float] = None      # None: 10% of learning_rate (the paper's cosine floor)
+    warmup_iters: int = 100
+    lr_decay_iters: Optional[int] = None  # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # 0 disables clipping
+    # system
+    device: str = "auto"                # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "bfloat16"             # "bfloat16" (autocast, fp32 master weights) or "float32"
+    compile: bool = False               # torch.compile the model (the uncompiled one is what gets saved)
+    seed: int = 1337
+    peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on: bad settings, missing data, a NaN loss."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# settings
+
+
+def check_config(cfg):
+    """Type-check every field (as the command line does) and the values that must agree with each other."""
+    apply_settings(TrainConfig(), asdict(cfg), "TrainConfig")
+    choices = {"init_from": ("scratch", "resume"), "dtype": ("float32", "bfloat16")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    for name in ("max_iters", "eval_iters", "eval_interval", "log_interval", "batch_size",
+                 "gradient_accumulation_steps"):
+        if getattr(cfg, name) < (0 if name == "max_iters" else 1):
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+
+
+def model_config(cfg, vocab_size):
+    settings = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
+    try:
+        return ModelConfig(vocab_size=vocab_size, **settings)
+    except ValueError as e:
+        raise ConfigError(f"bad model settings: {e}") from e
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here (use --device=cpu or auto)")
+    return name
+
+
+def autocast_context(device, dtype):
+    """bf16 autocast on CPU and CUDA (weights and optimizer stay fp32); nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def lr_at(cfg, it):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    min_lr = cfg.learning_rate / 10 if cfg.min_lr is None else cfg.min_lr
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: uint16 token files, read through memmaps; every batch is a pure function of (seed, step, index)
+
+
+def dataset_dir(cfg):
+    return Path(cfg.data_dir) if cfg.data_dir else REPO_DIR / "data" / cfg.dataset
+
+
+def split_files(data_dir, split):
+    """train.bin, or the shards train_000000.bin, train_000001.bin, ... of a sharded dataset."""
+    single = data_dir / f"{split}.bin"
+    return [single] if single.is_file() else sorted(data_dir.glob(f"{split}_*.bin"))
+
+
+def prepare_if_missing(cfg):
+    data_dir = dataset_dir(cfg)
+    if split_files(data_dir, "train") or cfg.data_dir or cfg.dataset not in AUTO_PREPARED:
+        return
+    script = REPO_DIR / "data" / cfg.dataset / "prepare.py"
+    if subprocess.run([sys.executable, str(script)]).returncode != 0:
+        raise TrainError(f"preparing dataset {cfg.dataset!r} failed (see above); run {script} yourself, "
+                         "e.g. with --input PATH")
+
+
+def load_dataset(cfg):
+    """(meta dict, {"train": [memmap, ...], "val": [...]}) with a clear error for anything missing."""
+    data_dir = dataset_dir(cfg)
+    hint = f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
+    meta_file = data_dir / "meta.json"
+    if not meta_file.is_file():
+        raise TrainError(f"dataset {cfg.dataset!r} is not prepared: no {meta_file}; {hint}")
+    meta = json.loads(meta_file.read_text())
+    splits = {}
+    for split in ("train", "val"):
+        files = split_files(data_dir, split)
+        if not files:
+            raise TrainError(f"dataset {cfg.dataset!r} has no {split}.bin (or {split}_*.bin shards) in "
+                             f"{data_dir}; {hint}")
+        splits[split] = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
+        short = [str(f) for f, m in zip(files, splits[split]) if len(m) <= cfg.block_size]
+        if short:
+            raise TrainError(f"{', '.join(short)} holds no more than block_size={cfg.block_size} tokens")
+    return meta, splits
+
+
+def seeded_generator(*keys):
+    """A torch.Generator seeded from integer keys, e.g. (seed, split, iteration, micro-batch index)."""
+    state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def get_batch(shards, batch_size, block_size, generator, device):
+    """x, y: (B, T) int64 random windows of the token files; y is x shifted by one token."""
+    shard = shards[int(torch.randint(len(shards), (1,), generator=generator))]
+    starts = torch.randint(len(shard) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([shard[i:i + block_size] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([shard[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# model, optimizer, speed
+
+
+def build_optimizer(model, cfg, device):
+    """AdamW; weight decay on matrices only (not norms); the fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=fused or None)
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token (forward + backward = 6 per weight use, nanoGPT/PaLM style). A shared
+    block costs compute every time it is applied, so it counts once per application."""
+    c = config
+    attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    ffn = c.dim * c.ffn_dim * (3 if c.ffn_type == "swiglu" else 2)
+    weights_used = c.depth * (attn + ffn) + c.vocab_size * c.dim        # blocks + output head
+    return 6 * weights_used + 12 * c.depth * c.dim * seq_len             # + attention scores and values
+
+
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def measure_peak_flops(device, n=1024, reps=8):
+    """Peak FLOP/s for MFU: the datasheet bf16 number on known GPUs, else a measured bf16 matmul."""
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_BF16_PEAK.items():
+            if key in name:
+                return flops
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# distributed
+
+
+def setup_distributed(device):
+    """Join torchrun's process group when launched by torchrun. Returns (rank, world, device, owned)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device, False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, owned
+
+
+def all_reduce_sum(tensor, world):
+    if world > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation, logging, checkpoints
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, device, rank, world):
+    """Mean loss over eval_iters fixed batches per split (the same batches at every eval), split
+    between the processes."""
+    model.eval()
+    out = {}
+    for split_id, split in enumerate(("train", "val")):
+        losses = torch.zeros(cfg.eval_iters, device=device)
+        for k in range(rank, cfg.eval_iters, world):
+            g = seeded_generator(cfg.seed, EVAL_STREAM, split_id, k)
+            x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, g, device)
+            with autocast_context(device, cfg.dtype):
+                losses[k] = model(x, y)[1]
+        out[split] = all_reduce_sum(losses, world).mean().item()
+    model.train()
+    return out
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_losses(history, path):
+    """loss.png: train and val loss per eval, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("train_loss", "val_loss"):
+        ax.plot([r["iter"] for r in history], [r[key] for r in history], label=key.replace("_", " "))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class StopRequest:
+    """Ctrl-C sets a flag (the loop saves and stops after the current step); a second Ctrl-C kills."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg: TrainConfig) -> list:
+    """Train as cfg says; returns this run's eval records (also appended to out_dir/log.jsonl)."""
+    check_config(cfg)
+    rank, world, device, owned_group = setup_distributed(resolve_device(cfg.device))
+    try:
+        if rank == 0:
+            prepare_if_missing(cfg)
+        if world > 1:
+            dist.barrier()
+        with StopRequest() as stop:
+            return run(cfg, rank, world, device, stop)
+    finally:
+        if owned_group:
+            dist.destroy_process_group()
+
+
+def run(cfg, rank, world, device, stop):
+    master = rank == 0
+    say = print if master and not cfg.quiet else (lambda *a, **k: None)
+    if cfg.gradient_accumulation_steps % world:
+        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
+                          f"by the number of processes ({world})")
+    local_accum = cfg.gradient_accumulation_steps // world
+    meta, splits = load_dataset(cfg)
+    config = model_config(cfg, meta["vocab_size"])
+    out_dir = Path(cfg.out_dir)
+
+    torch.manual_seed(cfg.seed)
+    model = MobileLLM(config).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(out_dir, map_location=device)
+        if ckpt["model_config"] != asdict(config):
+            diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(config).items()
+                    if ckpt["model_config"].get(k) != v}
+            raise ConfigError(f"resume: the model settings differ from the checkpoint's (yours, checkpoint's): "
+                              f"{diff}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        restore_rng_state(ckpt["rng"], device)
+        iter_num, best_val_loss, elapsed_before = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"]
+        log_file = out_dir / "log.jsonl"
+        history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+        say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}")
+    start_iter = iter_num
+    compiled = torch.compile(model) if cfg.compile else model
+    train_model = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else compiled
+
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    flops_per_iter = flops_per_token(config, cfg.block_size) * tokens_per_iter
+    peak_flops = cfg.peak_flops or (measure_peak_flops(device) if master and not cfg.quiet else 0.0)
+    say(f"{model.num_params():,} parameters ({config.n_layers} blocks applied {config.depth} times, dim "
+        f"{config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
+
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.init_from == "scratch":
+            (out_dir / "log.jsonl").write_text("")
+
+    def save(reason):
+        if not master:
+            return
+        extra = dict(optimizer=optimizer.state_dict(), iter_num=iter_num, train_config=asdict(cfg),
+                     rng=rng_state(device), best_val_loss=best_val_loss, elapsed_s=elapsed(),
+                     data_state={"sampler": "seeded_random", "seed": cfg.seed, "iter_num": iter_num,
+                                 "tokens_seen": iter_num * tokens_per_iter})
+        save_checkpoint(model_checkpoint(model, meta["tokenizer"], **extra), out_dir)
+        say(f"saved {out_dir / 'ckpt.pt'} at iteration {iter_num} ({reason})")
+
+    t_start = time.perf_counter()
+
+    def elapsed():
+        return elapsed_before + time.perf_counter() - t_start
+
+    records = []
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.quiet, unit="it",
+               dynamic_ncols=True)
+    window_t, window_iters = time.perf_counter(), 0
+    while True:
+        lr = lr_at(cfg, iter_num)
+        at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+        if at_eval and not (iter_num == start_iter and cfg.init_from == "resume"):
+            losses = estimate_loss(compiled, splits, cfg, device, rank, world)
+            if not all(map(math.isfinite, losses.values())):
+                raise TrainError(f"non-finite eval loss {losses} at iteration {iter_num}; stopped, keeping the "
+                                 f"last good checkpoint in {out_dir}")
+            record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                      "tokens": iter_num * tokens_per_iter, "elapsed_s": round(elapsed(), 3)}
+            records.append(record)
+            history.append(record)
+            if master:
+                with open(out_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                plot_losses(history, out_dir / "loss.png")
+            (bar.write if not cfg.quiet and master else lambda s: None)(
+                f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                save("val loss improved" if improved else "always_save_checkpoint")
+            window_t, window_iters = time.perf_counter(), 0
+        if iter_num >= cfg.max_iters:
+            break
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(local_accum):
+            g = seeded_generator(cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro)
+            x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, g, device)
+            last = micro == local_accum - 1
+            with train_model.no_sync() if world > 1 and not last else nullcontext():
+                with autocast_context(device, cfg.dtype):
+                    loss = train_model(x, y)[1]
+                (loss / local_accum).backward()
+            loss_sum += loss.detach()
+        # one all-reduce carries the mean loss and whether any process got Ctrl-C
+        stats = all_reduce_sum(torch.stack([loss_sum / local_accum, torch.tensor(float(stop.requested),
+                                                                                 device=device)]), world)
+        train_loss, stop_requested = stats[0].item() / world, stats[1].item() > 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
+            raise TrainError(f"loss became {train_loss} (gradient norm {grad_norm.item()}) at iteration "
+                             f"{iter_num}: stopped; the last good checkpoint in {out_dir} is kept. Try a lower "
+                             "learning_rate or more warmup_iters")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        window_iters += 1
+        bar.update(1)
+        if window_iters % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            synchronize(device)
+            seconds = time.perf_counter() - window_t
+            postfix = {"loss": f"{train_loss:.4f}", "tok/s": f"{window_iters * tokens_per_iter / seconds:,.0f}"}
+            if peak_flops:
+                postfix["MFU"] = f"{100 * window_iters * flops_per_iter / seconds / peak_flops:.1f}%"
+            bar.set_postfix(postfix)
+            window_t, window_iters = time.perf_counter(), 0
+        if stop_requested:
+            bar.close()
+            save("interrupted")
+            raise KeyboardInterrupt(f"stopped at iteration {iter_num}; resume with --init_from=resume")
+    bar.close()
+    return records
+
+
+if __name__ == "__main__":
+    try:
+        train(configure(TrainConfig(), sys.argv[1:]))
+    except (ConfigError, TrainError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        sys.exit(f"interrupted: {e}")
