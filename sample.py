@@ -73,11 +73,12 @@ def encode_prompt(tokenizer, text, block_size):
     return ids
 
 
-def generate_one(model, ids, args, generator, tokenizer=None, out=sys.stdout):
+def generate_one(model, ids, args, generator, tokenizer=None, out=None):
     """Stream one sample after its prompt; return (new token ids, decode steps, prefill s, decode s)."""
     device = model.tok_embeddings.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     eos = None if tokenizer is None else tokenizer.eos_id
+    out = out or sys.stdout
     if tokenizer is not None:
         printed = tokenizer.decode(ids)
         out.write(printed)

@@ -1,0 +1,161 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf
+from model import MobileLLM, ModelConfig, apply_rope
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, block_size=32)
+    return ModelConfig(**{**base, **kw})
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MobileLLM(tiny_config(**kw)).eval()
+
+
+def meta_style_dir(tmp_path, weights, layer_sharing, fmt="bin"):
+    """An HF dir as Meta publishes it: LLaMA key names, share_embedding with tie_word_embeddings false,
+    no lm_head tensor, layer_sharing for the -layer-share models."""
+    config = dict(architectures=["MobileLLMForCausalLM"], model_type="mobilellm", vocab_size=97, hidden_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                  hidden_act="silu", max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, share_embedding=True, layer_sharing=layer_sharing,
+                  torch_dtype="float16")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if fmt == "bin":
+        torch.save(weights, tmp_path / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+        save_file(weights, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def random_llama_weights(n_layers=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"self_attn.q_proj.weight": (32, 32), "self_attn.k_proj.weight": (16, 32),
+              "self_attn.v_proj.weight": (16, 32), "self_attn.o_proj.weight": (32, 32),
+              "mlp.gate_proj.weight": (48, 32), "mlp.up_proj.weight": (48, 32), "mlp.down_proj.weight": (32, 48),
+              "input_layernorm.weight": (32,), "post_attention_layernorm.weight": (32,)}
+    w = {f"model.layers.{i}.{k}": torch.randn(s, generator=g) * 0.2 for i in range(n_layers) for k, s in shapes.items()}
+    w["model.embed_tokens.weight"] = torch.randn(97, 32, generator=g) * 0.5
+    w["model.norm.weight"] = 1 + 0.1 * torch.randn(32, generator=g)
+    return {k: v.half() for k, v in w.items()}   # Meta ships float16
+
+
+def textbook_llama_logits(w, idx, schedule):
+    """LLaMA forward written from scratch on the raw HF tensors (fp32), blocks applied in `schedule` order."""
+    w = {k: v.float() for k, v in w.items()}
+    T = idx.size(1)
+    rms = lambda x, g: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
+    angles = torch.outer(torch.arange(T).float(), freqs)
+    x = w["model.embed_tokens.weight"][idx]
+    for i in schedule:
+        p = lambda name: w[f"model.layers.{i}.{name}"]
+        h = rms(x, p("input_layernorm.weight"))
+        q = (h @ p("self_attn.q_proj.weight").T).view(1, T, 4, 8).transpose(1, 2)
+        k = (h @ p("self_attn.k_proj.weight").T).view(1, T, 2, 8).transpose(1, 2)
+        v = (h @ p("self_attn.v_proj.weight").T).view(1, T, 2, 8).transpose(1, 2)
+        q, k = apply_rope(q, angles.cos(), angles.sin()), apply_rope(k, angles.cos(), angles.sin())
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        att = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        x = x + (att.softmax(-1) @ v).transpose(1, 2).reshape(1, T, 32) @ p("self_attn.o_proj.weight").T
+        h = rms(x, p("post_attention_layernorm.weight"))
+        x = x + (F.silu(h @ p("mlp.gate_proj.weight").T) * (h @ p("mlp.up_proj.weight").T)) @ p("mlp.down_proj.weight").T
+    return rms(x, w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T   # share_embedding: no lm_head
+
+
+@pytest.mark.parametrize("share", ["none", "immediate"])
+def test_our_model_to_hf_and_back_gives_identical_logits(tmp_path, share):
+    model = tiny_model(share=share, tie_embeddings=share == "none")
+    hf.export_hf(model, tmp_path)
+    back, tokenizer = hf.load_hf(tmp_path)
+    idx = torch.randint(97, (2, 12))
+    assert torch.equal(model(idx)[0], back(idx)[0]) and tokenizer is None
+    assert back.config.depth == model.config.depth and back.config.tie_embeddings == model.config.tie_embeddings
+
+
+def test_ls_export_is_unrolled_and_transformers_llama_loads_it_unchanged(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(share="immediate")
+    hf.export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["architectures"] == ["LlamaForCausalLM"]
+    llama = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert sum(p.numel() for p in llama.model.layers.parameters()) == 2 * sum(
+        p.numel() for p in model.layers.parameters())   # the file doubles
+    idx = torch.randint(97, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(idx).logits, model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer_sharing, schedule", [(False, [0, 1]), (True, [0, 0, 1, 1])])
+def test_meta_style_dir_loads_and_matches_the_source_weights(tmp_path, layer_sharing, schedule):
+    w = random_llama_weights()
+    meta_style_dir(tmp_path, w, layer_sharing)
+    model, _ = hf.load_hf(tmp_path)
+    assert model.config.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+    assert model.config.share == ("immediate" if layer_sharing else "none")
+    idx = torch.randint(97, (1, 10))
+    torch.testing.assert_close(model(idx)[0], textbook_llama_logits(w, idx, schedule), atol=1e-4, rtol=1e-4)
+
+
+def test_pytorch_model_bin_is_preferred_over_safetensors(tmp_path):
+    w = random_llama_weights()
+    meta_style_dir(tmp_path, w, False, fmt="safetensors")
+    (tmp_path / "model.safetensors").write_bytes(b"broken conversion")   # Meta's 125M safetensors is reported broken
+    torch.save(w, tmp_path / "pytorch_model.bin")
+    model, _ = hf.load_hf(tmp_path)
+    torch.testing.assert_close(model.tok_embeddings.weight, w["model.embed_tokens.weight"].float())
+
+
+def test_safetensors_dir_and_sentencepiece_tokenizer(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_type="bpe", minloglevel=2)
+    (tmp_path / "hf").mkdir()
+    hf_dir = meta_style_dir(tmp_path / "hf", random_llama_weights(), False, fmt="safetensors")
+    (hf_dir / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    model, tokenizer = hf.load_hf(hf_dir)
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    assert tokenizer.decode(tokenizer.encode("the lazy fox")) == "the lazy fox"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden_act="gelu"), "hidden_act"), (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(attention_bias=True), "attention_bias"), (dict(model_type="gpt2"), "model_type"),
+    (dict(num_attention_heads=5), "divisible"), (dict(vocab_size=None), "vocab_size")])
+def test_unrepresentable_hf_config_is_one_clear_error(tmp_path, change, message):
+    meta_style_dir(tmp_path, random_llama_weights(), False)
+    config = {**json.loads((tmp_path / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    with pytest.raises(hf.HFFormatError, match=message):
+        hf.load_hf(tmp_path)
+
+
+def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
+    meta_style_dir(tmp_path, random_llama_weights(n_layers=1), False)
+    with pytest.raises(hf.HFFormatError, match="do not match its config.json"):
+        hf.load_hf(tmp_path)
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(hf.HFFormatError, match="has no weights"):
+        hf.load_hf(tmp_path)
+
+
+def test_repo_id_offline_is_one_clear_error(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach the hub and the file is not cached")
+
+    monkeypatch.setattr(hub, "hf_hub_download", offline)
+    with pytest.raises(RuntimeError, match="Offline\\? Give a local HF-format dir"):
+        hf.load_hf("facebook/MobileLLM-125M")

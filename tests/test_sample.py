@@ -1,0 +1,190 @@
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sample
+from checkpoint import model_checkpoint, save_checkpoint
+from model import MobileLLM, ModelConfig, apply_rope
+from tokenizer import Tokenizer, char_tokenizer
+
+CHARS = "abcdefgh \n"
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=len(CHARS), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, block_size=32)
+    return MobileLLM(ModelConfig(**{**base, **kw})).eval()
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """A tiny char model trained (a few seconds) to continue the cycle 'abcdefgh'."""
+    model = tiny_model().train()
+    tok = char_tokenizer(CHARS)
+    data = torch.tensor(tok.encode("abcdefgh" * 40))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        starts = torch.randint(len(data) - 17, (16,))
+        x = torch.stack([data[s:s + 16] for s in starts])
+        y = torch.stack([data[s + 1:s + 17] for s in starts])
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(model_checkpoint(model, tok.spec), out)
+    return out
+
+
+def run(argv, capsys):
+    sample.main(argv)
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+# --- sample.py end to end --------------------------------------------------------------------
+
+def test_sample_streams_the_trained_pattern_and_reports_speeds(trained_ckpt, capsys):
+    out, err = run(["--init_from", str(trained_ckpt), "--start", "abcde", "--temperature", "0",
+                    "--max_new_tokens", "19", "--num_samples", "2"], capsys)
+    samples = out.split("\n---------------\n")
+    assert samples[:2] == ["abcde" + "fghabcdefghabcdefgh"] * 2
+    assert "prefill:" in err and "decode:" in err and "(36 tokens)" in err
+
+
+def test_prompt_from_file_and_seeded_sampling_is_reproducible(trained_ckpt, tmp_path, capsys):
+    (tmp_path / "prompt.txt").write_text("gh")
+    argv = ["--init_from", str(trained_ckpt / "ckpt.pt"), "--start", f"FILE:{tmp_path / 'prompt.txt'}",
+            "--temperature", "1.5", "--top_k", "5", "--top_p", "0.95", "--seed", "7", "--max_new_tokens", "30"]
+    first, _ = run(argv, capsys)
+    second, _ = run(argv, capsys)
+    assert first == second and first.startswith("gh") and len(first.split("\n---")[0]) == 32
+
+
+def test_prompt_longer_than_context_is_cropped_with_a_warning(trained_ckpt, capsys):
+    with pytest.warns(UserWarning, match="more than the context"):
+        out, _ = run(["--init_from", str(trained_ckpt), "--start", "abcdefgh" * 5, "--temperature", "0",
+                      "--max_new_tokens", "4"], capsys)
+    assert out.startswith(("abcdefgh" * 5)[-32:] + "abcd")
+
+
+def test_generation_stops_at_end_of_text():
+    model = tiny_model()
+    args = argparse.Namespace(max_new_tokens=20, temperature=0, top_k=None, top_p=None)
+    greedy = model.generate(torch.tensor([[1, 2, 3]]), 20, temperature=0)[0, 3:].tolist()
+    char = char_tokenizer(CHARS)
+    eos = greedy[5]
+    tok = Tokenizer({}, len(CHARS), char.encode, char.decode, eos_id=eos)
+    new, steps, _, _ = sample.generate_one(model, [1, 2, 3], args, None, tok, out=open("/dev/null", "w"))
+    assert new == greedy[:greedy.index(eos)] and steps == len(new)
+    assert model.caches is None
+
+
+def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        sample.main(["--init_from", str(tmp_path / "missing")])
+    (tmp_path / "ckpt.pt").write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        sample.main(["--init_from", str(tmp_path)])
+    save_checkpoint(model_checkpoint(tiny_model(), {"kind": "char", "chars": CHARS}), tmp_path)
+    with pytest.raises(SystemExit, match="no such file"):
+        sample.main(["--init_from", str(tmp_path), "--start", "FILE:/no/such/prompt.txt"])
+    with pytest.raises(ValueError, match="not in this model's vocabulary"):
+        sample.main(["--init_from", str(tmp_path), "--start", "XYZ"])
+    with pytest.raises(SystemExit):
+        sample.main(["--init_from", "mobilellm-micro"])          # a preset has no tokenizer: --benchmark only
+    assert "--benchmark" in capsys.readouterr().err
+
+
+def test_benchmark_runs_on_a_preset(capsys):
+    out, err = run(["--init_from", "mobilellm-micro", "--benchmark", "--prompt_tokens", "8", "--max_new_tokens", "6",
+                    "--dtype", "bfloat16"], capsys)
+    assert "dtype bfloat16" in out and "(5 tokens)" in err
+
+
+def test_hf_dir_loads_through_load_model_and_tokenizer(tmp_path):
+    import hf
+    pytest.importorskip("safetensors")
+    model = tiny_model(share="immediate")
+    hf.export_hf(model, tmp_path)
+    loaded, tokenizer = sample.load_model_and_tokenizer(str(tmp_path))
+    idx = torch.randint(len(CHARS), (1, 9))
+    assert torch.equal(loaded(idx)[0], model(idx)[0]) and tokenizer is None
+
+
+# --- the KV cache, and Meta's layer-share cache ------------------------------------------------
+
+def greedy_without_cache(model, idx, n):
+    for _ in range(n):
+        idx = torch.cat([idx, model(idx[:, -model.config.block_size:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+    return idx
+
+
+@pytest.mark.parametrize("share", ["none", "immediate"])
+def test_kv_cache_greedy_equals_cache_free_greedy_in_sample(share):
+    model = tiny_model(share=share)
+    args = argparse.Namespace(max_new_tokens=40, temperature=0, top_k=None, top_p=None)
+    new, _, _, _ = sample.generate_one(model, [1, 2, 3, 4, 5], args, None)   # runs past block_size 32
+    assert new == greedy_without_cache(model, torch.tensor([[1, 2, 3, 4, 5]]), 40)[0, 5:].tolist()
+
+
+def metas_cached_greedy(model, prompt, n):
+    """Meta's loop (facebookresearch/MobileLLM utils/modeling_llama.py with transformers 4.41 generate), written
+    independently of model.py's cache: each unique block owns one growing list of keys/values that both of
+    its applications append to; a prompt uses SDPA's is_causal (top-left aligned), one token uses no mask."""
+    c = model.config
+    caches = [None] * c.n_layers
+
+    def forward(tokens, positions):
+        B, T = tokens.shape
+        x = model.tok_embeddings(tokens)
+        cos, sin = model.rope_cos[positions], model.rope_sin[positions]
+        for b in range(c.n_layers):
+            layer = model.layers[b]
+            for _ in range(2):
+                h = layer.attention_norm(x)
+                att = layer.attention
+                q = att.wq(h).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+                k = att.wk(h).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+                v = att.wv(h).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                if caches[b] is not None:
+                    k, v = torch.cat([caches[b][0], k], 2), torch.cat([caches[b][1], v], 2)
+                caches[b] = (k, v)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+                x = x + att.wo(y.transpose(1, 2).reshape(B, T, -1))
+                x = x + layer.feed_forward(layer.ffn_norm(x))
+        return model.output(model.norm(x))[:, -1]
+
+    idx = torch.tensor([prompt])
+    logits = forward(idx, torch.arange(len(prompt)))
+    out = []
+    for step in range(n):
+        token = logits.argmax(-1, keepdim=True)
+        out.append(token.item())
+        logits = forward(token, torch.tensor([len(prompt) + step]))
+    return out
+
+
+@torch.no_grad()
+def test_meta_ls_cache_reproduces_metas_cached_decoding_and_the_default_does_not():
+    prompt, n = [3, 1, 4, 1, 5, 9, 2, 6], 12
+    meta = tiny_model(seed=1, share="immediate", meta_ls_cache=True, dim=64, n_heads=4, n_kv_heads=2)
+    ours = tiny_model(seed=1, share="immediate", dim=64, n_heads=4, n_kv_heads=2)
+    reference = metas_cached_greedy(meta, prompt, n)
+    idx = torch.tensor([prompt])
+    assert meta.generate(idx, n, temperature=0)[0, len(prompt):].tolist() == reference
+    assert ours.generate(idx, n, temperature=0)[0, len(prompt):].tolist() == greedy_without_cache(ours, idx, n)[0, 8:].tolist()
+    # the two behaviours really differ: prefill logits of the second application's cache path
+    meta.setup_cache(1, 20)
+    ours.setup_cache(1, 20)
+    pos = torch.arange(len(prompt))
+    assert not torch.allclose(meta(idx, input_pos=pos)[0], ours(idx, input_pos=pos)[0])
+    torch.testing.assert_close(meta(idx)[0], ours(idx)[0])   # without a cache both are the trained model
+
+
+def test_meta_ls_cache_needs_immediate_sharing():
+    with pytest.raises(ValueError, match="meta_ls_cache"):
+        tiny_model(meta_ls_cache=True)
