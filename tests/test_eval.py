@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval as ev
+from checkpoint import model_checkpoint, save_checkpoint
+from model import MobileLLM, ModelConfig
+from tokenizer import char_tokenizer
+
+CHARS = "\n !?.:_abcdefghijklmnopqrstuvwxyzABQ"
+
+
+def tiny_model(vocab_size, block_size=64, seed=0):
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                         block_size=block_size)
+    return MobileLLM(config).eval()
+
+
+def hand_loglikelihood(model, ctx, cont):
+    """Sum of log p(cont[j] | everything before it) from one plain forward over ctx + cont[:-1]."""
+    tokens = torch.tensor([ctx + cont[:-1]])
+    logprobs = F.log_softmax(model(tokens)[0][0].float(), dim=-1)       # (T, V)
+    return sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+
+
+def test_continuation_loglikelihood_is_the_sum_of_token_logprobs():
+    tok, model = char_tokenizer(CHARS), tiny_model(len(CHARS))
+    ctx, cont = ev.encode_pair(tok, "Question: why?\nAnswer:", " because")
+    assert tok.decode(ctx) == "Question: why?\nAnswer:" and tok.decode(cont) == " because"
+    [ll] = ev.score(model, [(ctx, cont)])
+    assert ll == pytest.approx(hand_loglikelihood(model, ctx, cont), abs=1e-4)
+    assert ll < 0
+
+
+def test_trailing_context_space_moves_to_the_continuation_and_bos_starts_the_context():
+    tok = char_tokenizer(CHARS)
+    tok.bos_id = 0
+    ctx, cont = ev.encode_pair(tok, "Q: a ", "b")
+    assert ctx == [0] + tok.encode("Q: a") and cont == tok.encode(" b")
+
+
+def test_batching_and_padding_change_no_score():
+    tok, model = char_tokenizer(CHARS), tiny_model(len(CHARS))
+    texts = [("a", " b"), ("hello there:", " general"), ("q", " a much longer answer than the rest"),
+             ("why is the sky blue?", " air"), ("x", " y"), ("ab", " c d e")]
+    requests = [ev.encode_pair(tok, c, k) for c, k in texts]
+    one_by_one = ev.score(model, requests, batch_size=1)
+    batched = ev.score(model, requests, batch_size=4)      # two padded batches, reordered by length inside
+    assert batched == pytest.approx(one_by_one, abs=1e-4)
+    assert batched == pytest.approx([hand_loglikelihood(model, c, k) for c, k in requests], abs=1e-4)
+
+
+def test_long_context_is_cut_from_the_left_and_the_continuation_kept_whole():
+    tok, model = char_tokenizer(CHARS), tiny_model(len(CHARS), block_size=16)
+    ctx, cont = ev.encode_pair(tok, "a long context that does not fit in the window", " kept")
+    [ll] = ev.score(model, [(ctx, cont)])
+    kept = (ctx + cont)[-17:]            # block_size + 1 tokens: 16 inputs, the last 5 predict " kept"
+    assert ll == pytest.approx(hand_loglikelihood(model, kept[:-len(cont)], cont), abs=1e-4)
+
+
+def biased_model(vocab_size, favourite):
+    """A model whose output ignores its input: logits are a hand-set bias favouring one token."""
+    model = tiny_model(vocab_size)
+    model.output = nn.Linear(model.config.dim, vocab_size, bias=True)
+    nn.init.zeros_(model.output.weight)
+    nn.init.zeros_(model.output.bias)
+    model.output.bias.data[favourite] = 10.0
+    return model
+
+
+def piqa_docs(labels):
+    return [dict(goal="pick one", sol1="aaaa", sol2="bbbb", label=label) for label in labels]
+
+
+def test_a_model_forced_to_prefer_one_choice_scores_the_expected_accuracy():
+    tok = char_tokenizer(CHARS)
+    labels = [0, 0, 0, 1, 0, 1, 1, 0]                     # choice 0 ("aaaa") is right 5 times out of 8
+    examples = ev.build_examples("piqa", piqa_docs(labels))
+    likes_a = ev.evaluate(biased_model(len(CHARS), tok.encode("a")[0]), tok, "piqa", examples)
+    likes_b = ev.evaluate(biased_model(len(CHARS), tok.encode("b")[0]), tok, "piqa", examples)
+    assert (likes_a["n"], likes_a["acc"], likes_a["acc_norm"]) == (8, 5 / 8, 5 / 8)
+    assert (likes_b["acc"], likes_b["acc_norm"]) == (3 / 8, 3 / 8)
+
+
+def test_acc_norm_divides_by_the_choice_length_as_the_harness_does():
+    # A uniform model gives every token log(1/V): " " + choice costs (len + 1) tokens, so acc picks the shortest
+    # choice, while acc_norm = -(len + 1)/len * log V prefers the longest.
+    tok, model = char_tokenizer(CHARS), biased_model(len(CHARS), 0)
+    model.output.bias.data.zero_()
+    docs = [dict(goal="g", sol1="ab", sol2="abcdef", label=0), dict(goal="g", sol1="abcdef", sol2="ab", label=1),
+            dict(goal="g", sol1="abc", sol2="a", label=0)]
+    result = ev.evaluate(model, tok, "piqa", ev.build_examples("piqa", docs))
+    assert result["acc"] == pytest.approx(2 / 3) and result["acc_norm"] == pytest.approx(1 / 3)
+
+
+def test_task_adapters_follow_the_harness_formats():
+    ex = ev.TASKS["winogrande"].adapter(dict(sentence="Tom gave Bob a gift because _ was kind.", option1="Tom",
+                                             option2="Bob", answer="2"))
+    assert ex.contexts == ["Tom gave Bob a gift because Tom", "Tom gave Bob a gift because Bob"]
+    assert ex.continuations == [" was kind.", " was kind."] and ex.label == 1
+    ex = ev.TASKS["hellaswag"].adapter(dict(activity_label="Cooking", ctx_a="A man cuts.", ctx_b="he then",
+                                            endings=["eats [title] it.", "runs."], label="1"))
+    assert ex.contexts[0] == "Cooking: A man cuts. He then" and ex.continuations == [" eats. it.", " runs."]
+    ex = ev.TASKS["arc_easy"].adapter(dict(question="Q?", choices=dict(text=["x", "y", "z"], label=["A", "B", "C"]),
+                                           answerKey="C"))
+    assert (ex.contexts[0], ex.label) == ("Question: Q?\nAnswer:", 2)
+    ex = ev.TASKS["siqa"].adapter(dict(context="C.", question="Q?", answerA="a", answerB="b", answerC="c", label="2"))
+    assert (ex.contexts[0], ex.continuations, ex.label) == ("Q: C. Q?\nA:", [" a", " b", " c"], 1)
+    ex = ev.TASKS["boolq"].adapter(dict(passage="P.", question="is it", answer=True))
+    assert (ex.contexts[0], ex.continuations, ex.label) == ("P.\nQuestion: is it?\nAnswer:", [" no", " yes"], 1)
+
+
+def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
+    sample = pytest.importorskip("sample")
+    assert hasattr(sample, "load_model_and_tokenizer")
+    piqa = shared_dir / "data" / "piqa" / "valid.jsonl"
+    chars = sorted(set(piqa.read_text(encoding="utf-8")) - {"1"})   # examples holding a "1" get skipped
+    tok = char_tokenizer("".join(chars))
+    model = tiny_model(tok.vocab_size, block_size=128)
+    save_checkpoint(model_checkpoint(model, tok.spec), tmp_path / "ckpt")
+    out = tmp_path / "results.json"
+    results = ev.main(["--init_from", str(tmp_path / "ckpt"), "--tasks", "piqa", "--data", str(piqa),
+                       "--limit", "24", "--batch_size", "8", "--dtype", "float32", "--device", "cpu",
+                       "--out", str(out)])
+    r = json.loads(out.read_text())["results"]["piqa"]
+    assert r == pytest.approx(results["piqa"], nan_ok=True)
+    docs = ev.read_jsonl(piqa)[:24]
+    expected_skipped = sum("1" in d["goal"] + d["sol1"] + d["sol2"] for d in docs)
+    assert expected_skipped > 0 and (r["n"], r["skipped"]) == (24 - expected_skipped, expected_skipped)
+    assert 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 and r["truncated_contexts"] > 0
+    assert "| piqa | " in capsys.readouterr().out
+
+
+def test_clear_errors_for_unknown_task_malformed_line_and_missing_file(tmp_path):
+    with pytest.raises(ev.EvalError, match="unknown task.*piqa_typo.*choose from: arc_easy"):
+        ev.parse_tasks("piqa,piqa_typo")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(piqa_docs([0])[0]) + "\n{not json\n")
+    with pytest.raises(ev.EvalError, match="bad.jsonl, line 2: not a JSON object"):
+        ev.read_jsonl(bad)
+    with pytest.raises(ev.EvalError, match="no data file at .*missing.jsonl"):
+        ev.read_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(ev.EvalError, match="record 1: not a piqa record.*needs goal, sol1, sol2, label"):
+        ev.build_examples("piqa", [dict(question="wrong task's fields")])
+    with pytest.raises(SystemExit, match="unknown task"):
+        ev.main(["--init_from", "unused", "--tasks", "nope"])
