@@ -186,6 +186,18 @@ def read_jsonl(path):
     return docs
 
 
+def fetch_json(url, tries=3):
+    """GET a JSON document, retrying twice (after 1 s, then 2 s) on network errors such as rate limits."""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                return json.load(response)
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2 ** attempt)
+
+
 def download(name):
     """All records of a task's split from the Hugging Face dataset viewer's rows API, 100 per request."""
     task, docs, total = TASKS[name], [], None
@@ -194,8 +206,7 @@ def download(name):
             query = urllib.parse.urlencode(dict(dataset=task.dataset, config=task.config, split=task.split,
                                                 offset=len(docs), length=100))
             try:
-                with urllib.request.urlopen(f"{ROWS_API}?{query}", timeout=60) as response:
-                    page = json.load(response)
+                page = fetch_json(f"{ROWS_API}?{query}")
                 rows, total = page["rows"], page["num_rows_total"]
             except (OSError, ValueError, KeyError) as e:   # URLError/HTTPError/timeouts are OSErrors
                 raise EvalError(f"could not download {name} ({task.dataset}, {task.split}) from {ROWS_API} "
@@ -383,6 +394,10 @@ def main(argv=None):
     results = {name: evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
                for name in tasks}
     paper_name, paper = paper_row(args.init_from)
+    for name, r in results.items():
+        print(f"{name}: {r['n']} examples ({r['skipped']} skipped: not encodable) in {r['seconds']:.1f} s, "
+              f"{r['examples_per_s']:.2f} examples/s, {r['tokens_per_s']:.0f} tokens/s; "
+              f"{r['truncated_contexts']} contexts cut to block_size")
     print(markdown_table(results, paper_name, paper))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,7 @@
 import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as ev
+import quantize
 from checkpoint import model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig
 from tokenizer import char_tokenizer
@@ -133,6 +137,50 @@ def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
     assert expected_skipped > 0 and (r["n"], r["skipped"]) == (24 - expected_skipped, expected_skipped)
     assert 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 and r["truncated_contexts"] > 0
     assert "| piqa | " in capsys.readouterr().out
+    # an int8 checkpoint goes through the same loader (sample.py) and scores within int8 noise of the float one
+    ckpt = model_checkpoint(model, tok.spec)
+    save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path / "q")
+    int8 = ev.main(["--init_from", str(tmp_path / "q"), "--tasks", "piqa", "--data", str(piqa), "--limit", "24",
+                    "--dtype", "float32", "--device", "cpu", "--out", str(out)])["piqa"]
+    assert int8["n"] == r["n"] and abs(int8["acc"] - r["acc"]) <= 0.25
+
+
+class RowsAPI(BaseHTTPRequestHandler):
+    """The dataset viewer's /rows endpoint over the server's records, at most `length` per request."""
+
+    def do_GET(self):
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(self.path).query))
+        offset, length = int(query["offset"]), int(query["length"])
+        rows = [dict(row_idx=i, row=d) for i, d in enumerate(self.server.docs[offset:offset + length], offset)]
+        body = json.dumps(dict(rows=rows, num_rows_total=len(self.server.docs))).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_pages_through_the_rows_api_and_caches(tmp_path, monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), RowsAPI)
+    server.docs = [dict(goal=f"g{i}", sol1="a", sol2="b", label=i % 2) for i in range(150)]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(ev, "ROWS_API", f"http://127.0.0.1:{server.server_port}/rows")
+    monkeypatch.setattr(ev, "CACHE_DIR", tmp_path)
+    try:
+        assert ev.load_docs("piqa") == server.docs
+    finally:
+        server.shutdown()
+    assert ev.load_docs("piqa") == server.docs           # from the cache now: the server is gone
+    assert (tmp_path / "piqa.jsonl").is_file()
+
+
+def test_offline_download_fails_with_one_message_saying_how_to_pass_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "ROWS_API", "http://127.0.0.1:9/rows")      # nothing listens on the discard port
+    monkeypatch.setattr(ev, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(ev.time, "sleep", lambda seconds: None)
+    with pytest.raises(ev.EvalError, match=r"could not download boolq .*--data boolq=PATH.jsonl .*passage, question"):
+        ev.load_docs("boolq")
 
 
 def test_clear_errors_for_unknown_task_malformed_line_and_missing_file(tmp_path):
