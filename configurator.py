@@ -48,7 +48,7 @@ def _parse_value(text):
 
 def _read_config_file(path):
     """The settings a config file assigns: every top-level name not starting with '_' (modules skipped)."""
-    namespace = {}
+    namespace = {"__file__": str(path)}    # lets a config file build on another: exec(open(...).read())
     try:
         source = open(path).read()
     except OSError as e:

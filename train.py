@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
 from configurator import ConfigError, apply_settings, configure
 from model import MobileLLM, ModelConfig
 
@@ -98,7 +98,7 @@ class TrainError(RuntimeError):
 
 def check_config(cfg):
     """Type-check every field (as the command line does) and the values that must agree with each other."""
-    apply_settings(TrainConfig(), asdict(cfg), "TrainConfig")
+    apply_settings(type(cfg)(), asdict(cfg), type(cfg).__name__)
     choices = {"init_from": ("scratch", "resume"), "dtype": ("float32", "bfloat16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -111,8 +111,9 @@ def check_config(cfg):
 
 def model_config(cfg, vocab_size):
     settings = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
+    settings["vocab_size"] = vocab_size
     try:
-        return ModelConfig(vocab_size=vocab_size, **settings)
+        return ModelConfig(**settings)
     except ValueError as e:
         raise ConfigError(f"bad model settings: {e}") from e
 
@@ -487,9 +488,9 @@ def run(cfg, rank, world, device, stop):
         train_loss, stop_requested = stats[0].item() / world, stats[1].item() > 0
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise TrainError(f"loss became {train_loss} (gradient norm {grad_norm.item()}) at iteration "
-                             f"{iter_num}: stopped; the last good checkpoint in {out_dir} is kept. Try a lower "
-                             "learning_rate or more warmup_iters")
+            raise TrainError(f"loss became {train_loss} at iteration {iter_num} (gradient norm {grad_norm.item()}): "
+                             f"stopped; the last good checkpoint in {out_dir} is kept. Try a lower learning_rate "
+                             "or more warmup_iters")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
@@ -514,7 +515,7 @@ def run(cfg, rank, world, device, stop):
 if __name__ == "__main__":
     try:
         train(configure(TrainConfig(), sys.argv[1:]))
-    except (ConfigError, TrainError) as e:
+    except (ConfigError, TrainError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {e}")

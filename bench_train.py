@@ -1,0 +1,78 @@
+"""
+Training throughput of train.py's step (forward, backward, gradient clipping, AdamW) on random tokens:
+tokens/s and MFU, float32 against bfloat16 autocast, measured side by side in one run.
+
+  python bench_train.py                                  # train.py's default model and batch
+  python bench_train.py config/bench_nanogpt_29m.py      # nanoGPT's 29.9M GPT size (6 x 384, ctx 256, batch 8)
+  python bench_train.py --dim=256 --iters=20 --compile=True
+
+Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup and dtypes. MFU is
+relative to the device's bf16 peak: the datasheet number on known GPUs, else a large bf16 matmul measured
+here first (so float32 and bfloat16 are both compared with the same, best-case peak).
+"""
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from configurator import ConfigError, configure
+from model import MobileLLM
+from train import (TrainConfig, autocast_context, build_optimizer, check_config, flops_per_token,
+                   measure_peak_flops, model_config, resolve_device, synchronize)
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    vocab_size: int = 65                 # train.py reads it from the dataset; here there is no dataset
+    iters: int = 10                      # timed iterations per dtype
+    warmup: int = 3                      # untimed iterations first (allocator, compile)
+    dtypes: str = "float32,bfloat16"
+
+
+def tokens_per_second(cfg, dtype, device):
+    torch.manual_seed(cfg.seed)
+    model = MobileLLM(model_config(cfg, cfg.vocab_size)).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    step_model = torch.compile(model) if cfg.compile else model
+    x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)   # (B, T)
+    for i in range(cfg.warmup + cfg.iters):
+        if i == cfg.warmup:
+            synchronize(device)
+            t0 = time.perf_counter()
+        for _ in range(cfg.gradient_accumulation_steps):
+            with autocast_context(device, dtype):
+                loss = step_model(x, x)[1]
+            (loss / cfg.gradient_accumulation_steps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return cfg.iters * cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size / seconds, model
+
+
+def main(cfg):
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    peak = cfg.peak_flops or measure_peak_flops(device)
+    flops = flops_per_token(model_config(cfg, cfg.vocab_size), cfg.block_size)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; bf16 peak "
+          f"{peak / 1e12:.2f} TFLOP/s; batch {cfg.batch_size} x {cfg.block_size} tokens x "
+          f"{cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
+    results = {}
+    for dtype in cfg.dtypes.split(","):
+        tok_s, model = tokens_per_second(cfg, dtype, device)
+        results[dtype] = tok_s
+        print(f"{dtype:>9}: {tok_s:10,.0f} tokens/s  MFU {100 * tok_s * flops / peak:5.1f}%  "
+              f"({model.num_params() / 1e6:.1f}M parameters, depth {model.config.depth})")
+    if "float32" in results and "bfloat16" in results:
+        print(f"bfloat16 / float32 speedup: {results['bfloat16'] / results['float32']:.2f}x")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(configure(BenchConfig(), sys.argv[1:]))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,112 @@
+"""
+FineWeb-Edu: the real pretraining path for GPU users. Streams HuggingFaceFW/fineweb-edu (sample-10BT,
+~10B GPT-2 tokens), tokenizes documents in parallel processes and writes 100M-token shards: the first shard
+is val_000000.bin, the rest train_000001.bin, train_000002.bin, ... (train.py reads shards as one split).
+
+  pip install datasets && python data/fineweb_edu/prepare.py              # ~20 GB of shards
+  python data/fineweb_edu/prepare.py --max_tokens=500_000_000             # a smaller slice
+  python data/fineweb_edu/prepare.py --input docs.jsonl notes.txt         # local documents instead
+Every document starts with GPT-2's <|endoftext|> token. Local inputs: .jsonl files give one document per
+line (its "text" field); other files give one document per blank-line separated paragraph.
+"""
+import argparse
+import json
+import os
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prepare_common import read_text, write_meta  # noqa: E402
+from tokenizer import tiktoken_tokenizer  # noqa: E402
+
+REMOTE = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
+_tokenizer = None   # one per worker process (tiktoken's encoder does not pickle)
+
+
+def _init_worker():
+    global _tokenizer
+    _tokenizer = tiktoken_tokenizer("gpt2")
+
+
+def tokenize_document(text):
+    """<|endoftext|> followed by the document's tokens, as uint16."""
+    return np.array([_tokenizer.eos_id] + _tokenizer.encode(text), dtype=np.uint16)
+
+
+def stream_remote():
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise SystemExit("streaming FineWeb-Edu needs the datasets package: pip install datasets "
+                         "(or pass local documents with --input PATH ...)") from e
+    try:
+        for row in load_dataset(REMOTE[0], name=REMOTE[1], split="train", streaming=True):
+            yield row["text"]
+    except OSError as e:
+        raise SystemExit(f"could not stream {REMOTE[0]} ({REMOTE[1]}) from the Hugging Face Hub ({e}). "
+                         "Offline? Pass local documents with --input PATH ...") from e
+
+
+def local_documents(paths):
+    for path in paths:
+        if str(path).endswith(".jsonl"):
+            for line in read_text(path).splitlines():
+                if line.strip():
+                    yield json.loads(line)["text"]
+        else:
+            yield from (doc for doc in read_text(path).split("\n\n") if doc.strip())
+
+
+def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=None, max_tokens=None):
+    """Tokenize documents in a process pool and write fixed-size uint16 shards into out_dir; the first
+    shard is val, the rest train. A document that overflows a shard continues in the next one.
+    Returns the shard paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer, filled, paths, total = np.empty(shard_tokens, dtype=np.uint16), 0, [], 0
+    bar = tqdm(total=shard_tokens, unit="tok", desc="shard 0")
+
+    def flush(n):
+        path = out_dir / f"{'val' if not paths else 'train'}_{len(paths):06d}.bin"
+        buffer[:n].tofile(path)
+        paths.append(path)
+        bar.reset()
+        bar.set_description(f"shard {len(paths)}")
+
+    with Pool(workers or max(1, (os.cpu_count() or 2) - 1), initializer=_init_worker) as pool:
+        for tokens in pool.imap(tokenize_document, documents, chunksize=16):
+            if max_tokens is not None:
+                tokens = tokens[:max_tokens - total]
+            total += len(tokens)
+            while len(tokens):
+                take = min(shard_tokens - filled, len(tokens))
+                buffer[filled:filled + take] = tokens[:take]
+                filled, tokens = filled + take, tokens[take:]
+                bar.update(take)
+                if filled == shard_tokens:
+                    flush(filled)
+                    filled = 0
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if filled:
+        flush(filled)
+    bar.close()
+    write_meta(out_dir, tiktoken_tokenizer("gpt2"))
+    return paths
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", help="local .jsonl or text files instead of streaming")
+    parser.add_argument("--shard_tokens", type=int, default=100_000_000)
+    parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores - 1)")
+    parser.add_argument("--out_dir", default=str(Path(__file__).parent), help="where to write the shards")
+    args = parser.parse_args()
+    docs = local_documents(args.input) if args.input else stream_remote()
+    shards = tokenize_and_shard(docs, args.out_dir, args.shard_tokens, args.workers, args.max_tokens)
+    print(f"wrote {len(shards)} shards to {args.out_dir}")

@@ -1,0 +1,98 @@
+"""data/<name>/prepare.py on local files: the .bin files decode back to the text, meta.json names the
+tokenizer, and a failed download says how to pass a local file."""
+import importlib.util
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_prepare(name):
+    spec = importlib.util.spec_from_file_location(f"prepare_{name}", REPO / "data" / name / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module              # so worker processes can unpickle its functions
+    spec.loader.exec_module(module)
+    return module
+
+
+def decode_split(folder, split):
+    meta = json.loads((folder / "meta.json").read_text())
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    assert tokenizer.vocab_size == meta["vocab_size"]
+    files = sorted(folder.glob(f"{split}.bin")) or sorted(folder.glob(f"{split}_*.bin"))
+    return "".join(tokenizer.decode(np.fromfile(f, dtype=np.uint16).tolist()) for f in files)
+
+
+@pytest.fixture
+def shakespeare_slice(shared_dir, tmp_path):
+    text = (shared_dir / "data/tinyshakespeare/input.txt").read_text()[:20_000]
+    (tmp_path / "input.txt").write_text(text)
+    return tmp_path / "input.txt", text
+
+
+@pytest.mark.parametrize("name, kind", [("shakespeare_char", "char"), ("shakespeare", "tiktoken")])
+def test_shakespeare_bins_round_trip(name, kind, shakespeare_slice, tmp_path):
+    path, text = shakespeare_slice
+    out = tmp_path / "out"
+    load_prepare(name).prepare(path, out)
+    train, val = decode_split(out, "train"), decode_split(out, "val")
+    assert train + val == text and len(val) == pytest.approx(len(text) / 10, abs=2)
+    assert json.loads((out / "meta.json").read_text())["tokenizer"]["kind"] == kind
+
+
+def test_gutenberg_takes_a_train_val_folder_or_books(shared_dir, tmp_path):
+    source = tmp_path / "books"
+    source.mkdir()
+    texts = {split: (shared_dir / f"data/gutenberg_children/{split}.txt").read_text()[:15_000]
+             for split in ("train", "val")}
+    for split, text in texts.items():
+        (source / f"{split}.txt").write_text(text)
+    prepare = load_prepare("gutenberg")
+    prepare.prepare([source], "gpt2", tmp_path / "bpe")
+    assert decode_split(tmp_path / "bpe", "train") == texts["train"]
+    assert decode_split(tmp_path / "bpe", "val") == texts["val"]
+    prepare.prepare([source / "train.txt", source / "val.txt"], "char", tmp_path / "char")
+    joined = decode_split(tmp_path / "char", "train") + decode_split(tmp_path / "char", "val")
+    assert joined == texts["train"] + "\n\n" + texts["val"]
+
+
+def test_gutenberg_strips_the_license_header():
+    book = "The Project Gutenberg eBook\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nOnce upon a time.\n" \
+           "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nLicense text"
+    assert load_prepare("gutenberg").strip_gutenberg_header(book) == "Once upon a time.\n"
+
+
+def test_fineweb_tokenize_and_shard_on_local_documents(shared_dir, tmp_path):
+    docs = [d for d in (shared_dir / "data/tinyshakespeare/input.txt").read_text()[:30_000].split("\n\n") if d.strip()]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    prepare = load_prepare("fineweb_edu")
+    shards = prepare.tokenize_and_shard(prepare.local_documents([tmp_path / "docs.jsonl"]), tmp_path / "out",
+                                        shard_tokens=2000, workers=2)
+    assert shards[0].name == "val_000000.bin" and shards[1].name == "train_000001.bin"
+    assert all(s.stat().st_size == 2 * 2000 for s in shards[:-1])
+    eot = "<|endoftext|>"
+    assert decode_split(tmp_path / "out", "val") + decode_split(tmp_path / "out", "train") == \
+        "".join(eot + d for d in docs)
+
+
+def test_offline_download_fails_with_one_clear_message(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit, match="could not download https://.*input.txt.*--input PATH"):
+        load_prepare("shakespeare_char").prepare(None, tmp_path)
+    assert list(tmp_path.iterdir()) == []                  # no partial download left behind
+
+
+def test_missing_local_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--input .*nope.txt: no such file"):
+        load_prepare("shakespeare").prepare(tmp_path / "nope.txt", tmp_path)

@@ -1,0 +1,231 @@
+"""train.py and configurator.py on tiny models and tiny data: learning, exact resume, DDP equivalence,
+crash-safe checkpoints, Ctrl-C, NaN stops, clear errors, the shipped configs."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import importlib.util
+
+import pytest
+import torch
+
+import checkpoint
+import train as train_module
+from configurator import ConfigError, configure
+from model import MobileLLM
+from train import TrainConfig, TrainError, lr_at, model_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("prepare_shakespeare_char", REPO / "data/shakespeare_char/prepare.py")
+prepare_char = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prepare_char)
+
+WORDS = "the king and queen of england spoke to a fool who was wise and the fool laughed at them".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny character-level dataset written by data/shakespeare_char/prepare.py from a local file."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(8)).capitalize() + "." for _ in range(1500)]
+    folder = tmp_path_factory.mktemp("tinychar")
+    (folder / "input.txt").write_text("\n".join(lines) + "\n")
+    prepare_char.prepare(folder / "input.txt", folder)
+    return folder
+
+
+def tiny(data_dir, out_dir, **overrides):
+    settings = dict(data_dir=str(data_dir), out_dir=str(out_dir), n_layers=2, dim=32, n_heads=4, n_kv_heads=2,
+                    ffn_dim=64, block_size=32, batch_size=4, eval_iters=2, eval_interval=10, max_iters=20,
+                    learning_rate=3e-3, warmup_iters=2, dtype="float32", quiet=True)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_a_few_steps_lower_the_loss_and_write_the_log(data_dir, tmp_path):
+    records = train(tiny(data_dir, tmp_path, max_iters=30, dtype="bfloat16"))
+    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.5
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == records
+    assert {"iter", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"} <= set(lines[-1])
+    assert lines[-1]["iter"] == 30 and lines[-1]["tokens"] == 30 * 4 * 32
+    model, ckpt = checkpoint.load_model(tmp_path)        # weights_only=True loading of everything we store
+    assert ckpt["iter_num"] == 30 and ckpt["tokenizer"]["kind"] == "char"
+    assert ckpt["data_state"]["iter_num"] == 30 and "torch" in ckpt["rng"] and ckpt["optimizer"]["state"]
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    common = dict(lr_decay_iters=20, gradient_accumulation_steps=2, always_save_checkpoint=True)
+    straight = train(tiny(data_dir, tmp_path / "a", max_iters=20, **common))
+    train(tiny(data_dir, tmp_path / "b", max_iters=10, **common))
+    resumed = train(tiny(data_dir, tmp_path / "b", max_iters=20, init_from="resume", **common))
+    assert resumed[-1]["val_loss"] == straight[-1]["val_loss"]
+    a, b = checkpoint.load_checkpoint(tmp_path / "a"), checkpoint.load_checkpoint(tmp_path / "b")
+    assert a["iter_num"] == b["iter_num"] == 20
+    for name, weight in a["model"].items():
+        assert torch.equal(weight, b["model"][name]), name
+    log = [json.loads(line)["iter"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log == [0, 10, 20]                            # no duplicate eval at the resume point
+
+
+def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
+    common = dict(max_iters=6, eval_interval=6, gradient_accumulation_steps=2, always_save_checkpoint=True)
+    single = train(tiny(data_dir, tmp_path / "one", **common))
+    args = [f"--{k}={v}" for k, v in vars(tiny(data_dir, tmp_path / "two", **common)).items()
+            if v != getattr(TrainConfig(), k)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(REPO / "train.py"), *args],
+                            env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert two[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], abs=1e-5)
+    a, b = checkpoint.load_checkpoint(tmp_path / "one"), checkpoint.load_checkpoint(tmp_path / "two")
+    for name, weight in a["model"].items():
+        torch.testing.assert_close(b["model"][name], weight, atol=1e-5, rtol=1e-4)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
+    cfg = tiny(data_dir, tmp_path, max_iters=10, always_save_checkpoint=True)
+    train(cfg)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(replace(cfg, max_iters=20, init_from="resume"))
+    assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 10
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []     # no temp file left
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    cfg = tiny(data_dir, tmp_path, max_iters=10, always_save_checkpoint=True)
+    train(cfg)
+    forward = MobileLLM.forward
+
+    def poisoned(self, idx, targets=None, input_pos=None):
+        logits, loss = forward(self, idx, targets, input_pos)
+        return logits, None if loss is None else loss * float("nan")
+
+    monkeypatch.setattr(MobileLLM, "forward", poisoned)
+    with pytest.raises(TrainError, match="loss became nan at iteration 10.*last good checkpoint"):
+        train(replace(cfg, max_iters=20, init_from="resume"))
+    assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 10
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(data_dir, tmp_path, monkeypatch):
+    get_batch, calls = train_module.get_batch, []
+
+    def interrupt_at_iteration_7(*args):
+        calls.append(1)
+        if len(calls) == 2 * 2 + 7:             # two evals of 2 batches at iteration 0, then 7 steps
+            os.kill(os.getpid(), signal.SIGINT)
+        return get_batch(*args)
+
+    monkeypatch.setattr(train_module, "get_batch", interrupt_at_iteration_7)
+    cfg = tiny(data_dir, tmp_path, max_iters=20)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 7      # the step in flight finished first
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    assert train(replace(cfg, init_from="resume"))[-1]["iter"] == 20
+
+
+def test_lr_warms_up_then_decays_by_cosine_to_ten_percent():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110)
+    lrs = [lr_at(cfg, it) for it in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
+
+
+def test_default_config_is_a_deep_and_thin_mobilellm_ls():
+    cfg = configure(TrainConfig(), [])
+    config = model_config(cfg, vocab_size=65)
+    assert cfg.dataset == "shakespeare_char" and cfg.dtype == "bfloat16" and cfg.device == "auto"
+    assert config.share == "immediate" and config.depth == 2 * config.n_layers
+    assert config.depth >= 12 and config.dim <= 384 and config.n_kv_heads < config.n_heads    # deep, thin, GQA
+    with torch.device("meta"):
+        assert MobileLLM(config).num_params() > 0
+
+
+@pytest.mark.parametrize("name, layers, dim, depth, params", [
+    ("train_mobilellm_125m", 30, 576, 30, 124_635_456), ("train_mobilellm_125m_ls", 30, 576, 60, 124_635_456),
+    ("train_mobilellm_350m", 32, 960, 32, 345_355_200), ("train_mobilellm_350m_ls", 32, 960, 64, 345_355_200)])
+def test_paper_configs_hold_the_paper_recipe(name, layers, dim, depth, params):
+    cfg = configure(TrainConfig(), [str(REPO / "config" / f"{name}.py")])
+    config = model_config(cfg, vocab_size=32000)
+    with torch.device("meta"):
+        assert MobileLLM(config).num_params() == params
+    assert (config.n_layers, config.dim, config.depth, cfg.block_size) == (layers, dim, depth, 2048)
+    assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert cfg.warmup_iters == 1000 and cfg.max_iters == 480_000 and cfg.dtype == "bfloat16"
+    assert cfg.min_lr == pytest.approx(cfg.learning_rate / 10)
+    paper_tokens = 32 * 32 * 2048                       # 32 GPUs x 32 sequences x 2048 tokens at lr 2e-3
+    assert cfg.learning_rate == pytest.approx(2e-3 * cfg.batch_size * cfg.block_size
+                                              * cfg.gradient_accumulation_steps / paper_tokens)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus=1"], "unknown config key.*'bogus'"),
+    (["--batch_size=abc"], "'batch_size' must be int, got 'abc'"),
+    (["--learning_rate=True"], "'learning_rate' must be float"),
+    (["--compile=1"], "'compile' must be bool"),
+    (["--max_iters"], "must look like --key=value"),
+])
+def test_bad_overrides_are_clear_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        configure(TrainConfig(), argv)
+
+
+def test_config_files_and_overrides_apply_in_order(tmp_path):
+    config_file = tmp_path / "x.py"
+    config_file.write_text("import math\nbatch_size = 3\nlearning_rate = 1\nmin_lr = None\nout_dir = 'o'\n")
+    cfg = configure(TrainConfig(), [str(config_file), "--batch_size=5", "--out_dir=2024"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (5, 1.0, "2024")
+    config_file.write_text("batch_sise = 3\n")
+    with pytest.raises(ConfigError, match="'batch_sise' in config file"):
+        configure(TrainConfig(), [str(config_file)])
+
+
+def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        train(tiny(data_dir, tmp_path, dtype="float16"))
+    with pytest.raises(ConfigError, match="bad model settings: dim .* divisible by n_heads"):
+        train(tiny(data_dir, tmp_path, dim=30))
+    with pytest.raises(TrainError, match="not prepared.*prepare.py"):
+        train(tiny(tmp_path / "nowhere", tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        train(tiny(data_dir, tmp_path / "empty", init_from="resume"))
+
+
+def test_command_line_reports_errors_in_one_line():
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--n_layer=4"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: unknown config key(s) 'n_layer'")
+    assert "Traceback" not in result.stderr
+
+
+def test_flops_count_shared_blocks_once_per_application():
+    base = model_config(TrainConfig(share="none"), vocab_size=65)
+    shared = model_config(TrainConfig(share="immediate"), vocab_size=65)
+    per_block = (train_module.flops_per_token(shared, 256) - train_module.flops_per_token(base, 256))
+    assert per_block > 0 and math.isclose(
+        per_block, train_module.flops_per_token(base, 256) - 6 * 65 * base.dim, rel_tol=1e-9)
