@@ -251,12 +251,15 @@ def build_examples(name, docs, path="the downloaded data"):
 def encode_pair(tokenizer, context, continuation):
     """Token ids (context, continuation) split as the harness does: trailing spaces of the context move to
     the continuation, the pair is encoded whole and cut where the context's own encoding ends (so a BPE
-    merge across the boundary is encoded as in running text). The tokenizer's BOS, if any, starts the context."""
+    merge across the boundary is encoded as in running text). The tokenizer's BOS, if any, starts the context;
+    an empty context without one is the end-of-text token, as in the harness."""
     stripped = context.rstrip(" ")
     context, continuation = stripped, context[len(stripped):] + continuation
     whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + ctx, whole[len(ctx):]
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else (None if ctx else tokenizer.eos_id)
+    if start is None and not ctx:
+        raise ValueError("an empty context, and the tokenizer has no BOS or EOS token to stand for it")
+    return ([start] if start is not None else []) + ctx, whole[len(ctx):]
 
 
 def window(ctx, cont, block_size):
@@ -325,7 +328,7 @@ def evaluate(model, tokenizer, name, examples, batch_size=16, device="cpu", dtyp
         ll = lls[i:i + len(ex.continuations)]
         i += len(ex.continuations)
         correct += argmax(ll) == ex.label
-        correct_norm += argmax([v / n for v, n in zip(ll, ex.norm_lengths)]) == ex.label
+        correct_norm += argmax([v / max(length, 1) for v, length in zip(ll, ex.norm_lengths)]) == ex.label
     n = len(kept)
     result = dict(n=n, skipped=skipped, acc=correct / n, acc_stderr=stderr(correct / n, n))
     if "acc_norm" in TASKS[name].metrics:
