@@ -343,12 +343,13 @@ def evaluate(model, tokenizer, name, examples, batch_size=16, device="cpu", dtyp
 # --- report ---------------------------------------------------------------------------------------------
 
 def paper_row(init_from):
-    """The paper's numbers for the model that init_from names (facebook/MobileLLM-125M, ...), else None."""
-    match = re.search(r"mobilellm-(ls-)?(125m|350m|600m|1\.5b|1b)", Path(str(init_from)).name.lower())
+    """(name, {task: accuracy}) the paper reports for the model init_from names (facebook/MobileLLM-125M,
+    facebook/MobileLLM-350M-layer-share, ...), else (None, None)."""
+    match = re.search(r"mobilellm-(ls-)?(125m|350m|600m|1\.5b|1b)(-layer-share)?", Path(str(init_from)).name.lower())
     if not match:
         return None, None
-    key = f"mobilellm-{match.group(1) or ''}{match.group(2)}"
-    return key, dict(zip(TASKS, PAPER[key])) if key in PAPER else None
+    key = f"mobilellm-{'ls-' if match.group(1) or match.group(3) else ''}{match.group(2)}"
+    return (key, dict(zip(TASKS, PAPER[key]))) if key in PAPER else (None, None)
 
 
 def markdown_table(results, paper_name=None, paper=None):

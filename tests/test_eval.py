@@ -196,3 +196,13 @@ def test_clear_errors_for_unknown_task_malformed_line_and_missing_file(tmp_path)
         ev.build_examples("piqa", [dict(question="wrong task's fields")])
     with pytest.raises(SystemExit, match="unknown task"):
         ev.main(["--init_from", "unused", "--tasks", "nope"])
+
+
+def test_the_paper_row_is_found_from_the_model_name():
+    assert ev.paper_row("facebook/MobileLLM-125M") == ("mobilellm-125m", dict(zip(ev.TASKS, ev.PAPER["mobilellm-125m"])))
+    assert ev.paper_row("facebook/MobileLLM-350M-layer-share")[1]["piqa"] == 69.8
+    assert ev.paper_row("/models/MobileLLM-LS-125M")[1]["arc_easy"] == 45.8
+    assert ev.paper_row("out-shakespeare-char") == (None, None)
+    table = ev.markdown_table({"piqa": dict(n=10, acc=0.5, acc_stderr=0.1, acc_norm=0.6, acc_norm_stderr=0.1)},
+                              *ev.paper_row("facebook/MobileLLM-125M"))
+    assert table.splitlines()[-1] == "| piqa | 10 | 50.0 ± 10.0 | 60.0 ± 10.0 | 65.3 |"
