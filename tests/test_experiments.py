@@ -1,0 +1,108 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import ablations
+from model import MobileLLM, ModelConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_dataset(folder, vocab_size, n_tokens, rng, zipf=False):
+    """A prepared dataset as data/<name>/prepare.py writes it, with random tokens (Zipf-like when asked,
+    so the top-k vocabulary of the embedding study has frequent and rare tokens)."""
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_tokens), ("val", n_tokens // 4)):
+        ids = rng.zipf(1.3, n) % vocab_size if zipf else rng.integers(0, vocab_size, n)
+        ids.astype(np.uint16).tofile(folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokenizer": {"kind": "char"}}))
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Every study's --quick, once, on synthetic data shaped like shakespeare_char and GPT-2 shakespeare.
+    train.py's own loss.png (drawn at every eval, tested with train.py) is skipped: 56 plots would take
+    a third of this file's time budget."""
+    import train
+    patch = pytest.MonkeyPatch()
+    patch.setattr(train, "plot_losses", lambda history, path: None)
+    root = tmp_path_factory.mktemp("ablations")
+    rng = np.random.default_rng(0)
+    write_dataset(root / "data" / "shakespeare_char", 65, 4000, rng)
+    write_dataset(root / "data" / "shakespeare", 50257, 4000, rng, zipf=True)
+    results = ablations.main(["--study", "all", "--quick", "--out_dir", str(root / "out"),
+                              "--data_root", str(root / "data")])
+    yield root / "out", {r["study"]: r for r in results}
+    patch.undo()
+
+
+def true_params(cfg):
+    with torch.device("meta"):
+        return MobileLLM(ModelConfig(**cfg)).num_params()
+
+
+@pytest.mark.parametrize("study", ablations.STUDIES)
+def test_quick_study_writes_json_and_png_for_every_variant_and_seed(quick_results, study):
+    out, results = quick_results
+    saved = json.loads((out / f"{study}.json").read_text())
+    assert (out / f"{study}.png").read_bytes()[:8] == PNG_MAGIC
+    names = [v["name"] for v in saved["variants"]]
+    assert len(names) >= 2 and len(saved["seeds"]) >= 2
+    assert sorted((r["variant"], r["seed"]) for r in saved["runs"]) == sorted(
+        (n, s) for n in names for s in saved["seeds"])
+    for run in saved["runs"]:
+        assert run["records"][-1]["iter"] == saved["train"]["max_iters"]
+        assert math.isfinite(run["final_val_loss"]) and run["final_val_loss"] == run["records"][-1]["val_loss"]
+    assert [r["variant"] for r in saved["summary"]] == names
+    assert saved == json.loads(json.dumps(results[study]))
+
+
+@pytest.mark.parametrize("study", ablations.STUDIES)
+def test_compared_models_have_the_parameter_counts_they_claim(quick_results, study):
+    _, results = quick_results
+    variants = results[study]["variants"]
+    for v in variants:
+        assert v["params"] == true_params(v["config"])
+    equal = [v["params"] for v in variants if v["equal_params"]]
+    assert len(equal) >= 2 and (max(equal) - min(equal)) / min(equal) <= 0.02
+
+
+def test_each_study_varies_what_it_says(quick_results):
+    _, r = quick_results
+    cfg = {s: [v["config"] for v in r[s]["variants"]] for s in ablations.STUDIES}
+    assert [c["ffn_type"] for c in cfg["swiglu"]] == ["swiglu", "relu", "gelu"]
+    depth = sorted(cfg["depth"], key=lambda c: c["n_layers"])
+    assert [c["dim"] for c in depth] == sorted((c["dim"] for c in depth), reverse=True)   # deeper = thinner
+    untied, tied, deeper = r["embedding_sharing"]["variants"]
+    assert not untied["config"]["tie_embeddings"] and deeper["config"]["tie_embeddings"]
+    assert deeper["depth"] > untied["depth"] == tied["depth"] and tied["params"] < untied["params"]
+    assert sorted({c["n_kv_heads"] for c in cfg["gqa"]}) == [1, cfg["gqa"][0]["n_heads"]]
+    shares = r["layer_sharing"]["variants"]
+    assert [v["config"]["share"] for v in shares] == ["none", "immediate", "repeat_all", "reverse"]
+    assert [v["depth"] for v in shares] == [shares[0]["depth"]] + [2 * shares[0]["depth"]] * 3
+
+
+def test_layer_sharing_times_decoding_of_shared_and_unshared_stacks(quick_results):
+    _, results = quick_results
+    latency = results["layer_sharing"]["latency"]
+    base, shared, deeper = latency
+    assert shared["params"] == base["params"] < deeper["params"]
+    assert shared["depth"] == deeper["depth"] == 2 * base["depth"]
+    assert all(r["ms_per_token"] > 0 for r in latency)
+
+
+def test_a_finished_study_resumes_without_training_again(quick_results):
+    out, results = quick_results
+    again = ablations.run_study("swiglu", quick=True, out_dir=out, data_root=out.parent / "data")
+    assert again["runs"] == results["swiglu"]["runs"]          # same records, elapsed times included
+
+
+def test_unequal_budgets_are_refused():
+    variants = [dict(name="a", params=1000, equal_params=True), dict(name="b", params=1030, equal_params=True),
+                dict(name="ref", params=500, equal_params=False)]
+    with pytest.raises(AssertionError, match="differ by 3.0%"):
+        ablations.check_equal_params(variants)
+    assert ablations.check_equal_params(variants[:1] + variants[2:] + [dict(params=1010, equal_params=True)]) == 0.01
