@@ -361,6 +361,52 @@ class StopRequest:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, world, device, stop):
+    """One optimizer step over gradient_accumulation_steps micro-batches split between the processes
+    (DDP syncs gradients only on each process's last micro-step). Returns (mean loss over all processes,
+    whether any process got Ctrl-C (a StopRequest)); a non-finite loss or gradient skips the update and returns nan."""
+    local_accum = cfg.gradient_accumulation_steps // world
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(local_accum):
+        g = seeded_generator(cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro)
+        x, y = get_batch(shards, cfg.batch_size, cfg.block_size, g, device)                 # (B, T) each
+        last = micro == local_accum - 1
+        with train_model.no_sync() if world > 1 and not last else nullcontext():
+            with autocast_context(device, cfg.dtype):
+                loss = train_model(x, y)[1]
+            (loss / local_accum).backward()
+        loss_sum += loss.detach()
+    # one all-reduce carries the mean loss and whether any process got Ctrl-C
+    stats = all_reduce_sum(torch.stack([loss_sum / local_accum, torch.tensor(float(stop.requested),
+                                                                             device=device)]), world)
+    train_loss, stop_requested = stats[0].item() / world, stats[1].item() > 0
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+    if math.isfinite(train_loss) and math.isfinite(grad_norm):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    else:
+        train_loss = math.nan
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss, stop_requested
+
+
+def resume_state(out_dir, config, model, optimizer, device):
+    """Load out_dir/ckpt.pt into model and optimizer, restore RNG states. Returns (iter_num, best val
+    loss, elapsed seconds so far, eval history from log.jsonl)."""
+    ckpt = load_checkpoint(out_dir, map_location=device)
+    if ckpt["model_config"] != asdict(config):
+        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(config).items()
+                if ckpt["model_config"].get(k) != v}
+        raise ConfigError(f"resume: the model settings differ from the checkpoint's (yours, checkpoint's): {diff}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng_state(ckpt["rng"], device)
+    log_file = Path(out_dir) / "log.jsonl"
+    history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"], history
+
+
 # ----------------------------------------------------------------------------------------------------
 # the training loop
 
@@ -387,7 +433,6 @@ def run(cfg, rank, world, device, stop):
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the number of processes ({world})")
-    local_accum = cfg.gradient_accumulation_steps // world
     meta, splits = load_dataset(cfg)
     config = model_config(cfg, meta["vocab_size"])
     out_dir = Path(cfg.out_dir)
@@ -397,18 +442,7 @@ def run(cfg, rank, world, device, stop):
     optimizer = build_optimizer(model, cfg, device)
     iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(out_dir, map_location=device)
-        if ckpt["model_config"] != asdict(config):
-            diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(config).items()
-                    if ckpt["model_config"].get(k) != v}
-            raise ConfigError(f"resume: the model settings differ from the checkpoint's (yours, checkpoint's): "
-                              f"{diff}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        restore_rng_state(ckpt["rng"], device)
-        iter_num, best_val_loss, elapsed_before = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"]
-        log_file = out_dir / "log.jsonl"
-        history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+        iter_num, best_val_loss, elapsed_before, history = resume_state(out_dir, config, model, optimizer, device)
         say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}")
     start_iter = iter_num
     compiled = torch.compile(model) if cfg.compile else model
@@ -470,29 +504,11 @@ def run(cfg, rank, world, device, stop):
         if iter_num >= cfg.max_iters:
             break
 
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(local_accum):
-            g = seeded_generator(cfg.seed, TRAIN_STREAM, iter_num, rank * local_accum + micro)
-            x, y = get_batch(splits["train"], cfg.batch_size, cfg.block_size, g, device)
-            last = micro == local_accum - 1
-            with train_model.no_sync() if world > 1 and not last else nullcontext():
-                with autocast_context(device, cfg.dtype):
-                    loss = train_model(x, y)[1]
-                (loss / local_accum).backward()
-            loss_sum += loss.detach()
-        # one all-reduce carries the mean loss and whether any process got Ctrl-C
-        stats = all_reduce_sum(torch.stack([loss_sum / local_accum, torch.tensor(float(stop.requested),
-                                                                                 device=device)]), world)
-        train_loss, stop_requested = stats[0].item() / world, stats[1].item() > 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm.item())):
-            raise TrainError(f"loss became {train_loss} at iteration {iter_num} (gradient norm {grad_norm.item()}): "
-                             f"stopped; the last good checkpoint in {out_dir} is kept. Try a lower learning_rate "
-                             "or more warmup_iters")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_loss, stop_requested = train_step(train_model, model, optimizer, splits["train"], cfg, lr, iter_num,
+                                                rank, world, device, stop)
+        if not math.isfinite(train_loss):
+            raise TrainError(f"the loss or its gradient became nan/inf at iteration {iter_num}: stopped; the last "
+                             f"good checkpoint in {out_dir} is kept. Try a lower learning_rate or more warmup_iters")
         iter_num += 1
         window_iters += 1
         bar.update(1)
