@@ -9,6 +9,7 @@ and experiments/results/<study>.png (validation loss curves and final loss per m
   python experiments/ablations.py --study all                 # all five, one after the other
   python experiments/ablations.py --study all --quick         # all five, tiny models, < 1 minute
   python experiments/ablations.py --study layer_sharing --cpu_lock /tmp/nml-cpu.lock
+  python experiments/ablations.py --markdown                  # the README's tables from the results
 
 Studies (paper section: what is compared, at equal parameters unless said otherwise):
   swiglu             §2.2.1  SwiGLU FFN vs the plain 2-matrix ReLU and GELU MLPs (ffn_dim evened out)
@@ -358,6 +359,13 @@ def study_data(study, size, data_root, scratch):
     return f"{dataset}_top{vocab}", Path(scratch) / f"{dataset}_top{vocab}", vocab, notes
 
 
+def same_study(old, new):
+    """Resume only runs of the very same study: data, training settings, model names and configs."""
+    def models(result):
+        return [(v["name"], asdict(ModelConfig(**v["config"]))) for v in result["variants"]]
+    return all(old.get(k) == new[k] for k in ("dataset", "train")) and models(old) == models(new)
+
+
 def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=None, data_root=DATA_DIR):
     size = "quick" if quick else "full"
     out_dir = Path(out_dir or (Path(tempfile.gettempdir()) / "nanomobilellm-ablations-quick" if quick else RESULTS_DIR))
@@ -373,10 +381,8 @@ def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=No
                       f"torch {torch.__version__}", variants=variants,
                       equal_param_spread=check_equal_params(variants), runs=[])
         json_path = out_dir / f"{study}.json"
-        if json_path.is_file():      # resume: keep the finished runs of the very same study definition
-            old = json.loads(json_path.read_text())
-            if all(old.get(k) == result[k] for k in ("dataset", "train", "variants")):
-                result["runs"] = [r for r in old["runs"] if r["seed"] in result["seeds"]]
+        if json_path.is_file() and same_study(json.loads(json_path.read_text()), result):
+            result["runs"] = [r for r in json.loads(json_path.read_text())["runs"] if r["seed"] in result["seeds"]]
         done = {(r["variant"], r["seed"]) for r in result["runs"]}
         todo = [(v, s) for v in variants for s in result["seeds"] if (v["name"], s) not in done]
         for v, seed in tqdm(todo, desc=f"{study}: training runs", disable=quick):
@@ -405,9 +411,34 @@ def print_summary(result):
         print(f"  decode [{r['size']}] {r['model']:<40} {r['ms_per_token']:8.2f} ms/token")
 
 
+def markdown(out_dir):
+    """The README's tables, from the results already in out_dir."""
+    lines = ["| study | model | params | depth | final val loss, mean ± std (min..max) over seeds |",
+             "|---|---|---|---|---|"]
+    latency = []
+    for study in STUDIES:
+        path = Path(out_dir) / f"{study}.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        summary = result.get("summary") or summarize(result["runs"], result["variants"])
+        for r in summary:
+            lines.append(f"| {study} | {r['variant']} | {r['params']:,} | {r['depth']} | {r['mean']:.3f} ± "
+                         f"{r['std']:.3f} ({r['min']:.3f}..{r['max']:.3f}, {r['seeds']} seeds) |")
+        latency += result.get("latency", [])
+    if latency:
+        lines += ["", "| size | model | weights (fp32) | decode ms/token | vs the unshared model |", "|---|---|---|---|---|"]
+        for r in latency:
+            first = next(x for x in latency if x["size"] == r["size"])
+            lines.append(f"| {r['size']} | {r['model']} | {r['weight_mb_fp32']:.1f} MB | {r['ms_per_token']:.2f} | "
+                         f"{r['ms_per_token'] / first['ms_per_token']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", required=True, choices=STUDIES + ("all",))
+    parser.add_argument("--study", choices=STUDIES + ("all",), help="which study to run")
+    parser.add_argument("--markdown", action="store_true", help="print the README tables from --out_dir's results")
     parser.add_argument("--quick", action="store_true", help="tiny models, a few iterations (for tests)")
     parser.add_argument("--out_dir", help="where <study>.json/.png go (default experiments/results; "
                                           "--quick: a temporary folder)")
@@ -417,6 +448,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: on "
                         "a shared, busy CPU one thread per tiny run is many times faster than two)")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.out_dir or RESULTS_DIR))
+        return []
+    if not args.study:
+        parser.error("give --study NAME (or all), or --markdown")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     results = []

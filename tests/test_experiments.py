@@ -106,3 +106,13 @@ def test_unequal_budgets_are_refused():
     with pytest.raises(AssertionError, match="differ by 3.0%"):
         ablations.check_equal_params(variants)
     assert ablations.check_equal_params(variants[:1] + variants[2:] + [dict(params=1010, equal_params=True)]) == 0.01
+
+
+def test_markdown_tables_list_every_model_and_decode_timing(quick_results):
+    out, results = quick_results
+    table = ablations.markdown(out)
+    for study, result in results.items():
+        for row in result["summary"]:
+            assert f"| {study} | {row['variant']} | {row['params']:,} |" in table
+    assert table.count("ms/token") == 1 and len(results["layer_sharing"]["latency"]) == 3
+    assert all(f"| {r['model']} |" in table for r in results["layer_sharing"]["latency"])
