@@ -194,6 +194,9 @@ def load_hf(repo_id_or_dir, device="cpu", meta_ls_cache=False, revision=None):
     if not (hf_dir / "config.json").is_file():
         raise HFFormatError(f"{hf_dir} is not a Hugging Face model dir (no config.json)")
     hf_config = json.loads((hf_dir / "config.json").read_text())
+    if "layer-share" in str(repo_id_or_dir) and not hf_config.get("layer_sharing"):
+        warnings.warn(f"{repo_id_or_dir} looks like a -layer-share model but its config has no layer_sharing: true; "
+                      "loading it without layer sharing")
     hf_sd = read_hf_weights(hf_dir)
     config = config_from_hf(hf_config, "lm_head.weight" in hf_sd, meta_ls_cache)
     model = MobileLLM(config)

@@ -9,7 +9,7 @@ released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo
 
 Tokens stream to stdout as they are made; generation stops at the tokenizer's end-of-text token; the
 prefill and decode speeds (tokens/s) are printed at the end. Decoding goes through the model's static
-KV cache (model.generate_tokens); --compile compiles the forward pass with torch.compile.
+KV cache (model.generate_tokens); --compile compiles the one-token decode step with torch.compile.
 """
 import argparse
 import re
@@ -48,6 +48,17 @@ def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
     else:
         model, ckpt = load_model(path, device)
     return model.eval(), load_tokenizer(ckpt["tokenizer"])
+
+
+def compile_decode_step(model):
+    """torch.compile the one-token decode step (static shapes: compiled once per cache length); the
+    prompt's prefill stays eager, so a new prompt length costs no recompilation."""
+    eager, compiled = model.forward, torch.compile(model.forward, dynamic=False)
+
+    def forward(idx, targets=None, input_pos=None):
+        return (compiled if idx.size(1) == 1 else eager)(idx, targets, input_pos)
+
+    model.forward = forward
 
 
 def read_prompt(start):
@@ -118,12 +129,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weights are converted to this dtype (bfloat16 halves the bytes read per token)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--meta_ls_cache", action="store_true",
                    help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
     p.add_argument("--benchmark", action="store_true",
                    help="time greedy decoding of --max_new_tokens after a random --prompt_tokens prompt")
     p.add_argument("--prompt_tokens", type=int, default=64, help="--benchmark prompt length")
+    p.add_argument("--transformers_reference", action="store_true",
+                   help="--benchmark also times transformers' LlamaForCausalLM with the same weights")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
         p.error("--temperature must be >= 0, --max_new_tokens and --num_samples >= 1")
@@ -136,7 +149,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     model.to(dtype=DTYPES[args.dtype])
     if args.compile:
-        model.forward = torch.compile(model.forward)
+        compile_decode_step(model)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -166,6 +179,33 @@ def benchmark(model, args, generator):
           f"compile {args.compile}, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
     report(args.prompt_tokens * args.num_samples, prefill_s, decoded, decode_s)
+    if args.transformers_reference:
+        benchmark_transformers(model, ids, args)
+
+
+def benchmark_transformers(model, ids, args):
+    """The same weights, prompt and greedy decoding in transformers' LlamaForCausalLM (our HF export)."""
+    import tempfile
+
+    import transformers
+
+    import hf
+    with tempfile.TemporaryDirectory() as tmp:
+        llama = transformers.LlamaForCausalLM.from_pretrained(hf.export_hf(model, tmp)).eval()
+    llama.to(DTYPES[args.dtype])
+    idx = torch.tensor([ids])
+    greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        llama.generate(idx, max_new_tokens=4, min_new_tokens=4, **greedy)            # warm up
+        prefill_s = decode_s = 0.0
+        for _ in range(args.num_samples):
+            t0 = time.perf_counter()
+            llama.generate(idx, max_new_tokens=1, min_new_tokens=1, **greedy)
+            t1 = time.perf_counter()
+            llama.generate(idx, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, **greedy)
+            prefill_s, decode_s = prefill_s + t1 - t0, decode_s + time.perf_counter() - t1 - (t1 - t0)
+    print(f"transformers {transformers.__version__} LlamaForCausalLM, same weights, dtype {args.dtype}, eager")
+    report(len(ids) * args.num_samples, prefill_s, (args.max_new_tokens - 1) * args.num_samples, decode_s)
 
 
 def report(prefill_tokens, prefill_s, decoded, decode_s):

@@ -70,6 +70,15 @@ def test_prompt_longer_than_context_is_cropped_with_a_warning(trained_ckpt, caps
     assert out.startswith(("abcdefgh" * 5)[-32:] + "abcd")
 
 
+def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys):
+    quantize = pytest.importorskip("quantize")
+    model, ckpt = quantize.load_float_model(trained_ckpt)
+    int8 = quantize.quantize_model(model, "w8")
+    save_checkpoint(quantize.quantized_checkpoint(int8, ckpt, "w8"), tmp_path)
+    out, _ = run(["--init_from", str(tmp_path), "--start", "abc", "--temperature", "0", "--max_new_tokens", "5"], capsys)
+    assert out.startswith("abcdefgh")
+
+
 def test_generation_stops_at_end_of_text():
     model = tiny_model()
     args = argparse.Namespace(max_new_tokens=20, temperature=0, top_k=None, top_p=None)
