@@ -9,8 +9,8 @@ Usage:
 
 It writes the int8 checkpoint (checkpoint.py's format plus "quantization": "w8a8" | "w8") and prints,
 on the same validation tokens, loss and perplexity in fp32, bf16, W8A8 and weight-only int8, the size
-on disk against fp32, and eager decoding speed. `python sample.py <int8 out_dir>` samples from it;
-in Python, `model, ckpt = quantize.load_quantized(out_dir)`.
+on disk against fp32, and eager decoding speed. `python sample.py --init_from=<int8 out_dir>` samples
+from it; in Python, `model, ckpt = quantize.load_quantized(out_dir)`.
 
 The math (everything below is these few lines, applied to every Linear of the model):
 
@@ -60,7 +60,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint,
+                        save_checkpoint)
 from model import MobileLLM, config_from_dict
 
 MODES = ("w8a8", "w8")
@@ -340,15 +341,15 @@ def main(argv=None):
 
     src = checkpoint_file(args.ckpt_dir)
     model, ckpt = load_float_model(src)
-    out_dir = Path(args.out_dir or f"{str(args.ckpt_dir).rstrip('/')}-{args.mode}")
-    if checkpoint_file(out_dir).resolve() == src.resolve():
+    base = src.parent if src.name == CKPT_NAME else src
+    int8_file = Path(args.out_dir or f"{base}-{args.mode}") / CKPT_NAME
+    if int8_file.resolve() == src.resolve():
         raise SystemExit("--out_dir would overwrite the float checkpoint: choose another folder")
     variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
     for mode in MODES:
         variants[mode] = quantize_model(copy.deepcopy(model), mode)
     variants["w8a8 fake-quant"] = set_simulate(quantize_model(copy.deepcopy(model), "w8a8"), True)
-    save_checkpoint(quantized_checkpoint(variants[args.mode], ckpt, args.mode), out_dir)
-    int8_file = checkpoint_file(out_dir)
+    save_checkpoint(quantized_checkpoint(variants[args.mode], ckpt, args.mode), int8_file)
     print(f"wrote {int8_file} ({args.mode})")
 
     fp32_bytes = serialized_bytes(model_checkpoint(model, ckpt["tokenizer"]))

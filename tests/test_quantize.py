@@ -166,6 +166,7 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant(tmp_path, 
     report = capsys.readouterr().out
     for variant in ("| fp32 |", "| bf16 |", "| w8a8 |", "| w8 |", "| w8a8 fake-quant |"):
         assert variant in report
+    assert (tmp_path / "src-w8a8" / "ckpt.pt").is_file()
     model, ckpt = load_quantized(tmp_path / "src-w8a8")
     assert "optimizer" not in ckpt and ckpt["train_config"]["dataset"] == "test"
     with pytest.raises(CheckpointError, match="already quantized"):
