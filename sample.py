@@ -16,6 +16,7 @@ import re
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,14 +33,21 @@ def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
     """(model in eval mode, tokenizer) from: one of our checkpoints (file or out_dir), an int8 checkpoint
     (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), or a preset name (random weights,
     tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models)."""
+    model, tokenizer = _load(init_from, device)
+    if meta_ls_cache:      # validated like any config: needs share="immediate"
+        model.config = replace(model.config, meta_ls_cache=True)
+    return model.eval(), tokenizer
+
+
+def _load(init_from, device):
     path = Path(init_from)
     if init_from in PRESETS and not path.exists():
         torch.manual_seed(0)
-        return MobileLLM(config_from_preset(init_from, meta_ls_cache=meta_ls_cache)).to(device).eval(), None
+        return MobileLLM(config_from_preset(init_from)).to(device), None
     if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
         import hf
-        return hf.load_hf(init_from, device, meta_ls_cache=meta_ls_cache)
-    ckpt = load_checkpoint(path)
+        return hf.load_hf(init_from, device)
+    ckpt = load_checkpoint(path)      # a peek: the loaders below take a path and read the file again
     if "tokenizer" not in ckpt:
         raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")
     if ckpt.get("quantization"):
@@ -47,7 +55,7 @@ def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
         model, ckpt = quantize.load_quantized(path, device)
     else:
         model, ckpt = load_model(path, device)
-    return model.eval(), load_tokenizer(ckpt["tokenizer"])
+    return model, load_tokenizer(ckpt["tokenizer"])
 
 
 def compile_decode_step(model):
