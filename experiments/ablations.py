@@ -366,7 +366,8 @@ def same_study(old, new):
     return all(old.get(k) == new[k] for k in ("dataset", "train")) and models(old) == models(new)
 
 
-def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=None, data_root=DATA_DIR):
+def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=None, data_root=DATA_DIR,
+              plot_only=False):
     size = "quick" if quick else "full"
     out_dir = Path(out_dir or (Path(tempfile.gettempdir()) / "nanomobilellm-ablations-quick" if quick else RESULTS_DIR))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -384,7 +385,7 @@ def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=No
         if json_path.is_file() and same_study(json.loads(json_path.read_text()), result):
             result["runs"] = [r for r in json.loads(json_path.read_text())["runs"] if r["seed"] in result["seeds"]]
         done = {(r["variant"], r["seed"]) for r in result["runs"]}
-        todo = [(v, s) for v in variants for s in result["seeds"] if (v["name"], s) not in done]
+        todo = [] if plot_only else [(v, s) for v in variants for s in result["seeds"] if (v["name"], s) not in done]
         for v, seed in tqdm(todo, desc=f"{study}: training runs", disable=quick):
             t0 = time.time()
             with cpu_lock(cpu_lock_path, exclusive=False):
@@ -392,7 +393,9 @@ def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=No
             result["runs"].append(dict(variant=v["name"], seed=seed, final_val_loss=records[-1]["val_loss"],
                                        wall_s=round(time.time() - t0, 1), records=records))
             write_json(result, json_path)
-    if study == "layer_sharing":
+    if not result["runs"]:
+        raise SystemExit(f"{json_path} has no finished runs to summarize (run the study without --plot_only)")
+    if study == "layer_sharing" and not plot_only:
         with cpu_lock(cpu_lock_path, exclusive=True):
             result["latency"] = measure_latency(base, quick)
     result["summary"] = summarize(result["runs"], variants)
@@ -439,6 +442,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=STUDIES + ("all",), help="which study to run")
     parser.add_argument("--markdown", action="store_true", help="print the README tables from --out_dir's results")
+    parser.add_argument("--plot_only", action="store_true", help="no training or timing: summary and plot of the "
+                                                                 "runs already in the JSON (e.g. of a stopped study)")
     parser.add_argument("--quick", action="store_true", help="tiny models, a few iterations (for tests)")
     parser.add_argument("--out_dir", help="where <study>.json/.png go (default experiments/results; "
                                           "--quick: a temporary folder)")
@@ -458,7 +463,8 @@ def main(argv=None):
     results = []
     try:
         for study in STUDIES if args.study == "all" else (args.study,):
-            results.append(run_study(study, args.quick, args.out_dir, args.cpu_lock, args.max_iters, args.data_root))
+            results.append(run_study(study, args.quick, args.out_dir, args.cpu_lock, args.max_iters, args.data_root,
+                                     args.plot_only))
             print_summary(results[-1])
     finally:
         torch.set_num_threads(previous_threads)
