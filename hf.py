@@ -110,15 +110,18 @@ def config_to_hf(config):
 # --- weights -----------------------------------------------------------------------------------
 
 def state_dict_from_hf(hf_sd, config):
-    """Rename LLaMA tensors to ours. With layer sharing the file holds the unique blocks only."""
-    sd = {ours: hf_sd[theirs] for ours, theirs in TOP_KEYS.items() if theirs in hf_sd}
-    if config.tie_embeddings:
+    """Rename LLaMA tensors to ours. With layer sharing the file holds the unique blocks only.
+    Tensors left over (more layers than the config says, unknown names) are an error, not ignored."""
+    names = dict((theirs, ours) for ours, theirs in TOP_KEYS.items())
+    names.update((f"model.layers.{i}.{theirs}", f"layers.{i}.{ours}")
+                 for i in range(config.n_layers) for ours, theirs in BLOCK_KEYS.items())
+    sd = {names[k]: v for k, v in hf_sd.items() if k in names}
+    if config.tie_embeddings and "tok_embeddings.weight" in sd:   # a tied head is the embedding, lm_head or not
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    for i in range(config.n_layers):
-        for ours, theirs in BLOCK_KEYS.items():
-            name = f"model.layers.{i}.{theirs}"
-            if name in hf_sd:
-                sd[f"layers.{i}.{ours}"] = hf_sd[name]
+    left = sorted(k for k in hf_sd if k not in names and not k.endswith("rotary_emb.inv_freq"))
+    if left:
+        raise HFFormatError(f"tensors that the config has no place for: {', '.join(left[:5])}"
+                            f"{' ...' if len(left) > 5 else ''}")
     return sd
 
 

@@ -144,6 +144,9 @@ def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
     meta_style_dir(tmp_path, random_llama_weights(n_layers=1), False)
     with pytest.raises(hf.HFFormatError, match="do not match its config.json"):
         hf.load_hf(tmp_path)
+    meta_style_dir(tmp_path, random_llama_weights(n_layers=3), False)
+    with pytest.raises(hf.HFFormatError, match="no place for: model.layers.2"):
+        hf.load_hf(tmp_path)
     (tmp_path / "pytorch_model.bin").unlink()
     with pytest.raises(hf.HFFormatError, match="has no weights"):
         hf.load_hf(tmp_path)
