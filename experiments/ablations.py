@@ -366,6 +366,21 @@ def same_study(old, new):
     return all(old.get(k) == new[k] for k in ("dataset", "train")) and models(old) == models(new)
 
 
+def finished_elsewhere(out_dir, result):
+    """{(normalized config, seed): run} of the other studies in out_dir that trained on the same data with
+    the same settings: a model they already trained (e.g. the base model, in several studies) is not
+    trained twice."""
+    found = {}
+    for path in Path(out_dir).glob("*.json"):
+        other = json.loads(path.read_text())
+        if other.get("study") == result["study"] or any(other.get(k) != result[k] for k in ("dataset", "train")):
+            continue
+        configs = {v["name"]: json.dumps(asdict(ModelConfig(**v["config"])), sort_keys=True) for v in other["variants"]}
+        for run in other["runs"]:
+            found.setdefault((configs[run["variant"]], run["seed"]), {**run, "reused_from": other["study"]})
+    return found
+
+
 def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=None, data_root=DATA_DIR,
               plot_only=False):
     size = "quick" if quick else "full"
@@ -386,7 +401,12 @@ def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=No
             result["runs"] = [r for r in json.loads(json_path.read_text())["runs"] if r["seed"] in result["seeds"]]
         done = {(r["variant"], r["seed"]) for r in result["runs"]}
         todo = [] if plot_only else [(v, s) for v in variants for s in result["seeds"] if (v["name"], s) not in done]
+        elsewhere = finished_elsewhere(out_dir, result) if todo else {}
         for v, seed in tqdm(todo, desc=f"{study}: training runs", disable=quick):
+            key = (json.dumps(v["config"], sort_keys=True), seed)
+            if key in elsewhere:
+                result["runs"].append({**elsewhere[key], "variant": v["name"]})
+                continue
             t0 = time.time()
             with cpu_lock(cpu_lock_path, exclusive=False):
                 records = train_one(v["config"], seed, settings, data_dir)

@@ -116,3 +116,14 @@ def test_markdown_tables_list_every_model_and_decode_timing(quick_results):
             assert f"| {study} | {row['variant']} | {row['params']:,} |" in table
     assert table.count("ms/token") == 1 and len(results["layer_sharing"]["latency"]) == 3
     assert all(f"| {r['model']} |" in table for r in results["layer_sharing"]["latency"])
+
+
+def test_a_model_already_trained_by_another_study_is_reused_not_retrained(quick_results):
+    out, results = quick_results
+    # one GQA model (the base model's KV heads) is the base model the swiglu study trained already
+    gqa = results["gqa"]
+    reused = [r for r in gqa["runs"] if r.get("reused_from")]
+    assert reused and all(r["reused_from"] in ablations.STUDIES and r["reused_from"] != "gqa" for r in reused)
+    base_runs = {r["seed"]: r["records"] for r in results["swiglu"]["runs"] if r["variant"] == "SwiGLU"}
+    for r in reused:
+        assert r["records"] == base_runs[r["seed"]]
