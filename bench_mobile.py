@@ -1,0 +1,667 @@
+"""
+On-device speed: export a MobileLLM for phones (ExecuTorch .pte with the XNNPACK delegate, or a
+TorchScript lite-interpreter .ptl) and time it on this host or on an Android phone, as the paper's
+Table 7 does on an iPhone (load, init, execution time of 125M, LS-125M and a 60-layer model).
+
+Usage:
+  python bench_mobile.py --preset mobilellm-125m --dtype fp32,int8            # export (cached) + host timing
+  python bench_mobile.py --device host --compare mobilellm-125m,mobilellm-125m-ls,mobilellm-125m:n_layers=60 \
+      --dtype fp32,int8 --eager fp32,bf16 --threads 2                          # the README's table
+  python bench_mobile.py --ckpt out-shakespeare --dtype int8 --out model.pte   # our checkpoint -> .pte
+  python bench_mobile.py --ckpt out-quant/ckpt.pt --dtype int8                 # an int8 checkpoint (see below)
+  python bench_mobile.py --preset mobilellm-125m --format ptl --out model.ptl   # TorchScript lite interpreter
+  python bench_mobile.py --device android --runner ./executor_runner [--serial S] --preset mobilellm-125m
+
+Models: `--preset NAME[:field=value,...]` (random weights, seed --seed), `--ckpt DIR_OR_FILE` (ours; an int8
+checkpoint from quantize.py is dequantized to its float-equivalent weights and re-quantized by ExecuTorch's
+XNNPACK int8 flow, which has the same per-channel symmetric int8 weights). `--compare` takes presets.
+
+How the program is built (the ideas, top to bottom):
+  * ExportLLM: a thin forward over a MobileLLM's own modules (no weight is copied): KV cache laid out
+    (B, T, H_kv, D), one buffer pair per block *application*, written by ExecuTorch's llama::update_cache and
+    read by llama::custom_sdpa (portable index_copy_/SDPA kernels are slower than eager PyTorch). RMSNorm,
+    RoPE and reshapes are written so that XNNPACK takes all of them (rotate-half as a DxD matmul, the
+    mean of squares as a 4-D mean, views with one inferred dim): one delegate per block application.
+  * Shared blocks (MobileLLM-LS): ExecuTorch copies a weight used by two delegates into each, and every
+    delegate packs its weights at init, so an LS model packs (and streams from DRAM) every shared weight
+    twice. We cut the delegates at block-application boundaries (BlockPartitioner), so both applications
+    of a block lower to byte-identical delegates, then point both DelegateCalls at ONE delegate
+    (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
+  * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, load_model
+from model import MobileLLM, config_from_dict, config_from_preset
+
+EXPORT_VERSION = 1                      # bump when the exported program changes, to invalidate the cache
+CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
+DTYPES = ("fp32", "int8")
+
+
+class BenchError(Exception):
+    """Bad input or a missing tool, with one message saying what to do."""
+
+
+def require_executorch():
+    try:
+        import executorch.exir  # noqa: F401
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama.*
+    except ImportError as e:
+        raise BenchError(f"ExecuTorch is not installed ({e}): pip install -r requirements-extra.txt "
+                         "(executorch==1.4.0 matches torch 2.13.0)") from e
+
+
+# --- the model source ---------------------------------------------------------------------------------
+
+def parse_model_spec(spec):
+    """'mobilellm-125m:n_layers=60,share=none' -> (preset, overrides); values are ints where they parse."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise BenchError(f"bad override {item!r} in {spec!r}: use preset:field=value,field=value")
+        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, overrides
+
+
+def preset_model(spec, seed=0):
+    name, overrides = parse_model_spec(spec)
+    try:
+        config = config_from_preset(name, **overrides)
+    except (ValueError, TypeError) as e:
+        raise BenchError(f"--preset {spec!r}: {e}") from e
+    torch.manual_seed(seed)
+    return MobileLLM(config).eval()
+
+
+def dequantized_model(path):
+    """An int8 checkpoint (quantize.py) as the float model its int8 weights stand for (w = q * scale),
+    ready for ExecuTorch's own int8 flow. The tied embedding/head stays one tensor."""
+    from quantize import Int8Embedding, Int8Linear, dequantize_per_channel, load_quantized
+    qmodel, ckpt = load_quantized(path)
+    model = MobileLLM(config_from_dict(ckpt["model_config"])).eval()
+    float_state = {}
+    for name, module in qmodel.named_modules():
+        if isinstance(module, (Int8Linear, Int8Embedding)):
+            float_state[f"{name}.weight"] = dequantize_per_channel(module.qweight, module.scale)
+    state = {k: v for k, v in qmodel.state_dict().items() if not k.endswith((".qweight", ".scale"))}
+    model.load_state_dict({**state, **float_state}, strict=False)
+    return model
+
+
+def load_source(args):
+    """The float MobileLLM to export, from --ckpt (float or int8 checkpoint) or --preset."""
+    if args.ckpt:
+        if load_checkpoint(args.ckpt).get("quantization"):
+            return dequantized_model(args.ckpt)
+        return load_model(args.ckpt)[0]
+    return preset_model(args.preset, args.seed)
+
+
+def source_hash(model):
+    """Hash of config + weights: the cache key of an exported program."""
+    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- the export-friendly forward ---------------------------------------------------------------------
+
+def rms_norm(norm, x):
+    """model.RMSNorm's math, written so XNNPACK takes it: the mean of squares as a 4-D mean over the
+    innermost dims (XNNPACK's only mean). x: (1, T, C)."""
+    ms = (x * x).view(1, -1, 1, x.size(-1)).mean((2, 3), keepdim=True).view(1, -1, 1)    # (1, T, 1)
+    return x * torch.rsqrt(ms + norm.eps) * norm.weight
+
+
+def rotate_half_matrix(head_dim):
+    """R with x @ R.T == cat(-x2, x1): model.apply_rope's rotate-half as a (D, D) matmul (XNNPACK has no
+    slicing of dynamic-length tensors, but a tiny linear costs nothing)."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half), torch.arange(half) + half] = -1.0
+    r[torch.arange(half) + half, torch.arange(half)] = 1.0
+    return r
+
+
+class ExportLLM(nn.Module):
+    """forward(tokens (1, T), input_pos (T,) = start..start+T-1) -> logits of the last token (1, V), with a
+    static KV cache inside. Holds the MobileLLM itself: its weights are exported as they are."""
+
+    def __init__(self, model, max_seq_len, mark_pieces=False):
+        super().__init__()
+        c = model.config
+        if max_seq_len > c.block_size:
+            raise BenchError(f"max_seq_len ({max_seq_len}) exceeds the model's block_size ({c.block_size})")
+        self.model, self.max_seq_len, self.mark_pieces = model, max_seq_len, mark_pieces
+        self.register_buffer("rotate_half", rotate_half_matrix(c.head_dim), persistent=False)
+        shape = (1, max_seq_len, c.n_kv_heads, c.head_dim)                                  # (B, L, H_kv, D)
+        for i in range(len(model.schedule)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def piece(self, name):
+        """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
+        import contextlib
+        import torch.fx.traceback as fx_traceback
+        return fx_traceback.annotate({"piece": name}) if self.mark_pieces else contextlib.nullcontext()
+
+    def rope(self, x, cos, sin):                                       # x: (1, T, H, D); cos, sin: (T, 1, D)
+        return x * cos + F.linear(x, self.rotate_half) * sin
+
+    def forward(self, tokens, input_pos):
+        m, c = self.model, self.model.config
+        T = tokens.size(1)
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + T <= self.max_seq_len)
+        cos, sin = m.rope_cos.narrow(0, start, T), m.rope_sin.narrow(0, start, T)          # (T, D/2)
+        cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
+        x = m.tok_embeddings(tokens)                                                        # (1, T, C)
+        for i, b in enumerate(m.schedule):
+            block, attn = m.layers[b], m.layers[b].attention
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            with self.piece(f"front{b}"):
+                h = rms_norm(block.attention_norm, x)
+                q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)     # (1, T, H, D)
+                k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)  # (1, T, H_kv, D)
+                v = attn.wv(h).view(1, -1, c.n_kv_heads, c.head_dim)                        # (1, T, H_kv, D)
+            torch.ops.llama.update_cache(k, k_cache, start)
+            torch.ops.llama.update_cache(v, v_cache, start)
+            y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)      # (1, T, H, D)
+            with self.piece(f"back{b}"):
+                x = x + attn.wo(y.view(1, -1, c.dim))
+                x = x + block.feed_forward(rms_norm(block.ffn_norm, x))                     # (1, T, C)
+        return m.output(rms_norm(m.norm, x[:, -1:, :])).view(1, -1)                         # (1, V)
+
+
+# --- lowering: XNNPACK partitions cut per block application, identical delegates shared -------------
+
+def node_pieces(graph):
+    """piece label of every node: its own annotation, else its first labelled user's (quantize/dequantize
+    nodes and weights inherit from the linear that uses them), else ''."""
+    pieces = {}
+    for node in reversed(graph.nodes):
+        own = (node.meta.get("custom") or {}).get("piece")
+        inherited = next((pieces[u] for u in node.users if pieces.get(u)), "")
+        pieces[node] = own or inherited
+    return pieces
+
+
+def block_partitioner(**kwargs):
+    """XnnpackPartitioner whose partitions are split by piece (front/back of each block application)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from torch.fx.passes.infra.partitioner import Partition
+
+    class BlockPartitioner(XnnpackPartitioner):
+        def generate_partitions(self, ep):
+            graph = ep.graph_module.graph
+            pieces, split = node_pieces(graph), []
+            order = {node: i for i, node in enumerate(graph.nodes)}
+            for partition in super().generate_partitions(ep):
+                groups = {}
+                for node in sorted(partition.nodes, key=order.get):      # graph order: same in every copy
+                    node.meta.pop("debug_handle", None)                   # per-node ids would differ
+                    groups.setdefault(pieces[node], []).append(node)
+                split += [Partition(id=len(split) + i, nodes=nodes) for i, nodes in enumerate(groups.values())]
+            return split
+
+    return BlockPartitioner(**kwargs)
+
+
+def delegate_signature(lowered):
+    """What a lowered XNNPACK module computes, independent of how it was serialized or ordered: a hash
+    per output, built from its op and its arguments' hashes, down to the runtime inputs (by position) and
+    the constants (by their data). Two call sites whose delegates have the same output hashes (in any
+    order) can run the same delegate. Returns the list of output hashes, in output order."""
+    ep = lowered.original_module
+    sig = ep.graph_signature
+    data = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    values = {**ep.state_dict, **ep.constants}
+    hashes, n_inputs = {}, 0
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in data:
+            tensor = values[data[node.name]].detach().contiguous()
+            text = "const " + hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest()
+        elif node.op == "placeholder":
+            text, n_inputs = f"input {n_inputs}", n_inputs + 1
+        else:
+            args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: hashes[a])
+            text = f"{node.op} {node.target} {args}"
+        hashes[node] = hashlib.sha256(text.encode()).hexdigest()
+    outputs = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    return [hashes[o] for o in outputs]
+
+
+def share_identical_delegates(manager):
+    """Make call sites of identical delegates share ONE delegate, then re-serialize. The emitter gives
+    every call site its own delegate, which the runtime initializes (packs weights) separately, so an
+    LS model would pack and stream each shared weight twice. Returns (delegates before, after)."""
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir._serialize._serialize import serialize_for_executorch
+    from executorch.exir.schema import DelegateCall
+    gm = manager.exported_program().graph_module
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
+    program = manager._emitter_output.program
+    plan = program.execution_plan[0]
+    if len(calls) != len(plan.delegates):
+        raise BenchError(f"{len(calls)} delegate calls in the graph but {len(plan.delegates)} delegates emitted")
+    first, keep, remap, outputs = {}, [], {}, []
+    for i, node in enumerate(calls):
+        outputs.append(delegate_signature(getattr(gm, node.args[0].target)))
+        key = tuple(sorted(outputs[i]))
+        if key not in first:
+            first[key] = (len(keep), i)
+            keep.append(plan.delegates[i])
+        remap[i] = first[key]
+    for chain in plan.chains:
+        for instruction in chain.instructions:
+            call = instruction.instr_args
+            if isinstance(call, DelegateCall):
+                new_index, owner = remap[call.delegate_index]
+                mine, theirs = outputs[call.delegate_index], outputs[owner]
+                n_in = len(call.args) - len(mine)                       # args = inputs, then outputs
+                by_hash = dict(zip(mine, call.args[n_in:]))             # the owner may order them differently
+                call.args = call.args[:n_in] + [by_hash[h] for h in theirs]
+                call.delegate_index = new_index
+    blobs = {}                                          # drop the blobs no delegate uses any more
+    for d in keep:
+        d.processed.index = blobs.setdefault(d.processed.index, len(blobs))
+    program.backend_delegate_data = [program.backend_delegate_data[i] for i in blobs]
+    before, plan.delegates = len(plan.delegates), keep
+    manager._pte_data, manager._tensor_data = serialize_for_executorch(
+        manager._emitter_output, ExecutorchBackendConfig(), manager._data_serializer, manager._named_data)
+    manager._buffer = None
+    return before, len(keep)
+
+
+def quantize_int8(module, example, dynamic_shapes):
+    """The paper's W8A8 through ExecuTorch's own flow: per-channel symmetric int8 weights, dynamic
+    per-token int8 activations (XNNPACKQuantizer + pt2e). Returns the quantized graph module."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                                is_dynamic=True))
+    graph = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False).module()
+    graph = prepare_pt2e(graph, quantizer)
+    graph(*example)                                            # dynamic quantization needs no calibration
+    return convert_pt2e(graph)
+
+
+@torch.no_grad()
+def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_len=None):
+    """Lower a MobileLLM to an ExecuTorch program (bytes) with the XNNPACK delegate and a static KV cache.
+    share_blocks: cut delegates per block application and share identical ones (see the top); False is
+    the naive lowering. static_len: a fixed token count instead of a dynamic 1..max_seq_len-1 (for runners
+    that fill the inputs themselves). Returns (bytes, info dict)."""
+    require_executorch()
+    import torch.fx.traceback as fx_traceback
+    from executorch.exir import to_edge_transform_and_lower
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    module = ExportLLM(model, max_seq_len, mark_pieces=share_blocks).eval()
+    T = static_len or 2
+    example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T))
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+    dynamic_shapes = None if static_len else ({1: seq}, {0: seq})
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fx_traceback.preserve_node_meta():                # keeps the piece labels on the nodes
+            if dtype == "int8":
+                module = quantize_int8(module, example, dynamic_shapes)
+            ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+        partitioner = block_partitioner() if share_blocks else None
+        if partitioner is None:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            partitioner = XnnpackPartitioner()
+        manager = to_edge_transform_and_lower(ep, partitioner=[partitioner]).to_executorch()
+    delegates = len(manager._emitter_output.program.execution_plan[0].delegates)
+    shared = share_identical_delegates(manager)[1] if share_blocks else delegates
+    info = dict(delegate_calls=delegates, delegates=shared, export_s=round(time.perf_counter() - t0, 1))
+    return manager.buffer, info
+
+
+def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):
+    """export_pte, cached on disk by (config + weights, dtype, options, EXPORT_VERSION): LS-125M int8
+    takes minutes to lower. Returns the .pte path."""
+    key = hashlib.sha256(json.dumps([source_hash(model), dtype, max_seq_len, share_blocks, static_len,
+                                     EXPORT_VERSION, torch.__version__]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{key}.pte"
+    if not path.is_file():
+        data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)                      # atomic: a killed export never leaves half a program
+        path.with_suffix(".json").write_text(json.dumps(info))
+    return path
+
+
+# --- TorchScript lite interpreter (.ptl) ------------------------------------------------------------
+
+class LiteForward(nn.Module):
+    """forward(tokens (1, T), input_pos (T,)) -> last-token logits (1, V) through model.py's own KV cache."""
+
+    def __init__(self, model, max_seq_len):
+        super().__init__()
+        self.model = model
+        model.setup_cache(1, max_seq_len)
+
+    def forward(self, tokens, input_pos):
+        return self.model(tokens, input_pos=input_pos)[0][:, -1]
+
+
+@torch.no_grad()
+def export_ptl(model, path, max_seq_len=256):
+    """TorchScript for PyTorch Mobile's lite interpreter. TorchScript is deprecated; this is the legacy
+    path (ExecuTorch replaces it). optimize_for_mobile needs a torch built with XNNPACK for TorchScript."""
+    from torch.utils.mobile_optimizer import optimize_for_mobile
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                     # torch.jit deprecation notices
+        scripted = torch.jit.trace(LiteForward(copy.deepcopy(model), max_seq_len).eval(), example)
+    try:
+        scripted = optimize_for_mobile(scripted)
+    except RuntimeError as e:
+        warnings.warn(f"optimize_for_mobile failed ({str(e).splitlines()[0][:120]}): this torch build has no "
+                      "XNNPACK for TorchScript, so the .ptl is saved unoptimized", stacklevel=2)
+    scripted._save_for_lite_interpreter(str(path))
+    return Path(path)
+
+
+# --- timing on the host ------------------------------------------------------------------------------
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_generation(step, prompt_len, new_tokens, runs, vocab_size):
+    """step(tokens, input_pos) -> logits. Warm-up once, then `runs` times: prefill prompt_len tokens and
+    decode new_tokens greedily. Returns (median prefill ms, median decode ms per token)."""
+    prompt = torch.randint(0, vocab_size, (1, prompt_len))
+    prefill_ms, decode_ms = [], []
+    for run in range(runs + 1):
+        t0 = time.perf_counter()
+        logits = step(prompt, torch.arange(prompt_len))
+        t1 = time.perf_counter()
+        for pos in range(prompt_len, prompt_len + new_tokens):
+            logits = step(logits.argmax(-1, keepdim=True), torch.tensor([pos]))
+        t2 = time.perf_counter()
+        if run:                                                   # run 0 is the warm-up
+            prefill_ms.append(1e3 * (t1 - t0))
+            decode_ms.append(1e3 * (t2 - t1) / new_tokens)
+    return statistics.median(prefill_ms), statistics.median(decode_ms)
+
+
+def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size):
+    """Time one .pte in this process (call in a fresh process: init and peak memory are then its own)."""
+    require_executorch()
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+    _unsafe_reset_threadpool(threads)
+    runtime, base = Runtime.get(), rss_mb()
+    t0 = time.perf_counter()
+    program = runtime.load_program(Path(path))
+    t1 = time.perf_counter()
+    method = program.load_method("forward")                   # delegate init: XNNPACK packs the weights here
+    t2 = time.perf_counter()
+    prefill, decode = time_generation(lambda tok, pos: method.execute([tok, pos])[0],
+                                      prompt_len, new_tokens, runs, vocab_size)
+    return dict(load_ms=1e3 * (t1 - t0), init_ms=1e3 * (t2 - t1), prefill_ms=prefill, decode_ms=decode,
+                mem_mb=peak_rss_mb() - base)
+
+
+def host_eager_row(spec, seed, ckpt, dtype, max_seq_len, prompt_len, new_tokens, runs, threads):
+    torch.set_num_threads(threads)
+    base = rss_mb()
+    t0 = time.perf_counter()
+    model = load_source(argparse.Namespace(ckpt=ckpt, preset=spec, seed=seed))
+    model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    t1 = time.perf_counter()
+    model.setup_cache(1, max_seq_len)
+
+    @torch.no_grad()
+    def step(tokens, input_pos):
+        return model(tokens, input_pos=input_pos)[0][:, -1]
+
+    prefill, decode = time_generation(step, prompt_len, new_tokens, runs, model.config.vocab_size)
+    return dict(load_ms=1e3 * (t1 - t0), init_ms=0.0, prefill_ms=prefill, decode_ms=decode,
+                mem_mb=peak_rss_mb() - base)
+
+
+def in_fresh_process(fn, *args):
+    """Run fn(*args) in a new process (spawned, so nothing is shared) and return its result."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def memory_bandwidth_gbs(threads, mb=512, reps=5):
+    """Read bandwidth of this host: best of `reps` sums over a buffer far larger than the caches."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(reps))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def weight_bytes_per_token(config, dtype):
+    """Bytes of weights a decode step streams if each *unique* weight is read once (a repeated block
+    that stays in cache is free): all linears + the LM head; int8 = 1 byte per weight (scales ignored)."""
+    per_block = (config.dim * config.head_dim * (config.n_heads * 2 + config.n_kv_heads * 2)
+                 + config.dim * config.ffn_dim * (3 if config.ffn_type == "swiglu" else 2))
+    weights = per_block * config.n_layers + config.vocab_size * config.dim
+    return weights * {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
+
+
+# --- timing on an Android phone ----------------------------------------------------------------------
+
+REMOTE_DIR = "/data/local/tmp/nanomobilellm"
+RUNNER_LINE = re.compile(r"Model executed successfully (\d+) time\(s\) in ([0-9.]+) ms")
+
+
+def adb(serial, *args, check=True):
+    cmd = ["adb", *(["-s", serial] if serial else []), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if check and result.returncode:
+        raise BenchError(f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.strip()[-300:]}")
+    return result.stdout
+
+
+def android_device(serial):
+    """The serial to use; one clear error when adb or a device is missing."""
+    if shutil.which("adb") is None:
+        raise BenchError("adb is not on PATH: install Android platform-tools "
+                         "(https://developer.android.com/tools/releases/platform-tools)")
+    lines = adb(None, "devices").splitlines()[1:]
+    devices = [line.split()[0] for line in lines if line.strip().endswith("device")]
+    if not devices:
+        raise BenchError("no Android device: connect one with USB debugging on (`adb devices` lists none)")
+    if serial and serial not in devices:
+        raise BenchError(f"device {serial!r} is not connected; `adb devices` lists: {', '.join(devices)}")
+    if not serial and len(devices) > 1:
+        raise BenchError(f"several devices connected ({', '.join(devices)}): choose one with --serial")
+    return serial or devices[0]
+
+
+def parse_runner_ms(output):
+    """executor_runner's 'Model executed successfully N time(s) in X ms.' -> ms per execution."""
+    match = RUNNER_LINE.search(output)
+    if not match:
+        raise BenchError(f"could not find the runner's timing line in its output:\n{output[-500:]}")
+    return float(match.group(2)) / int(match.group(1))
+
+
+def android_rows(programs, runner, serial, runs, threads):
+    """Push the runner and each program ({label: path}), time `runs` executions of each, clean up.
+    Returns {label: ms per execution}."""
+    runner = Path(runner or "")
+    if not runner.is_file():
+        raise BenchError(f"runner {str(runner)!r} not found: build ExecuTorch's executor_runner for arm64 "
+                         "with XNNPACK and pass it with --runner (README: On-device speed)")
+    serial = android_device(serial)
+    remote_runner = f"{REMOTE_DIR}/{runner.name}"
+    results = {}
+    try:
+        adb(serial, "shell", "mkdir", "-p", REMOTE_DIR)
+        adb(serial, "push", str(runner), remote_runner)
+        adb(serial, "shell", "chmod", "+x", remote_runner)
+        for label, path in programs.items():
+            remote = f"{REMOTE_DIR}/{Path(path).name}"
+            adb(serial, "push", str(path), remote)
+            out = adb(serial, "shell", remote_runner, f"--model_path={remote}", f"--num_executions={runs}",
+                      f"--cpu_threads={threads}")
+            results[label] = parse_runner_ms(out)
+            adb(serial, "shell", "rm", "-f", remote)
+    finally:
+        adb(serial, "shell", "rm", "-rf", REMOTE_DIR, check=False)
+    return results
+
+
+# --- the table and the command line ------------------------------------------------------------------
+
+def format_table(rows, prompt_len, bandwidth):
+    head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
+            "| bound tok/s | mem MB |").format(P=prompt_len)
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        bound = bandwidth * 1e9 / r["weight_bytes"]
+        lines.append(f"| {r['model']} | {r['runtime']} | {r.get('file_mb', float('nan')):.0f} | "
+                     f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
+                     f"{1e3 / r['decode_ms']:.1f} | {bound:.0f} | {r['mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mobilellm-125m", help="preset[:field=value,...] with random weights")
+    p.add_argument("--ckpt", default="", help="our checkpoint (dir or file); int8 checkpoints are dequantized")
+    p.add_argument("--compare", default="", help="comma-separated presets, timed in one run (overrides --preset)")
+    p.add_argument("--dtype", default="fp32,int8", help="fp32 and/or int8 (W8A8: dynamic per-token activations)")
+    p.add_argument("--lowering", default="shared", help="shared (identical block delegates shared) and/or naive")
+    p.add_argument("--eager", default="", help="also time eager PyTorch in these dtypes, e.g. fp32,bf16")
+    p.add_argument("--format", default="pte", choices=("pte", "ptl"))
+    p.add_argument("--out", default="", help="copy the exported program here")
+    p.add_argument("--device", default="host", choices=("host", "android", "none"))
+    p.add_argument("--serial", default="", help="adb serial (--device android)")
+    p.add_argument("--runner", default="", help="executor_runner built for the phone (--device android)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--max-seq-len", type=int, default=256, help="static KV cache length in the program")
+    p.add_argument("--cache-dir", default=str(CACHE_DIR))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except BenchError as e:
+        sys.exit(f"bench_mobile.py: {e}")
+
+
+def run(args):
+    if args.prompt_len + args.new_tokens > args.max_seq_len:
+        raise BenchError(f"--prompt-len + --new-tokens ({args.prompt_len + args.new_tokens}) must fit in "
+                         f"--max-seq-len ({args.max_seq_len})")
+    dtypes = [d for d in args.dtype.split(",") if d]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise BenchError(f"--dtype {d!r}: choose from {', '.join(DTYPES)}")
+    specs = [s for s in args.compare.split(",") if s] if args.compare else [args.preset]
+    if args.ckpt and args.compare:
+        raise BenchError("--compare takes presets; give --ckpt alone")
+    if args.format == "ptl":
+        model = load_source(args)
+        out = export_ptl(model, args.out or "model.ptl", args.max_seq_len)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB)")
+        return
+    require_executorch()
+    rows, programs = [], {}
+    for spec in tqdm(specs, desc="export", disable=len(specs) < 2):
+        model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed))
+        name = Path(args.ckpt).name if args.ckpt else spec
+        lowerings = [x for x in args.lowering.split(",") if x] if model.config.share != "none" else ["shared"]
+        for dtype in dtypes:
+            for lowering in lowerings:
+                if args.device == "android":
+                    for label, T in (("decode", 1), ("prefill", args.prompt_len)):
+                        programs[(name, dtype, lowering, label)] = cached_pte(
+                            model, dtype, args.max_seq_len, lowering == "shared", T, args.cache_dir)
+                    continue
+                path = cached_pte(model, dtype, args.max_seq_len, lowering == "shared", None, args.cache_dir)
+                info = json.loads(path.with_suffix(".json").read_text())
+                print(f"{name} {dtype} {lowering}: {path} ({path.stat().st_size / 2**20:.1f} MB, "
+                      f"{info['delegate_calls']} delegate calls -> {info['delegates']} delegates)")
+                if args.out and len(specs) == 1 and len(dtypes) == 1:
+                    shutil.copyfile(path, args.out)
+                    print(f"wrote {args.out}")
+                if args.device == "host":
+                    row = in_fresh_process(host_pte_row, str(path), args.prompt_len, args.new_tokens, args.runs,
+                                           args.threads, model.config.vocab_size)
+                    label = f"ExecuTorch {dtype}" + (f" ({lowering})" if model.config.share != "none" else "")
+                    rows.append(dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20,
+                                     weight_bytes=weight_bytes_per_token(model.config, dtype)))
+        for dtype in [d for d in args.eager.split(",") if d]:
+            if args.device != "host":
+                break
+            if dtype not in ("fp32", "bf16"):
+                raise BenchError(f"--eager {dtype!r}: choose fp32 and/or bf16")
+            row = in_fresh_process(host_eager_row, spec, args.seed, args.ckpt, dtype, args.max_seq_len,
+                                   args.prompt_len, args.new_tokens, args.runs, args.threads)
+            rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}",
+                             weight_bytes=weight_bytes_per_token(model.config, dtype)))
+    if args.device == "android":
+        timings = android_rows({"-".join(k): v for k, v in programs.items()}, args.runner, args.serial,
+                               args.runs, args.threads)
+        print("| model | runtime | prefill %d tok ms | decode ms/tok | tok/s |\n|---|---|---|---|---|" % args.prompt_len)
+        for name, dtype, lowering in dict.fromkeys(k[:3] for k in programs):
+            decode = timings["-".join((name, dtype, lowering, "decode"))]
+            prefill = timings["-".join((name, dtype, lowering, "prefill"))]
+            print(f"| {name} | ExecuTorch {dtype} ({lowering}) | {prefill:.1f} | {decode:.2f} | {1e3 / decode:.1f} |")
+    elif rows:
+        bandwidth = memory_bandwidth_gbs(args.threads)
+        print(f"\n{args.threads} threads, torch {torch.__version__}, measured read bandwidth {bandwidth:.1f} GB/s; "
+              f"bound = bandwidth / bytes of unique weights per token; median of {args.runs} runs after a warm-up\n")
+        print(format_table(rows, args.prompt_len, bandwidth))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""bench_mobile.py on a tiny layer-shared model: exported programs agree with eager PyTorch, the Android
+path issues the right adb commands (a fake adb runs the runner locally), and errors are clear."""
+import os
+import stat
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench_mobile as bm
+
+pytest.importorskip("executorch.exir")
+
+TINY_LS = "mobilellm-micro-ls:n_layers=1,dim=32,n_heads=2,n_kv_heads=1,ffn_dim=64,vocab_size=64,block_size=64"
+MAX_SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return bm.preset_model(TINY_LS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pte_fp32(tiny, tmp_path_factory):
+    """One fp32 program (block-shared lowering) for every test that needs one: lowering takes seconds."""
+    data, info = bm.export_pte(tiny, "fp32", MAX_SEQ_LEN, share_blocks=True)
+    path = tmp_path_factory.mktemp("pte") / "tiny_fp32.pte"
+    path.write_bytes(data)
+    return path, info
+
+
+def load_method(path):
+    from executorch.runtime import Runtime
+    return Runtime.get().load_program(Path(path)).load_method("forward")
+
+
+def eager_steps(model, steps):
+    """Last-token logits of model.py's own cached forward for each (tokens, input_pos) step."""
+    model.setup_cache(1, MAX_SEQ_LEN)
+    with torch.no_grad():
+        out = [model(tokens, input_pos=pos)[0][:, -1] for tokens, pos in steps]
+    model.clear_cache()
+    return out
+
+
+STEPS = [(torch.tensor([[3, 17, 42, 5, 9]]), torch.arange(5)), (torch.tensor([[11]]), torch.tensor([5])),
+         (torch.tensor([[60]]), torch.tensor([6]))]
+
+
+def test_pte_fp32_matches_eager_and_shares_block_delegates(tiny, pte_fp32):
+    path, info = pte_fp32
+    method = load_method(path)
+    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+        out = method.execute([tokens, pos])[0]
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() < 1e-4
+    # one block applied twice: the two applications' front and back halves are separate lowerings of the
+    # same computation; the shared program keeps one delegate per half
+    assert info["delegates"] <= info["delegate_calls"] - 2
+
+
+def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
+    method = load_method(pte_fp32[0])
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    expected = tiny.generate(prompt, 12, temperature=0)[0, 4:].tolist()
+    logits = method.execute([prompt, torch.arange(4)])[0]
+    tokens = []
+    for pos in range(4, 16):
+        tokens.append(int(logits.argmax(-1)))
+        logits = method.execute([torch.tensor([[tokens[-1]]]), torch.tensor([pos])])[0]
+    assert tokens == expected
+
+
+def test_pte_int8_close_to_eager(tiny, tmp_path):
+    """W8A8 (per-channel int8 weights, per-token int8 activations): logits within 5% of their range."""
+    data, _ = bm.export_pte(tiny, "int8", MAX_SEQ_LEN)
+    from executorch.runtime import Runtime
+    method = Runtime.get().load_program(data).load_method("forward")
+    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+        err = (method.execute([tokens, pos])[0] - ref).abs().max().item()
+        assert 0 < err <= 0.05 * ref.abs().max().item()          # quantized (not exact), yet close
+
+
+def test_cached_pte_reuses_the_program(tiny, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bm, "export_pte", lambda *a: calls.append(a) or (b"program", {"delegates": 1}))
+    first = bm.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
+    again = bm.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
+    other = bm.cached_pte(tiny, "int8", MAX_SEQ_LEN, cache_dir=tmp_path)
+    assert first == again != other and len(calls) == 2 and first.read_bytes() == b"program"
+
+
+def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
+    from torch.jit.mobile import _load_for_lite_interpreter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = bm.export_ptl(tiny, tmp_path / "tiny.ptl", MAX_SEQ_LEN)
+    assert len([w for w in caught if "optimize_for_mobile" in str(w.message)]) <= 1
+    lite = _load_for_lite_interpreter(str(path))
+    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+        assert (lite(tokens, pos) - ref).abs().max().item() < 1e-5
+
+
+# --- Android, with a fake adb that runs everything on this machine ----------------------------------
+
+FAKE_ADB = """#!{python}
+import os, shutil, subprocess, sys
+log, root = {log!r}, {root!r}
+args = sys.argv[1:]
+with open(log, "a") as f:
+    f.write(" ".join(args) + "\\n")
+if args[:1] == ["-s"]:
+    args = args[2:]
+local = lambda p: p.replace("/data/local/tmp", root)
+if args[0] == "devices":
+    print("List of devices attached")
+    print({devices!r})
+elif args[0] == "push":
+    os.makedirs(os.path.dirname(local(args[2])), exist_ok=True)
+    shutil.copy(args[1], local(args[2]))
+elif args[0] == "shell":
+    sys.exit(subprocess.run([local(a) for a in args[1:]]).returncode)
+"""
+
+FAKE_RUNNER = """#!{python}
+import sys, time, torch
+from executorch.runtime import Runtime
+from executorch.extension.llm.custom_ops import custom_ops  # the llama:: kernels a real runner links in
+opts = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
+method = Runtime.get().load_program(opts["model_path"]).load_method("forward")
+n = int(opts["num_executions"])
+t0 = time.perf_counter()
+for _ in range(n):
+    method.execute([torch.ones(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)])
+print("I 00:00:01 executor_runner.cpp:180] Model executed successfully %d time(s) in %f ms." % (n, 1e3 * (time.perf_counter() - t0)))
+"""
+
+
+def write_script(path, text, **fmt):
+    path.write_text(text.format(python=sys.executable, **fmt))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.fixture
+def fake_adb(tmp_path, monkeypatch):
+    def make(devices="emulator-5554\tdevice"):
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        log = tmp_path / "adb_calls.txt"
+        write_script(bin_dir / "adb", FAKE_ADB, log=str(log), root=str(tmp_path / "device"), devices=devices)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        return log
+    return make
+
+
+def test_android_pushes_runs_parses_and_cleans_up(fake_adb, pte_fp32, tmp_path):
+    log = fake_adb()
+    runner = write_script(tmp_path / "executor_runner", FAKE_RUNNER)
+    timings = bm.android_rows({"tiny-decode": pte_fp32[0]}, runner, "", runs=3, threads=1)
+    assert set(timings) == {"tiny-decode"} and timings["tiny-decode"] > 0
+    calls = log.read_text().splitlines()
+    remote = bm.REMOTE_DIR
+    assert calls[0] == "devices"
+    assert f"-s emulator-5554 push {runner} {remote}/executor_runner" in calls
+    assert f"-s emulator-5554 push {pte_fp32[0]} {remote}/tiny_fp32.pte" in calls
+    assert (f"-s emulator-5554 shell {remote}/executor_runner --model_path={remote}/tiny_fp32.pte "
+            "--num_executions=3 --cpu_threads=1") in calls
+    assert calls[-1] == f"-s emulator-5554 shell rm -rf {remote}"
+    assert not (tmp_path / "device" / "nanomobilellm").exists()
+
+
+def test_parse_runner_ms():
+    assert bm.parse_runner_ms("x\nModel executed successfully 4 time(s) in 10.0 ms.\n") == 2.5
+    with pytest.raises(bm.BenchError, match="timing line"):
+        bm.parse_runner_ms("Segmentation fault")
+
+
+def test_android_errors(fake_adb, tmp_path, monkeypatch):
+    runner = write_script(tmp_path / "executor_runner", FAKE_RUNNER)
+    with pytest.raises(bm.BenchError, match="runner .* not found"):
+        bm.android_rows({}, tmp_path / "missing_runner", "", 1, 1)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(bm.BenchError, match="adb is not on PATH"):
+        bm.android_rows({}, runner, "", 1, 1)
+    fake_adb(devices="")
+    with pytest.raises(bm.BenchError, match="no Android device"):
+        bm.android_rows({}, runner, "", 1, 1)
+    fake_adb(devices="A\tdevice\nB\tdevice")
+    with pytest.raises(bm.BenchError, match="choose one with --serial"):
+        bm.android_rows({}, runner, "", 1, 1)
+    with pytest.raises(bm.BenchError, match="'C' is not connected"):
+        bm.android_rows({}, runner, "C", 1, 1)
+
+
+def test_missing_executorch_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch.exir", None)
+    with pytest.raises(bm.BenchError, match="pip install -r requirements-extra.txt"):
+        bm.require_executorch()
+
+
+def test_cli_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit, match="--dtype 'fp16'"):
+        bm.main(["--preset", TINY_LS, "--dtype", "fp16", "--device", "none"])
+    with pytest.raises(SystemExit, match="must fit in --max-seq-len"):
+        bm.main(["--preset", TINY_LS, "--prompt-len", "300"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        bm.main(["--preset", "mobilellm-9t", "--device", "none"])
