@@ -270,8 +270,9 @@ def latency_models(base, quick):
     out = []
     for label, cfg in sizes:
         n = cfg["n_layers"]
+        shared = {**cfg, "share": "immediate", "share_repeats": 2}
         out.append((label, [(f"{n} layers", {**cfg, "share": "none"}),
-                            (f"{n} layers, immediate x2 (depth {2 * n})", {**cfg, "share": "immediate", "share_repeats": 2}),
+                            (f"{n} layers, immediate x2 (depth {2 * n})", shared),
                             (f"{2 * n} layers", {**cfg, "share": "none", "n_layers": 2 * n})]))
     return out
 
@@ -430,7 +431,8 @@ def print_summary(result):
           f"{result['equal_param_spread']:.2%}):")
     for r in result["summary"]:
         print(f"  {r['variant']:<45} {r['params']:>9,} params  depth {r['depth']:>2}  "
-              f"val loss {r['mean']:.4f} ± {r['std']:.4f} (min {r['min']:.4f}, max {r['max']:.4f}, {r['seeds']} seeds)")
+              f"val loss {r['mean']:.4f} ± {r['std']:.4f} (min {r['min']:.4f}, max {r['max']:.4f}, "
+              f"{r['seeds']} seeds)")
     for r in result.get("latency", []):
         print(f"  decode [{r['size']}] {r['model']:<40} {r['ms_per_token']:8.2f} ms/token")
 
@@ -451,7 +453,8 @@ def markdown(out_dir):
                          f"{r['std']:.3f} ({r['min']:.3f}..{r['max']:.3f}, {r['seeds']} seeds) |")
         latency += result.get("latency", [])
     if latency:
-        lines += ["", "| size | model | weights (fp32) | decode ms/token | vs the unshared model |", "|---|---|---|---|---|"]
+        lines += ["", "| size | model | weights (fp32) | decode ms/token | vs the unshared model |",
+                  "|---|---|---|---|---|"]
         for r in latency:
             first = next(x for x in latency if x["size"] == r["size"])
             lines.append(f"| {r['size']} | {r['model']} | {r['weight_mb_fp32']:.1f} MB | {r['ms_per_token']:.2f} | "
