@@ -391,9 +391,13 @@ def export_ptl(model, path, max_seq_len=256):
     try:
         scripted = optimize_for_mobile(scripted)
     except RuntimeError as e:
-        warnings.warn(f"optimize_for_mobile failed ({str(e).splitlines()[0][:120]}): this torch build has no "
-                      "XNNPACK for TorchScript, so the .ptl is saved unoptimized", stacklevel=2)
-    scripted._save_for_lite_interpreter(str(path))
+        if "XNNPACK" not in str(e):
+            raise
+        warnings.warn("optimize_for_mobile needs XNNPACK for TorchScript, which this torch build lacks: "
+                      "the .ptl is saved unoptimized", stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                      # "Lite Interpreter is deprecated" (see README)
+        scripted._save_for_lite_interpreter(str(path))
     return Path(path)
 
 
@@ -597,6 +601,14 @@ def main(argv=None):
         sys.exit(f"bench_mobile.py: {e}")
 
 
+def checked_source(args, spec):
+    model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed))
+    if args.max_seq_len > model.config.block_size:
+        raise BenchError(f"--max-seq-len ({args.max_seq_len}) exceeds the model's block_size "
+                         f"({model.config.block_size}): lower it")
+    return model
+
+
 def run(args):
     if args.prompt_len + args.new_tokens > args.max_seq_len:
         raise BenchError(f"--prompt-len + --new-tokens ({args.prompt_len + args.new_tokens}) must fit in "
@@ -609,14 +621,14 @@ def run(args):
     if args.ckpt and args.compare:
         raise BenchError("--compare takes presets; give --ckpt alone")
     if args.format == "ptl":
-        model = load_source(args)
+        model = checked_source(args, args.preset)
         out = export_ptl(model, args.out or "model.ptl", args.max_seq_len)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB)")
         return
     require_executorch()
     rows, programs = [], {}
     for spec in tqdm(specs, desc="export", disable=len(specs) < 2):
-        model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed))
+        model = checked_source(args, spec)
         name = Path(args.ckpt).name if args.ckpt else spec
         lowerings = [x for x in args.lowering.split(",") if x] if model.config.share != "none" else ["shared"]
         for dtype in dtypes:
