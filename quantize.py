@@ -378,7 +378,7 @@ def main(argv=None):
     for name in variants:
         loss = losses.get(name)
         cells = [name, f"{loss:.4f}" if loss is not None else "-", f"{math.exp(loss):.2f}" if loss is not None else "-",
-                 f"{100 * (loss / losses['fp32'] - 1):+.2f}%" if loss is not None else "-",
+                 f"{100 * (loss / losses['fp32'] - 1):+.3f}%" if loss is not None else "-",
                  f"{sizes[name] / 2**20:.2f} MiB", f"{sizes[name] / fp32_bytes:.3f}x",
                  f"{speeds[name]:.1f}" if name in speeds else "-"]
         print("| " + " | ".join(cells) + " |")
