@@ -421,7 +421,7 @@ def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=No
         with cpu_lock(cpu_lock_path, exclusive=True):
             result["latency"] = measure_latency(base, quick)
         # timings are only worth reporting when nothing else ran: --cpu_lock, or the whole command under flock -x
-        result["latency_under_exclusive_lock"] = cpu_lock_path is not None
+        result["timing_lock"] = "exclusive (--cpu_lock)" if cpu_lock_path else "none taken by this script"
     result["summary"] = summarize(result["runs"], variants)
     write_json(result, json_path)
     plot(result, out_dir / f"{study}.png")
