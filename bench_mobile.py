@@ -12,7 +12,7 @@ Usage:
   python bench_mobile.py --preset mobilellm-125m --format ptl --out model.ptl   # TorchScript lite interpreter
   python bench_mobile.py --device android --runner ./executor_runner [--serial S] --preset mobilellm-125m
 
-Models: `--preset NAME[:field=value,...]` (random weights, seed --seed), `--ckpt DIR_OR_FILE` (ours; an int8
+Models: `--preset NAME[:field=value+...]` (random weights, seed --seed), `--ckpt DIR_OR_FILE` (ours; an int8
 checkpoint from quantize.py is dequantized to its float-equivalent weights and re-quantized by ExecuTorch's
 XNNPACK int8 flow, which has the same per-channel symmetric int8 weights). `--compare` takes presets.
 
@@ -77,13 +77,14 @@ def require_executorch():
 # --- the model source ---------------------------------------------------------------------------------
 
 def parse_model_spec(spec):
-    """'mobilellm-125m:n_layers=60,share=none' -> (preset, overrides); values are ints where they parse."""
+    """'mobilellm-125m:n_layers=60+share=none' -> (preset, overrides); values are ints where they parse.
+    Fields are separated by '+' (or ',' outside --compare, whose list is comma-separated)."""
     name, _, rest = spec.partition(":")
     overrides = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r"[+,]", rest)):
         key, eq, value = item.partition("=")
         if not eq:
-            raise BenchError(f"bad override {item!r} in {spec!r}: use preset:field=value,field=value")
+            raise BenchError(f"bad override {item!r} in {spec!r}: use preset:field=value+field=value")
         overrides[key] = int(value) if value.lstrip("-").isdigit() else value
     return name, overrides
 
@@ -109,7 +110,7 @@ def dequantized_model(path):
         if isinstance(module, (Int8Linear, Int8Embedding)):
             float_state[f"{name}.weight"] = dequantize_per_channel(module.qweight, module.scale)
     state = {k: v for k, v in qmodel.state_dict().items() if not k.endswith((".qweight", ".scale"))}
-    model.load_state_dict({**state, **float_state}, strict=False)
+    model.load_state_dict({**state, **float_state})
     return model
 
 
@@ -576,7 +577,7 @@ def format_table(rows, prompt_len, bandwidth):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mobilellm-125m", help="preset[:field=value,...] with random weights")
+    p.add_argument("--preset", default="mobilellm-125m", help="preset[:field=value+...] with random weights")
     p.add_argument("--ckpt", default="", help="our checkpoint (dir or file); int8 checkpoints are dequantized")
     p.add_argument("--compare", default="", help="comma-separated presets, timed in one run (overrides --preset)")
     p.add_argument("--dtype", default="fp32,int8", help="fp32 and/or int8 (W8A8: dynamic per-token activations)")

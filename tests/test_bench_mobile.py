@@ -14,7 +14,7 @@ import bench_mobile as bm
 
 pytest.importorskip("executorch.exir")
 
-TINY_LS = "mobilellm-micro-ls:n_layers=1,dim=32,n_heads=2,n_kv_heads=1,ffn_dim=64,vocab_size=64,block_size=64"
+TINY_LS = "mobilellm-micro-ls:n_layers=1+dim=32+n_heads=2+n_kv_heads=1+ffn_dim=64+vocab_size=64+block_size=64"
 MAX_SEQ_LEN = 32
 
 
@@ -212,3 +212,15 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--preset", TINY_LS, "--prompt-len", "300"])
     with pytest.raises(SystemExit, match="unknown preset"):
         bm.main(["--preset", "mobilellm-9t", "--device", "none"])
+
+
+def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
+    from checkpoint import model_checkpoint, save_checkpoint
+    from quantize import quantize_model
+    float_model = bm.preset_model(TINY_LS, seed=1)
+    qmodel = quantize_model(bm.preset_model(TINY_LS, seed=1), "w8a8")
+    save_checkpoint(model_checkpoint(qmodel, {"kind": "char"}, quantization="w8a8"), tmp_path / "ckpt.pt")
+    model = bm.load_source(bm.argparse.Namespace(ckpt=str(tmp_path), preset="", seed=0))
+    assert model.output.weight is model.tok_embeddings.weight                  # still tied, not untied
+    w, ref = model.layers[0].feed_forward.w1.weight, float_model.layers[0].feed_forward.w1.weight
+    assert 0 < (w - ref).abs().max() <= ref.abs().amax(dim=1).max() / 127      # int8 rounding, no more
