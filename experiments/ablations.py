@@ -205,17 +205,23 @@ def top_k_dataset(src, vocab, out_dir):
 
 @contextmanager
 def cpu_lock(path, exclusive):
-    """flock on path (shared while training, exclusive while timing) so agents sharing the CPU can
-    take turns; a no-op without a path."""
+    """flock on path (shared while training, exclusive while timing), fair to exclusive jobs through the
+    turnstile file beside it (path with suffix .turnstile): an exclusive job holds the turnstile while it
+    waits and runs, a shared one only passes through, so it queues behind a waiting exclusive job instead
+    of starving it. A no-op without a path."""
     if path is None:
         yield
         return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    with open(Path(path).with_suffix(".turnstile"), "a") as turnstile, open(path, "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 def train_one(cfg, seed, settings, data_dir):

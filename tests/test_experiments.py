@@ -127,3 +127,25 @@ def test_a_model_already_trained_by_another_study_is_reused_not_retrained(quick_
     base_runs = {r["seed"]: r["records"] for r in results["swiglu"]["runs"] if r["variant"] == "SwiGLU"}
     for r in reused:
         assert r["records"] == base_runs[r["seed"]]
+
+
+def test_cpu_lock_is_shared_while_training_exclusive_while_timing_and_fair_to_waiting_writers(tmp_path):
+    import fcntl
+    lock_path = tmp_path / "cpu.lock"
+
+    def can_take(path, mode):
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return True
+
+    with ablations.cpu_lock(lock_path, exclusive=False):
+        assert can_take(lock_path, fcntl.LOCK_SH) and not can_take(lock_path, fcntl.LOCK_EX)
+        assert can_take(tmp_path / "cpu.turnstile", fcntl.LOCK_EX)       # a shared holder only passed through
+    with ablations.cpu_lock(lock_path, exclusive=True):
+        assert not can_take(lock_path, fcntl.LOCK_SH)
+        assert not can_take(tmp_path / "cpu.turnstile", fcntl.LOCK_EX)   # new shared jobs queue behind it
+    assert can_take(lock_path, fcntl.LOCK_EX) and can_take(tmp_path / "cpu.turnstile", fcntl.LOCK_EX)
