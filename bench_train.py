@@ -7,8 +7,9 @@ tokens/s and MFU, float32 against bfloat16 autocast, measured side by side in on
   python bench_train.py --dim=256 --iters=20 --compile=True
 
 Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup and dtypes. MFU is
-relative to the device's bf16 peak: the datasheet number on known GPUs, else a large bf16 matmul measured
-here first (so float32 and bfloat16 are both compared with the same, best-case peak).
+relative to the device's peak in each dtype: the datasheet bf16 number on known GPUs, else a large matmul in
+that dtype measured here first. On CPUs without AVX-512 BF16/AMX, bfloat16 is emulated and very slow: use
+--iters=1 --warmup=0 there (or --dtypes=float32).
 """
 import sys
 import time
@@ -55,17 +56,16 @@ def tokens_per_second(cfg, dtype, device):
 def main(cfg):
     check_config(cfg)
     device = resolve_device(cfg.device)
-    peak = cfg.peak_flops or measure_peak_flops(device)
     flops = flops_per_token(model_config(cfg, cfg.vocab_size), cfg.block_size)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; bf16 peak "
-          f"{peak / 1e12:.2f} TFLOP/s; batch {cfg.batch_size} x {cfg.block_size} tokens x "
-          f"{cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {cfg.batch_size} "
+          f"x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
     results = {}
     for dtype in cfg.dtypes.split(","):
+        peak = cfg.peak_flops or measure_peak_flops(device, dtype)
         tok_s, model = tokens_per_second(cfg, dtype, device)
         results[dtype] = tok_s
-        print(f"{dtype:>9}: {tok_s:10,.0f} tokens/s  MFU {100 * tok_s * flops / peak:5.1f}%  "
-              f"({model.num_params() / 1e6:.1f}M parameters, depth {model.config.depth})")
+        print(f"{dtype:>9}: {tok_s:10,.0f} tokens/s  MFU {100 * tok_s * flops / peak:5.1f}% of {peak / 1e9:,.0f} "
+              f"GFLOP/s ({model.num_params() / 1e6:.1f}M parameters, depth {model.config.depth})")
     if "float32" in results and "bfloat16" in results:
         print(f"bfloat16 / float32 speedup: {results['bfloat16'] / results['float32']:.2f}x")
     return results

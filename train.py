@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -54,24 +54,24 @@ class TrainConfig:
     quiet: bool = False                 # no progress bar, no printing (for many runs in one process)
     # model: the ModelConfig fields (vocab_size comes from the dataset's meta.json; decoding-only fields
     # such as meta_ls_cache keep their ModelConfig defaults)
-    n_layers: int = 6
-    dim: int = 192
-    n_heads: int = 6
+    n_layers: int = 3
+    dim: int = 128
+    n_heads: int = 4
     n_kv_heads: int = 2
-    ffn_dim: int = 512
+    ffn_dim: int = 384
     ffn_type: str = "swiglu"
     share: str = "immediate"            # MobileLLM-LS: each block applied twice in a row
     share_repeats: int = 2
     tie_embeddings: bool = True
-    block_size: int = 256
+    block_size: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # optimization: AdamW, linear warmup, cosine decay to min_lr, gradient clipping
     max_iters: int = 2000
-    batch_size: int = 32                # sequences per micro-step per process
+    batch_size: int = 16                # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, summed over all processes
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     min_lr: Optional[float] = None      # None: 10% of learning_rate (the paper's cosine floor)
     warmup_iters: int = 100
     lr_decay_iters: Optional[int] = None  # None: max_iters
@@ -82,7 +82,8 @@ class TrainConfig:
     grad_clip: float = 1.0              # 0 disables clipping
     # system
     device: str = "auto"                # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "bfloat16"             # "bfloat16" (autocast, fp32 master weights) or "float32"
+    dtype: str = "auto"                 # "bfloat16" (autocast, fp32 master weights), "float32", or "auto":
+                                        # bfloat16 where the hardware has it (CUDA, CPUs with AVX-512 BF16/AMX)
     compile: bool = False               # torch.compile the model (the uncompiled one is what gets saved)
     seed: int = 1337
     peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
@@ -99,7 +100,7 @@ class TrainError(RuntimeError):
 def check_config(cfg):
     """Type-check every field (as the command line does) and the values that must agree with each other."""
     apply_settings(type(cfg)(), asdict(cfg), type(cfg).__name__)
-    choices = {"init_from": ("scratch", "resume"), "dtype": ("float32", "bfloat16")}
+    choices = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
@@ -124,6 +125,16 @@ def resolve_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here (use --device=cpu or auto)")
     return name
+
+
+def resolve_dtype(name, device):
+    """"auto": bf16 only where it is native. CPUs without AVX-512 BF16/AMX emulate it ~100x slower than fp32."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+        else "float32"
 
 
 def autocast_context(device, dtype):
@@ -237,15 +248,16 @@ def flops_per_token(config, seq_len):
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
-def measure_peak_flops(device, n=1024, reps=8):
-    """Peak FLOP/s for MFU: the datasheet bf16 number on known GPUs, else a measured bf16 matmul."""
+def measure_peak_flops(device, dtype, n=1024, reps=8):
+    """Peak FLOP/s for MFU: the datasheet bf16 number on known GPUs, else a large matmul in dtype measured
+    here (the best this device does in the dtype the run trains in)."""
     if torch.device(device).type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_BF16_PEAK.items():
             if key in name:
                 return flops
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     for _ in range(2):
         a @ b
     synchronize(device)
@@ -415,6 +427,7 @@ def train(cfg: TrainConfig) -> list:
     """Train as cfg says; returns this run's eval records (also appended to out_dir/log.jsonl)."""
     check_config(cfg)
     rank, world, device, owned_group = setup_distributed(resolve_device(cfg.device))
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     try:
         if rank == 0:
             prepare_if_missing(cfg)
@@ -450,7 +463,7 @@ def run(cfg, rank, world, device, stop):
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_per_iter = flops_per_token(config, cfg.block_size) * tokens_per_iter
-    peak_flops = cfg.peak_flops or (measure_peak_flops(device) if master and not cfg.quiet else 0.0)
+    peak_flops = cfg.peak_flops or (measure_peak_flops(device, cfg.dtype) if master and not cfg.quiet else 0.0)
     say(f"{model.num_params():,} parameters ({config.n_layers} blocks applied {config.depth} times, dim "
         f"{config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
 
@@ -529,6 +542,10 @@ def run(cfg, rank, world, device, stop):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__ + "\nSettings (--key=value) and their defaults:")
+        print("\n".join(f"  --{k}={v!r}" for k, v in asdict(TrainConfig()).items()))
+        sys.exit()
     try:
         train(configure(TrainConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, CheckpointError) as e:

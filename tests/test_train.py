@@ -158,9 +158,9 @@ def test_lr_warms_up_then_decays_by_cosine_to_ten_percent():
 def test_default_config_is_a_deep_and_thin_mobilellm_ls():
     cfg = configure(TrainConfig(), [])
     config = model_config(cfg, vocab_size=65)
-    assert cfg.dataset == "shakespeare_char" and cfg.dtype == "bfloat16" and cfg.device == "auto"
+    assert cfg.dataset == "shakespeare_char" and cfg.dtype == "auto" and cfg.device == "auto"
     assert config.share == "immediate" and config.depth == 2 * config.n_layers
-    assert config.depth >= 12 and config.dim <= 384 and config.n_kv_heads < config.n_heads    # deep, thin, GQA
+    assert config.dim <= 256 and config.n_kv_heads < config.n_heads    # thin, grouped-query attention
     with torch.device("meta"):
         assert MobileLLM(config).num_params() > 0
 
@@ -221,6 +221,12 @@ def test_command_line_reports_errors_in_one_line():
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: unknown config key(s) 'n_layer'")
     assert "Traceback" not in result.stderr
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it():
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert train_module.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert train_module.resolve_dtype("bfloat16", "cpu") == "bfloat16"      # asked for: never silently ignored
 
 
 def test_flops_count_shared_blocks_once_per_application():
