@@ -30,10 +30,10 @@ How the program is built (the ideas, top to bottom):
   * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -42,7 +42,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -169,7 +168,6 @@ class ExportLLM(nn.Module):
 
     def piece(self, name):
         """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
-        import contextlib
         import torch.fx.traceback as fx_traceback
         return fx_traceback.annotate({"piece": name}) if self.mark_pieces else contextlib.nullcontext()
 
@@ -569,7 +567,8 @@ def format_table(rows, prompt_len, bandwidth):
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         bound = bandwidth * 1e9 / r["weight_bytes"]
-        lines.append(f"| {r['model']} | {r['runtime']} | {r.get('file_mb', float('nan')):.0f} | "
+        file_mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "-"
+        lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
                      f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
                      f"{1e3 / r['decode_ms']:.1f} | {bound:.0f} | {r['mem_mb']:.0f} |")
     return "\n".join(lines)

@@ -3,7 +3,6 @@ path issues the right adb commands (a fake adb runs the runner locally), and err
 import os
 import stat
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
