@@ -74,11 +74,9 @@ def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
 
 
 def test_pte_int8_close_to_eager(tiny, tmp_path):
-    """W8A8 (per-channel int8 weights, per-token int8 activations): logits within 5% of their range.
-    Lowered the naive way (one partition per stretch between cache ops): fewer delegates, faster test,
-    and that path gets checked too."""
-    data, info = bm.export_pte(tiny, "int8", MAX_SEQ_LEN, share_blocks=False)
-    assert info["delegates"] == info["delegate_calls"]
+    """W8A8 (per-channel int8 weights, per-token int8 activations): logits within 5% of their range."""
+    data, info = bm.export_pte(tiny, "int8", MAX_SEQ_LEN)
+    assert info["delegates"] < info["delegate_calls"]
     from executorch.runtime import Runtime
     method = Runtime.get().load_program(data).load_method("forward")
     for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
