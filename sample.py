@@ -177,7 +177,7 @@ def main(argv=None):
 def benchmark(model, args, generator):
     """Greedy decoding from a random prompt; the first sample warms up (and compiles), the rest are timed."""
     args.temperature = 0
-    ids = torch.randint(model.config.vocab_size, (args.prompt_tokens,), generator=generator).tolist()
+    ids = torch.randint(model.config.vocab_size, (args.prompt_tokens,), generator=generator, device=args.device).tolist()
     generate_one(model, ids, args, generator)
     prefill_s = decode_s = decoded = 0
     for _ in range(args.num_samples):
