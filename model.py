@@ -276,7 +276,7 @@ class MobileLLM(nn.Module):
         ~10x slower than in fp32 for one query on an AVX2 CPU (weights may still be bf16)."""
         if max_seq_len > self.config.block_size:
             raise ValueError(f"max_seq_len ({max_seq_len}) exceeds block_size ({self.config.block_size})")
-        w = self.tok_embeddings.weight
+        w = self.norm.weight      # a float parameter in every variant (int8 models swap the embedding)
         c = self.config
         dtype = dtype or (torch.float32 if w.device.type == "cpu" else w.dtype)
         if c.meta_ls_cache:   # one cache per unique block, a max_seq_len slice for each of its applications

@@ -181,12 +181,6 @@ class Int8Embedding(nn.Module):
         self.register_buffer("qweight", qweight)                                        # (V, C) int8
         self.register_buffer("scale", scale)                                            # (V,) float32
 
-    @property
-    def weight(self):
-        """model.py reads tok_embeddings.weight only for the dtype and device of the KV cache
-        (MobileLLM.setup_cache). The float table no longer exists; the float scales stand in for it."""
-        return self.scale
-
     def forward(self, idx):
         return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)                # (B, T, C)
 

@@ -94,7 +94,7 @@ def encode_prompt(tokenizer, text, block_size):
 
 def generate_one(model, ids, args, generator, tokenizer=None, out=None):
     """Stream one sample after its prompt; return (new token ids, decode steps, prefill s, decode s)."""
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     eos = None if tokenizer is None else tokenizer.eos_id
     out = out or sys.stdout
