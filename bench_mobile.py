@@ -98,11 +98,11 @@ def preset_model(spec, seed=0):
     return MobileLLM(config).eval()
 
 
-def dequantized_model(path):
+def dequantized_model(path, ckpt=None):
     """An int8 checkpoint (quantize.py) as the float model its int8 weights stand for (w = q * scale),
     ready for ExecuTorch's own int8 flow. The tied embedding/head stays one tensor."""
     from quantize import Int8Embedding, Int8Linear, dequantize_per_channel, load_quantized
-    qmodel, ckpt = load_quantized(path)
+    qmodel, ckpt = load_quantized(path, ckpt=ckpt)
     model = MobileLLM(config_from_dict(ckpt["model_config"])).eval()
     float_state = {}
     for name, module in qmodel.named_modules():
@@ -116,9 +116,10 @@ def dequantized_model(path):
 def load_source(args):
     """The float MobileLLM to export, from --ckpt (float or int8 checkpoint) or --preset."""
     if args.ckpt:
-        if load_checkpoint(args.ckpt).get("quantization"):
-            return dequantized_model(args.ckpt)
-        return load_model(args.ckpt)[0]
+        ckpt = load_checkpoint(args.ckpt)
+        if ckpt.get("quantization"):
+            return dequantized_model(args.ckpt, ckpt)
+        return load_model(args.ckpt, ckpt=ckpt)[0]
     return preset_model(args.preset, args.seed)
 
 

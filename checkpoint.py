@@ -71,9 +71,10 @@ def model_checkpoint(model, tokenizer_spec, **extra):
     return dict(model=plain.state_dict(), model_config=asdict(plain.config), tokenizer=tokenizer_spec, **extra)
 
 
-def load_model(path, device="cpu"):
-    """Rebuild a float MobileLLM from one of our checkpoints. Returns (model in eval mode, checkpoint)."""
-    ckpt = load_checkpoint(path)
+def load_model(path, device="cpu", ckpt=None):
+    """Rebuild a float MobileLLM from one of our checkpoints (ckpt: its dict, when already loaded from
+    path). Returns (model in eval mode, checkpoint)."""
+    ckpt = ckpt or load_checkpoint(path)
     if ckpt.get("quantization"):
         raise CheckpointError(f"{checkpoint_file(path)} is an int8 ({ckpt['quantization']}) checkpoint: "
                               "load it with quantize.load_quantized")

@@ -218,9 +218,10 @@ def set_simulate(model, simulate):
     return model
 
 
-def load_quantized(path, device="cpu"):
-    """Rebuild an int8 MobileLLM from a checkpoint written by quantize.py. Returns (model in eval mode, ckpt)."""
-    ckpt = load_checkpoint(path)
+def load_quantized(path, device="cpu", ckpt=None):
+    """Rebuild an int8 MobileLLM from a checkpoint written by quantize.py (ckpt: its dict, when already
+    loaded from path). Returns (model in eval mode, ckpt)."""
+    ckpt = ckpt or load_checkpoint(path)
     mode = ckpt.get("quantization")
     if mode not in MODES:
         raise CheckpointError(f"{checkpoint_file(path)} is not an int8 checkpoint (quantization={mode!r}): "
@@ -241,7 +242,7 @@ def load_float_model(path):
     if ckpt.get("quantization"):
         raise CheckpointError(f"{checkpoint_file(path)} is already quantized ({ckpt['quantization']}): "
                               "give the float checkpoint it was made from")
-    return load_model(path)
+    return load_model(path, ckpt=ckpt)
 
 
 def quantized_checkpoint(model, ckpt, mode):

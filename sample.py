@@ -47,14 +47,14 @@ def _load(init_from, device):
     if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
         import hf
         return hf.load_hf(init_from, device)
-    ckpt = load_checkpoint(path)      # a peek: the loaders below take a path and read the file again
+    ckpt = load_checkpoint(path)      # read once; the loaders below rebuild the model from this dict
     if "tokenizer" not in ckpt:
         raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")
     if ckpt.get("quantization"):
         import quantize
-        model, ckpt = quantize.load_quantized(path, device)
+        model, ckpt = quantize.load_quantized(path, device, ckpt)
     else:
-        model, ckpt = load_model(path, device)
+        model, ckpt = load_model(path, device, ckpt)
     return model, load_tokenizer(ckpt["tokenizer"])
 
 

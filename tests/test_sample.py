@@ -79,6 +79,18 @@ def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys
     assert out.startswith("abcdefgh")
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_checkpoint_file_is_read_once(trained_ckpt, tmp_path, monkeypatch, int8):
+    if int8:
+        quantize = pytest.importorskip("quantize")
+        model, ckpt = quantize.load_float_model(trained_ckpt)
+        save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path)
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
+    model, tok = sample.load_model_and_tokenizer(str(tmp_path if int8 else trained_ckpt))
+    assert len(reads) == 1 and tok.decode(tok.encode("abc")) == "abc"
+
+
 def test_generation_stops_at_end_of_text():
     model = tiny_model()
     args = argparse.Namespace(max_new_tokens=20, temperature=0, top_k=None, top_p=None)
