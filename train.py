@@ -440,6 +440,39 @@ def train(cfg: TrainConfig) -> list:
             dist.destroy_process_group()
 
 
+def build_model(cfg, config, device, world, say):
+    """(model, optimizer, the model to step (compiled, DDP-wrapped), iter_num, best val loss, seconds
+    trained so far, eval history): fresh, or restored from out_dir/ckpt.pt when init_from="resume"."""
+    torch.manual_seed(cfg.seed)
+    model = MobileLLM(config).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    state = (0, math.inf, 0.0, [])
+    if cfg.init_from == "resume":
+        state = resume_state(cfg.out_dir, config, model, optimizer, device)
+        say(f"resuming from {Path(cfg.out_dir) / 'ckpt.pt'} at iteration {state[0]}")
+    compiled = torch.compile(model) if cfg.compile else model
+    train_model = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else compiled
+    return (model, optimizer, train_model, *state)
+
+
+def evaluate(model, splits, cfg, device, rank, world, iter_num, lr, tokens, elapsed_s):
+    """One eval record: train and val loss on the fixed eval batches; a non-finite loss stops the run."""
+    losses = estimate_loss(model, splits, cfg, device, rank, world)
+    if not all(map(math.isfinite, losses.values())):
+        raise TrainError(f"non-finite eval loss {losses} at iteration {iter_num}; stopped, keeping the "
+                         f"last good checkpoint in {cfg.out_dir}")
+    return {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+            "tokens": tokens, "elapsed_s": round(elapsed_s, 3)}
+
+
+def append_log(record, history, out_dir):
+    """One JSON line in out_dir/log.jsonl, and the loss curve redrawn."""
+    history.append(record)
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    plot_losses(history, out_dir / "loss.png")
+
+
 def run(cfg, rank, world, device, stop):
     master = rank == 0
     say = print if master and not cfg.quiet else (lambda *a, **k: None)
@@ -449,28 +482,25 @@ def run(cfg, rank, world, device, stop):
     meta, splits = load_dataset(cfg)
     config = model_config(cfg, meta["vocab_size"])
     out_dir = Path(cfg.out_dir)
-
-    torch.manual_seed(cfg.seed)
-    model = MobileLLM(config).to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
-    if cfg.init_from == "resume":
-        iter_num, best_val_loss, elapsed_before, history = resume_state(out_dir, config, model, optimizer, device)
-        say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}")
+    model, optimizer, train_model, iter_num, best_val_loss, elapsed_before, history = \
+        build_model(cfg, config, device, world, say)
     start_iter = iter_num
-    compiled = torch.compile(model) if cfg.compile else model
-    train_model = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else compiled
+    eval_model = train_model.module if world > 1 else train_model       # DDP's forward would sync buffers
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_per_iter = flops_per_token(config, cfg.block_size) * tokens_per_iter
     peak_flops = cfg.peak_flops or (measure_peak_flops(device, cfg.dtype) if master and not cfg.quiet else 0.0)
     say(f"{model.num_params():,} parameters ({config.n_layers} blocks applied {config.depth} times, dim "
         f"{config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
-
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.init_from == "scratch":
             (out_dir / "log.jsonl").write_text("")
+
+    t_start = time.perf_counter()
+
+    def elapsed():
+        return elapsed_before + time.perf_counter() - t_start
 
     def save(reason):
         if not master:
@@ -482,11 +512,6 @@ def run(cfg, rank, world, device, stop):
         save_checkpoint(model_checkpoint(model, meta["tokenizer"], **extra), out_dir)
         say(f"saved {out_dir / 'ckpt.pt'} at iteration {iter_num} ({reason})")
 
-    t_start = time.perf_counter()
-
-    def elapsed():
-        return elapsed_before + time.perf_counter() - t_start
-
     records = []
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.quiet, unit="it",
                dynamic_ncols=True)
@@ -495,22 +520,15 @@ def run(cfg, rank, world, device, stop):
         lr = lr_at(cfg, iter_num)
         at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
         if at_eval and not (iter_num == start_iter and cfg.init_from == "resume"):
-            losses = estimate_loss(compiled, splits, cfg, device, rank, world)
-            if not all(map(math.isfinite, losses.values())):
-                raise TrainError(f"non-finite eval loss {losses} at iteration {iter_num}; stopped, keeping the "
-                                 f"last good checkpoint in {out_dir}")
-            record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
-                      "tokens": iter_num * tokens_per_iter, "elapsed_s": round(elapsed(), 3)}
+            record = evaluate(eval_model, splits, cfg, device, rank, world, iter_num, lr,
+                              iter_num * tokens_per_iter, elapsed())
             records.append(record)
-            history.append(record)
             if master:
-                with open(out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                plot_losses(history, out_dir / "loss.png")
-            (bar.write if not cfg.quiet and master else lambda s: None)(
-                f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
+                append_log(record, history, out_dir)
+            if not cfg.quiet and master:
+                bar.write(f"iter {iter_num}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
+            improved = record["val_loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, record["val_loss"])
             if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
                 save("val loss improved" if improved else "always_save_checkpoint")
             window_t, window_iters = time.perf_counter(), 0
