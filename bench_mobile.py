@@ -28,6 +28,7 @@ How the program is built (the ideas, top to bottom):
     of a block lower to byte-identical delegates, then point both DelegateCalls at ONE delegate
     (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
   * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
+    8da4w = the same activations with 4-bit weights in groups of 32 (torchao), half the bytes again.
 """
 import argparse
 import contextlib
@@ -57,7 +58,8 @@ from model import MobileLLM, config_from_dict, config_from_preset
 
 EXPORT_VERSION = 1                      # bump when the exported program changes, to invalidate the cache
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
-DTYPES = ("fp32", "int8")
+DTYPES = ("fp32", "int8", "8da4w")
+GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
 
 
 class BenchError(Exception):
@@ -315,6 +317,22 @@ def quantize_int8(module, example, dynamic_shapes):
     return convert_pt2e(graph)
 
 
+def quantize_8da4w(model):
+    """8-bit dynamic per-token activations, 4-bit weights in groups of GROUP_SIZE input channels (torchao's
+    Int8DynamicActivationIntxWeightConfig, which XNNPACK runs as a 4-bit GEMM). Works on a copy: the
+    head's tied weight becomes int4 while the embedding table stays float. Linears whose input width is
+    not a multiple of GROUP_SIZE stay fp32."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.utils import unwrap_tensor_subclass
+    model = copy.deepcopy(model)
+    model.output.weight = nn.Parameter(model.output.weight.detach().clone())   # untie on the copy only
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                           weight_granularity=PerGroup(GROUP_SIZE)),
+              filter_fn=lambda m, _: isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
+    return unwrap_tensor_subclass(model)
+
+
 @torch.no_grad()
 def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_len=None):
     """Lower a MobileLLM to an ExecuTorch program (bytes) with the XNNPACK delegate and a static KV cache.
@@ -326,6 +344,8 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
     from executorch.exir import to_edge_transform_and_lower
     if dtype not in DTYPES:
         raise BenchError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "8da4w":
+        model = quantize_8da4w(model)
     module = ExportLLM(model, max_seq_len, mark_pieces=share_blocks).eval()
     T = static_len or 2
     example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T))
@@ -489,11 +509,12 @@ def _timed(fn):
 
 def weight_bytes_per_token(config, dtype):
     """Bytes of weights a decode step streams if each *unique* weight is read once (a repeated block
-    that stays in cache is free): all linears + the LM head; int8 = 1 byte per weight (scales ignored)."""
+    that stays in cache is free): all linears + the LM head; int8 = 1 byte per weight, 8da4w half a byte
+    (scales ignored)."""
     per_block = (config.dim * config.head_dim * (config.n_heads * 2 + config.n_kv_heads * 2)
                  + config.dim * config.ffn_dim * (3 if config.ffn_type == "swiglu" else 2))
     weights = per_block * config.n_layers + config.vocab_size * config.dim
-    return weights * {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
+    return weights * {"fp32": 4, "bf16": 2, "int8": 1, "8da4w": 0.5}[dtype]
 
 
 # --- timing on an Android phone ----------------------------------------------------------------------
@@ -580,7 +601,8 @@ def main(argv=None):
     p.add_argument("--preset", default="mobilellm-125m", help="preset[:field=value+...] with random weights")
     p.add_argument("--ckpt", default="", help="our checkpoint (dir or file); int8 checkpoints are dequantized")
     p.add_argument("--compare", default="", help="comma-separated presets, timed in one run (overrides --preset)")
-    p.add_argument("--dtype", default="fp32,int8", help="fp32 and/or int8 (W8A8: dynamic per-token activations)")
+    p.add_argument("--dtype", default="fp32,int8",
+                   help="fp32, int8 (W8A8: dynamic per-token activations) and/or 8da4w (int4 weights, groups of 32)")
     p.add_argument("--lowering", default="shared", help="shared (identical block delegates shared) and/or naive")
     p.add_argument("--eager", default="", help="also time eager PyTorch in these dtypes, e.g. fp32,bf16")
     p.add_argument("--format", default="pte", choices=("pte", "ptl"))

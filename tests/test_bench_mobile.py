@@ -73,15 +73,20 @@ def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
     assert tokens == expected
 
 
-def test_pte_int8_close_to_eager(tiny, tmp_path):
-    """W8A8 (per-channel int8 weights, per-token int8 activations): logits within 5% of their range."""
-    data, info = bm.export_pte(tiny, "int8", MAX_SEQ_LEN)
+@pytest.mark.parametrize("dtype, tolerance", [("int8", 0.05), ("8da4w", 0.15)])
+def test_pte_quantized_close_to_eager(tiny, dtype, tolerance):
+    """W8A8 (per-channel int8 weights) and 8da4w (int4 weights in groups of 32), both with per-token int8
+    activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched."""
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    data, info = bm.export_pte(tiny, dtype, MAX_SEQ_LEN)
     assert info["delegates"] < info["delegate_calls"]
+    assert tiny.output.weight is tiny.tok_embeddings.weight                     # still tied
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     from executorch.runtime import Runtime
     method = Runtime.get().load_program(data).load_method("forward")
     for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
         err = (method.execute([tokens, pos])[0] - ref).abs().max().item()
-        assert 0 < err <= 0.05 * ref.abs().max().item()          # quantized (not exact), yet close
+        assert 0 < err <= tolerance * ref.abs().max().item()      # quantized (not exact), yet close
 
 
 def test_cached_pte_reuses_the_program(tiny, tmp_path, monkeypatch):
