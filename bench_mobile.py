@@ -38,7 +38,6 @@ import json
 import multiprocessing
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -429,7 +428,10 @@ def rss_mb():
 
 
 def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
+    fork + exec, so a spawned child would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def time_generation(step, prompt_len, new_tokens, runs, vocab_size):

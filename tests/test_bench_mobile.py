@@ -226,3 +226,12 @@ def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
     assert model.output.weight is model.tok_embeddings.weight                  # still tied, not untied
     w, ref = model.layers[0].feed_forward.w1.weight, float_model.layers[0].feed_forward.w1.weight
     assert 0 < (w - ref).abs().max() <= ref.abs().amax(dim=1).max() / 127      # int8 rounding, no more
+
+
+def test_peak_memory_of_a_fresh_process_is_its_own():
+    """The host table's memory column: a spawned child must not report its parent's peak (getrusage
+    would, on Linux: ru_maxrss survives fork + exec)."""
+    ballast = torch.ones(256 * 2**20 // 4)                   # 256 MB touched in this (parent) process
+    child_peak = bm.in_fresh_process(bm.peak_rss_mb)
+    assert bm.peak_rss_mb() - child_peak > 128, (bm.peak_rss_mb(), child_peak)
+    del ballast
