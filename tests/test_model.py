@@ -136,6 +136,21 @@ def test_kv_cache_decoding_equals_full_forward(share):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_decode_through_an_fp32_cache_close_to_fp32(dtype):
+    """sample.py --dtype float16/bfloat16 on CPU: half weights, fp32 KV cache; logits stay close to fp32."""
+    model = tiny_model()
+    idx = torch.randint(0, 97, (1, 12))
+    reference, _ = model(idx)
+    model.to(dtype).setup_cache(batch_size=1, max_seq_len=24)
+    assert model.caches[0].k.dtype == torch.float32
+    pieces = [model(idx[:, :5], input_pos=torch.arange(5))[0]]
+    pieces += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(5, 12)]
+    logits = torch.cat(pieces, dim=1)
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
 def test_ls_125m_decodes_through_60_cache_entries_with_30_blocks():
     with torch.device("meta"):
         model = MobileLLM(config_from_preset("mobilellm-125m-ls"))
