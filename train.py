@@ -440,21 +440,6 @@ def train(cfg: TrainConfig) -> list:
             dist.destroy_process_group()
 
 
-def build_model(cfg, config, device, world, say):
-    """(model, optimizer, the model to step (compiled, DDP-wrapped), iter_num, best val loss, seconds
-    trained so far, eval history): fresh, or restored from out_dir/ckpt.pt when init_from="resume"."""
-    torch.manual_seed(cfg.seed)
-    model = MobileLLM(config).to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    state = (0, math.inf, 0.0, [])
-    if cfg.init_from == "resume":
-        state = resume_state(cfg.out_dir, config, model, optimizer, device)
-        say(f"resuming from {Path(cfg.out_dir) / 'ckpt.pt'} at iteration {state[0]}")
-    compiled = torch.compile(model) if cfg.compile else model
-    train_model = DDP(compiled, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else compiled
-    return (model, optimizer, train_model, *state)
-
-
 def evaluate(model, splits, cfg, device, rank, world, iter_num, lr, tokens, elapsed_s):
     """One eval record: train and val loss on the fixed eval batches; a non-finite loss stops the run."""
     losses = estimate_loss(model, splits, cfg, device, rank, world)
@@ -482,10 +467,16 @@ def run(cfg, rank, world, device, stop):
     meta, splits = load_dataset(cfg)
     config = model_config(cfg, meta["vocab_size"])
     out_dir = Path(cfg.out_dir)
-    model, optimizer, train_model, iter_num, best_val_loss, elapsed_before, history = \
-        build_model(cfg, config, device, world, say)
+    torch.manual_seed(cfg.seed)
+    model = MobileLLM(config).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
+    if cfg.init_from == "resume":
+        iter_num, best_val_loss, elapsed_before, history = resume_state(out_dir, config, model, optimizer, device)
+        say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}")
     start_iter = iter_num
-    eval_model = train_model.module if world > 1 else train_model       # DDP's forward would sync buffers
+    eval_model = torch.compile(model) if cfg.compile else model         # evaluated without DDP's buffer sync
+    train_model = DDP(eval_model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else eval_model
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_per_iter = flops_per_token(config, cfg.block_size) * tokens_per_iter
