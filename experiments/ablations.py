@@ -367,10 +367,15 @@ def study_data(study, size, data_root, scratch):
     return f"{dataset}_top{vocab}", Path(scratch) / f"{dataset}_top{vocab}", vocab, notes
 
 
+def config_key(cfg):
+    """A model config with every ModelConfig default filled in, as a string: equal keys, equal models."""
+    return json.dumps(asdict(ModelConfig(**cfg)), sort_keys=True)
+
+
 def same_study(old, new):
     """Resume only runs of the very same study: data, training settings, model names and configs."""
     def models(result):
-        return [(v["name"], asdict(ModelConfig(**v["config"]))) for v in result["variants"]]
+        return [(v["name"], config_key(v["config"])) for v in result["variants"]]
     return all(old.get(k) == new[k] for k in ("dataset", "train")) and models(old) == models(new)
 
 
@@ -383,7 +388,7 @@ def finished_elsewhere(out_dir, result):
         other = json.loads(path.read_text())
         if other.get("study") == result["study"] or any(other.get(k) != result[k] for k in ("dataset", "train")):
             continue
-        configs = {v["name"]: json.dumps(asdict(ModelConfig(**v["config"])), sort_keys=True) for v in other["variants"]}
+        configs = {v["name"]: config_key(v["config"]) for v in other["variants"]}
         for run in other["runs"]:
             found.setdefault((configs[run["variant"]], run["seed"]), {**run, "reused_from": other["study"]})
     return found
@@ -411,7 +416,7 @@ def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=No
         todo = [] if plot_only else [(v, s) for v in variants for s in result["seeds"] if (v["name"], s) not in done]
         elsewhere = finished_elsewhere(out_dir, result) if todo else {}
         for v, seed in tqdm(todo, desc=f"{study}: training runs", disable=quick):
-            key = (json.dumps(v["config"], sort_keys=True), seed)
+            key = (config_key(v["config"]), seed)
             if key in elsewhere:
                 result["runs"].append({**elsewhere[key], "variant": v["name"]})
                 continue
