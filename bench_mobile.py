@@ -124,12 +124,16 @@ def load_source(args):
     return preset_model(args.preset, args.seed)
 
 
+def tensor_bytes(tensor):
+    return tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def source_hash(model):
     """Hash of config + weights: the cache key of an exported program."""
     h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(tensor))
     return h.hexdigest()[:16]
 
 
@@ -248,8 +252,7 @@ def delegate_signature(lowered):
     hashes, n_inputs = {}, 0
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in data:
-            tensor = values[data[node.name]].detach().contiguous()
-            text = "const " + hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest()
+            text = "const " + hashlib.sha256(tensor_bytes(values[data[node.name]])).hexdigest()
         elif node.op == "placeholder":
             text, n_inputs = f"input {n_inputs}", n_inputs + 1
         else:
@@ -422,16 +425,20 @@ def export_ptl(model, path, max_seq_len=256):
 
 # --- timing on the host ------------------------------------------------------------------------------
 
+def proc_status_mb(field):
+    """A memory line of /proc/self/status in MB: VmRSS (resident now) or VmHWM (peak resident). Not
+    getrusage's ru_maxrss for the peak: Linux carries that across fork + exec, so a spawned child would
+    report its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
+
+
 def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return proc_status_mb("VmRSS")
 
 
 def peak_rss_mb():
-    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
-    fork + exec, so a spawned child would report its parent's peak."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    return proc_status_mb("VmHWM")
 
 
 def time_generation(step, prompt_len, new_tokens, runs, vocab_size):
@@ -511,11 +518,11 @@ def _timed(fn):
 
 def weight_bytes_per_token(config, dtype):
     """Bytes of weights a decode step streams if each *unique* weight is read once (a repeated block
-    that stays in cache is free): all linears + the LM head; int8 = 1 byte per weight, 8da4w half a byte
-    (scales ignored)."""
-    per_block = (config.dim * config.head_dim * (config.n_heads * 2 + config.n_kv_heads * 2)
-                 + config.dim * config.ffn_dim * (3 if config.ffn_type == "swiglu" else 2))
-    weights = per_block * config.n_layers + config.vocab_size * config.dim
+    that stays in cache is free): every Linear of the model, LM head included; int8 = 1 byte per weight,
+    8da4w half a byte (scales ignored)."""
+    with torch.device("meta"):
+        model = MobileLLM(config)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return weights * {"fp32": 4, "bf16": 2, "int8": 1, "8da4w": 0.5}[dtype]
 
 

@@ -235,3 +235,12 @@ def test_peak_memory_of_a_fresh_process_is_its_own():
     child_peak = bm.in_fresh_process(bm.peak_rss_mb)
     assert bm.peak_rss_mb() - child_peak > 128, (bm.peak_rss_mb(), child_peak)
     del ballast
+
+
+def test_bandwidth_bound_counts_each_unique_weight_once():
+    """125M: 30 blocks of 576x(9+3+3+9)x64 attention and 3 x 576x1536 SwiGLU weights, plus the 32000x576 head."""
+    from model import config_from_preset
+    per_token = 30 * (576 * 64 * 24 + 3 * 576 * 1536) + 32000 * 576
+    assert bm.weight_bytes_per_token(config_from_preset("mobilellm-125m"), "int8") == per_token
+    assert bm.weight_bytes_per_token(config_from_preset("mobilellm-125m-ls"), "fp32") == 4 * per_token
+    assert bm.weight_bytes_per_token(config_from_preset("mobilellm-125m"), "8da4w") == per_token / 2
