@@ -125,6 +125,17 @@ def test_benchmark_runs_on_a_preset(capsys):
     assert "dtype bfloat16" in out and "(5 tokens)" in err
 
 
+
+def test_compiled_decode_step_decodes_like_eager():
+    torch._dynamo.reset()
+    model = tiny_model(share="immediate")
+    args = argparse.Namespace(max_new_tokens=12, temperature=0, top_k=None, top_p=None)
+    eager, _, _, _ = sample.generate_one(model, [1, 2, 3], args, None)
+    sample.compile_decode_step(model)
+    compiled, _, _, _ = sample.generate_one(model, [1, 2, 3], args, None)
+    assert compiled == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1     # one graph for every position
+
 def test_hf_dir_loads_through_load_model_and_tokenizer(tmp_path):
     import hf
     pytest.importorskip("safetensors")
