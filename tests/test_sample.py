@@ -128,6 +128,7 @@ def test_benchmark_runs_on_a_preset(capsys):
 
 def test_compiled_decode_step_decodes_like_eager():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = tiny_model(share="immediate")
     args = argparse.Namespace(max_new_tokens=12, temperature=0, top_k=None, top_p=None)
     eager, _, _, _ = sample.generate_one(model, [1, 2, 3], args, None)
