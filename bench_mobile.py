@@ -6,7 +6,7 @@ Table 7 does on an iPhone (load, init, execution time of 125M, LS-125M and a 60-
 Usage:
   python bench_mobile.py --preset mobilellm-125m --dtype fp32,int8            # export (cached) + host timing
   python bench_mobile.py --device host --compare mobilellm-125m,mobilellm-125m-ls,mobilellm-125m:n_layers=60 \
-      --dtype fp32,int8 --eager fp32,bf16 --threads 2                          # the README's table
+      --dtype fp32,int8 --eager fp32,bf16 --threads 2 --kernel-bound          # the README's table
   python bench_mobile.py --ckpt out-shakespeare --dtype int8 --out model.pte   # our checkpoint -> .pte
   python bench_mobile.py --ckpt out-quant/ckpt.pt --dtype int8                 # an int8 checkpoint (see below)
   python bench_mobile.py --preset mobilellm-125m --format ptl --out model.ptl   # TorchScript lite interpreter
@@ -29,6 +29,9 @@ How the program is built (the ideas, top to bottom):
     (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
   * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
     8da4w = the same activations with 4-bit weights in groups of 32 (torchao), half the bytes again.
+  * --kernel-bound: what the speed of XNNPACK's own matrix-vector products allows. A chain of FFN-shaped
+    products is lowered the same way (GemvChain) and timed reading new weights (cold, from DRAM) and
+    re-applying one pair through one shared delegate (hot, from cache, as an LS block's second application).
 """
 import argparse
 import contextlib
@@ -42,6 +45,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -156,6 +160,12 @@ def rotate_half_matrix(head_dim):
     return r
 
 
+def piece(name, on=True):
+    """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
+    import torch.fx.traceback as fx_traceback
+    return fx_traceback.annotate({"piece": name}) if on else contextlib.nullcontext()
+
+
 class ExportLLM(nn.Module):
     """forward(tokens (1, T), input_pos (T,) = start..start+T-1) -> logits of the last token (1, V), with a
     static KV cache inside. Holds the MobileLLM itself: its weights are exported as they are."""
@@ -172,11 +182,6 @@ class ExportLLM(nn.Module):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def piece(self, name):
-        """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
-        import torch.fx.traceback as fx_traceback
-        return fx_traceback.annotate({"piece": name}) if self.mark_pieces else contextlib.nullcontext()
-
     def rope(self, x, cos, sin):                                       # x: (1, T, H, D); cos, sin: (T, 1, D)
         return x * cos + F.linear(x, self.rotate_half) * sin
 
@@ -192,7 +197,7 @@ class ExportLLM(nn.Module):
         for i, b in enumerate(m.schedule):
             block, attn = m.layers[b], m.layers[b].attention
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            with self.piece(f"front{b}"):
+            with piece(f"front{b}", self.mark_pieces):
                 h = rms_norm(block.attention_norm, x)
                 q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)     # (1, T, H, D)
                 k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)  # (1, T, H_kv, D)
@@ -200,7 +205,7 @@ class ExportLLM(nn.Module):
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
             y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)      # (1, T, H, D)
-            with self.piece(f"back{b}"):
+            with piece(f"back{b}", self.mark_pieces):
                 x = x + attn.wo(y.view(1, -1, c.dim))
                 x = x + block.feed_forward(rms_norm(block.ffn_norm, x))                     # (1, T, C)
         return m.output(rms_norm(m.norm, x[:, -1:, :])).view(1, -1)                         # (1, V)
@@ -321,18 +326,23 @@ def quantize_int8(module, example, dynamic_shapes):
 
 def quantize_8da4w(model):
     """8-bit dynamic per-token activations, 4-bit weights in groups of GROUP_SIZE input channels (torchao's
-    Int8DynamicActivationIntxWeightConfig, which XNNPACK runs as a 4-bit GEMM). Works on a copy: the
-    head's tied weight becomes int4 while the embedding table stays float. Linears whose input width is
-    not a multiple of GROUP_SIZE stay fp32."""
+    Int8DynamicActivationIntxWeightConfig, which XNNPACK runs as a 4-bit GEMM), in place. Linears whose
+    input width is not a multiple of GROUP_SIZE stay fp32."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
     from torchao.utils import unwrap_tensor_subclass
-    model = copy.deepcopy(model)
-    model.output.weight = nn.Parameter(model.output.weight.detach().clone())   # untie on the copy only
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                            weight_granularity=PerGroup(GROUP_SIZE)),
               filter_fn=lambda m, _: isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
     return unwrap_tensor_subclass(model)
+
+
+def untied_copy(model):
+    """A copy whose LM head has its own weight: 8da4w makes the head int4 while the embedding table
+    stays float (the source model stays tied and untouched)."""
+    model = copy.deepcopy(model)
+    model.output.weight = nn.Parameter(model.output.weight.detach().clone())
+    return model
 
 
 @torch.no_grad()
@@ -342,17 +352,23 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
     the naive lowering. static_len: a fixed token count instead of a dynamic 1..max_seq_len-1 (for runners
     that fill the inputs themselves). Returns (bytes, info dict)."""
     require_executorch()
-    import torch.fx.traceback as fx_traceback
-    from executorch.exir import to_edge_transform_and_lower
     if dtype not in DTYPES:
         raise BenchError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "8da4w":
-        model = quantize_8da4w(model)
+        model = quantize_8da4w(untied_copy(model))
     module = ExportLLM(model, max_seq_len, mark_pieces=share_blocks).eval()
     T = static_len or 2
     example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
-    dynamic_shapes = None if static_len else ({1: seq}, {0: seq})
+    return lower(module, example, None if static_len else ({1: seq}, {0: seq}), dtype, share_blocks)
+
+
+@torch.no_grad()
+def lower(module, example, dynamic_shapes, dtype, share_blocks):
+    """torch.export `module` (int8: quantized on the way), lower it to XNNPACK (share_blocks: delegates cut
+    at its pieces, identical ones shared) and emit the program. Returns (bytes, info dict)."""
+    import torch.fx.traceback as fx_traceback
+    from executorch.exir import to_edge_transform_and_lower
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -516,14 +532,83 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def weight_bytes_per_token(config, dtype):
-    """Bytes of weights a decode step streams if each *unique* weight is read once (a repeated block
-    that stays in cache is free): every Linear of the model, LM head included; int8 = 1 byte per weight,
-    8da4w half a byte (scales ignored)."""
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1, "8da4w": 0.5}       # 8da4w: scales ignored
+
+
+def weight_reads_per_token(config, dtype, shared):
+    """(cold, hot) bytes of weights a decode step reads: every Linear once per block application, LM head
+    included. A block applied right after itself through the same weights (`shared`: eager PyTorch, or
+    the shared lowering) re-reads them while they are still in cache: hot. Everything else is cold."""
     with torch.device("meta"):
         model = MobileLLM(config)
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    return weights * {"fp32": 4, "bf16": 2, "int8": 1, "8da4w": 0.5}[dtype]
+
+    def linear_bytes(module):
+        weights = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+        return weights * BYTES_PER_WEIGHT[dtype]
+
+    cold, hot = linear_bytes(model.output), 0
+    for i, b in enumerate(model.schedule):
+        if shared and i > 0 and model.schedule[i - 1] == b:
+            hot += linear_bytes(model.layers[b])
+        else:
+            cold += linear_bytes(model.layers[b])
+    return cold, hot
+
+
+class GemvChain(nn.Module):
+    """n matrix-vector products shaped like a decode step's SwiGLU (dim -> ffn_dim -> dim), each up/down
+    pair its own piece. pairs=n: every product reads new weights (from DRAM, when n pairs are far larger
+    than the caches); pairs=1: one pair re-applied n times through ONE shared delegate, as the second
+    application of an LS block is (from cache)."""
+
+    def __init__(self, dim, ffn_dim, n, pairs):
+        super().__init__()
+        self.n = n
+        self.up = nn.ModuleList(nn.Linear(dim, ffn_dim, bias=False) for _ in range(pairs))
+        self.down = nn.ModuleList(nn.Linear(ffn_dim, dim, bias=False) for _ in range(pairs))
+
+    def forward(self, x):                                                    # x: (1, 1, dim)
+        for i in range(self.n):
+            with piece(f"apply{i}"):
+                x = self.down[i % len(self.up)](self.up[i % len(self.up)](x))
+        return x
+
+
+def gemv_chain_pte(config, dtype, mb, hot, seed=0):
+    """A GemvChain with `mb` MB of weights read per call, lowered like the models. Returns (bytes, info, n)."""
+    pair_bytes = 2 * config.dim * config.ffn_dim * BYTES_PER_WEIGHT[dtype]
+    n = max(2, round(mb * 2**20 / pair_bytes))
+    torch.manual_seed(seed)
+    chain = GemvChain(config.dim, config.ffn_dim, n, 1 if hot else n).eval()
+    if dtype == "8da4w":
+        chain = quantize_8da4w(chain)
+    data, info = lower(chain, (torch.randn(1, 1, config.dim),), None, dtype, share_blocks=True)
+    return data, info, n * pair_bytes
+
+
+def time_program(path, threads, inputs, runs=20):
+    """Median seconds of one execution of a program's forward, after three warm-ups."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+    _unsafe_reset_threadpool(threads)
+    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    times = [_timed(lambda: method.execute(inputs)) for _ in range(runs + 3)]
+    return statistics.median(times[3:])
+
+
+def gemv_gbs(config, dtype, threads, mb=64):
+    """What XNNPACK's matrix-vector products (this dtype, this model's FFN shape) stream on this host, as
+    (cold, hot) GB/s of weights: cold = new weights each time (`mb` MB of them per call), hot = one pair
+    re-applied from cache. A kernel that is bandwidth-bound runs far faster hot than cold."""
+    rates = []
+    for hot in (False, True):
+        data, _, nbytes = gemv_chain_pte(config, dtype, mb, hot)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "gemv.pte"
+            path.write_bytes(data)
+            seconds = in_fresh_process(time_program, str(path), threads, [torch.randn(1, 1, config.dim)])
+        rates.append(nbytes / seconds / 1e9)
+    return tuple(rates)
 
 
 # --- timing on an Android phone ----------------------------------------------------------------------
@@ -592,16 +677,21 @@ def android_rows(programs, runner, serial, runs, threads):
 
 # --- the table and the command line ------------------------------------------------------------------
 
-def format_table(rows, prompt_len, bandwidth):
+def format_table(rows, prompt_len, bandwidth, kernel_gbs):
+    """kernel_gbs: {dtype: (cold, hot) GB/s} from gemv_gbs; empty = no kernel-bound column."""
     head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
-            "| bound tok/s | mem MB |").format(P=prompt_len)
+            "| DRAM bound tok/s |{K} mem MB |").format(P=prompt_len, K=" kernel bound tok/s |" if kernel_gbs else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        bound = bandwidth * 1e9 / r["weight_bytes"]
+        cold, hot = r["weight_reads"]
         file_mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "-"
+        kernel = ""
+        if kernel_gbs:
+            rates = kernel_gbs.get(r["dtype"]) if "file_mb" in r else None
+            kernel = f" {1e9 / (cold / rates[0] + hot / rates[1]):.0f} |" if rates else " - |"
         lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
                      f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
-                     f"{1e3 / r['decode_ms']:.1f} | {bound:.0f} | {r['mem_mb']:.0f} |")
+                     f"{1e3 / r['decode_ms']:.1f} | {bandwidth * 1e9 / cold:.0f} |{kernel} {r['mem_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -624,6 +714,11 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; medians are reported")
     p.add_argument("--max-seq-len", type=int, default=256, help="static KV cache length in the program")
+    p.add_argument("--kernel-bound", action="store_true",
+                   help="also measure what XNNPACK's matrix-vector kernels stream (cold and from cache) and add "
+                        "the decode speed they allow as a column")
+    p.add_argument("--kernel-mb", type=float, default=64, help="MB of weights per call in that measurement "
+                                                               "(far above the last-level cache)")
     p.add_argument("--cache-dir", default=str(CACHE_DIR))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -682,7 +777,8 @@ def run(args):
                                            args.threads, model.config.vocab_size)
                     label = f"ExecuTorch {dtype}" + (f" ({lowering})" if model.config.share != "none" else "")
                     rows.append(dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20,
-                                     weight_bytes=weight_bytes_per_token(model.config, dtype)))
+                                     dtype=dtype, config=model.config,
+                                     weight_reads=weight_reads_per_token(model.config, dtype, lowering == "shared")))
         for dtype in [d for d in args.eager.split(",") if d]:
             if args.device != "host":
                 break
@@ -690,8 +786,8 @@ def run(args):
                 raise BenchError(f"--eager {dtype!r}: choose fp32 and/or bf16")
             row = in_fresh_process(host_eager_row, spec, args.seed, args.ckpt, dtype, args.max_seq_len,
                                    args.prompt_len, args.new_tokens, args.runs, args.threads)
-            rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}",
-                             weight_bytes=weight_bytes_per_token(model.config, dtype)))
+            rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}", dtype=dtype,
+                             weight_reads=weight_reads_per_token(model.config, dtype, shared=True)))
     if args.device == "android":
         timings = android_rows({"-".join(k): v for k, v in programs.items()}, args.runner, args.serial,
                                args.runs, args.threads)
@@ -702,9 +798,19 @@ def run(args):
             print(f"| {name} | ExecuTorch {dtype} ({lowering}) | {prefill:.1f} | {decode:.2f} | {1e3 / decode:.1f} |")
     elif rows:
         bandwidth = memory_bandwidth_gbs(args.threads)
-        print(f"\n{args.threads} threads, torch {torch.__version__}, measured read bandwidth {bandwidth:.1f} GB/s; "
-              f"bound = bandwidth / bytes of unique weights per token; median of {args.runs} runs after a warm-up\n")
-        print(format_table(rows, args.prompt_len, bandwidth))
+        print(f"\n{args.threads} threads, torch {torch.__version__}, median of {args.runs} runs after a warm-up; "
+              f"DRAM bound = measured read bandwidth {bandwidth:.1f} GB/s / bytes of weights read per token "
+              f"from DRAM (a block re-applied through the same weights is assumed to hit the cache)")
+        kernel_gbs = {}
+        if args.kernel_bound:
+            for r in rows:
+                if "file_mb" in r and r["dtype"] not in kernel_gbs:
+                    kernel_gbs[r["dtype"]] = gemv_gbs(r["config"], r["dtype"], args.threads, args.kernel_mb)
+                    print(f"XNNPACK {r['dtype']} matrix-vector products stream {kernel_gbs[r['dtype']][0]:.1f} GB/s "
+                          f"of new weights and {kernel_gbs[r['dtype']][1]:.1f} GB/s of weights in cache")
+            print("kernel bound = 1 / (cold bytes / cold GB/s + cached bytes / cached GB/s) per token")
+        print()
+        print(format_table(rows, args.prompt_len, bandwidth, kernel_gbs))
 
 
 if __name__ == "__main__":

@@ -216,6 +216,22 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--preset", "mobilellm-9t", "--device", "none"])
 
 
+
+def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
+    path, info = pte_fp32                                          # the same program main() would export
+    monkeypatch.setattr(bm, "export_pte", lambda *args: (path.read_bytes(), info))
+    monkeypatch.setattr(bm, "in_fresh_process", lambda fn, *args: fn(*args))   # spawning is tested above
+    bm.main(["--preset", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
+             "--prompt-len", "4", "--new-tokens", "2", "--runs", "1", "--max-seq-len", str(MAX_SEQ_LEN),
+             "--cache-dir", str(tmp_path), "--kernel-bound", "--kernel-mb", "0.1"])
+    out = capsys.readouterr().out
+    assert "XNNPACK fp32 matrix-vector products stream" in out
+    head, _, pte_row, eager_row = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in head][-3:] == ["DRAM bound tok/s", "kernel bound tok/s", "mem MB"]
+    assert "ExecuTorch fp32 (shared)" in pte_row[1] and "eager PyTorch fp32" in eager_row[1]
+    assert float(pte_row[-2]) > 0 and eager_row[-2].strip() == "-"       # kernel bound: ExecuTorch rows only
+    assert all(float(row[6]) > 0 for row in (pte_row, eager_row))       # decode ms/token
+
 def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
     from checkpoint import model_checkpoint, save_checkpoint
     from quantize import quantize_model
@@ -237,10 +253,30 @@ def test_peak_memory_of_a_fresh_process_is_its_own():
     del ballast
 
 
-def test_bandwidth_bound_counts_each_unique_weight_once():
+def test_weight_reads_count_each_block_application_and_which_are_cached():
     """125M: 30 blocks of 576x(9+3+3+9)x64 attention and 3 x 576x1536 SwiGLU weights, plus the 32000x576 head."""
     from model import config_from_preset
-    per_token = 30 * (576 * 64 * 24 + 3 * 576 * 1536) + 32000 * 576
-    assert bm.weight_bytes_per_token(config_from_preset("mobilellm-125m"), "int8") == per_token
-    assert bm.weight_bytes_per_token(config_from_preset("mobilellm-125m-ls"), "fp32") == 4 * per_token
-    assert bm.weight_bytes_per_token(config_from_preset("mobilellm-125m"), "8da4w") == per_token / 2
+    block = 576 * 64 * 24 + 3 * 576 * 1536
+    per_token = 30 * block + 32000 * 576
+    assert bm.weight_reads_per_token(config_from_preset("mobilellm-125m"), "int8", True) == (per_token, 0)
+    assert bm.weight_reads_per_token(config_from_preset("mobilellm-125m"), "8da4w", True) == (per_token / 2, 0)
+    ls = config_from_preset("mobilellm-125m-ls")
+    assert bm.weight_reads_per_token(ls, "fp32", shared=True) == (4 * per_token, 4 * 30 * block)
+    assert bm.weight_reads_per_token(ls, "fp32", shared=False) == (4 * (per_token + 30 * block), 0)
+    repeat_all = config_from_preset("mobilellm-125m-ls", share="repeat_all")      # re-applied after all others
+    assert bm.weight_reads_per_token(repeat_all, "int8", shared=True) == (per_token + 30 * block, 0)
+
+
+@pytest.mark.parametrize("hot", [False, True])
+def test_gemv_chain_computes_its_products_and_the_hot_one_shares_one_delegate(tiny, hot, tmp_path):
+    config = tiny.config
+    data, info, nbytes = bm.gemv_chain_pte(config, "fp32", mb=0.1, hot=hot)
+    n = info["delegate_calls"]
+    assert n >= 2 and nbytes == n * 2 * config.dim * config.ffn_dim * 4
+    assert info["delegates"] == (1 if hot else n)                # the hot chain re-reads ONE packed pair
+    torch.manual_seed(0)
+    chain = bm.GemvChain(config.dim, config.ffn_dim, n, 1 if hot else n).eval()
+    path = tmp_path / "chain.pte"
+    path.write_bytes(data)
+    x = torch.randn(1, 1, config.dim)
+    torch.testing.assert_close(load_method(path).execute([x])[0], chain(x), rtol=1e-4, atol=1e-5)
