@@ -747,6 +747,8 @@ def run(args):
     specs = [s for s in args.compare.split(",") if s] if args.compare else [args.preset]
     if args.ckpt and args.compare:
         raise BenchError("--compare takes presets; give --ckpt alone")
+    if args.kernel_bound and args.device != "host":
+        raise BenchError("--kernel-bound times XNNPACK's kernels on this host: use it with --device host")
     if args.format == "ptl":
         model = checked_source(args, args.preset)
         out = export_ptl(model, args.out or "model.ptl", args.max_seq_len)

@@ -62,7 +62,7 @@ def compile_decode_step(model):
     """torch.compile the one-token decode step (static shapes: compiled once per cache length); the
     prompt's prefill stays eager, so a new prompt length costs no recompilation. On CPU the compiled step
     is launched from inductor's C++ wrapper instead of Python: a 30-layer step is hundreds of small
-    kernels, and calling them from Python costs about 15% of the decode time here (README)."""
+    kernels, and calling them from Python costs about 10% of the decode time here (README)."""
     cpu = model.norm.weight.device.type == "cpu"
     eager = model.forward
     compiled = torch.compile(model.forward, dynamic=False, options={"cpp_wrapper": cpu})

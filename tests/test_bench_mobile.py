@@ -214,6 +214,8 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--preset", TINY_LS, "--prompt-len", "300"])
     with pytest.raises(SystemExit, match="unknown preset"):
         bm.main(["--preset", "mobilellm-9t", "--device", "none"])
+    with pytest.raises(SystemExit, match="use it with --device host"):
+        bm.main(["--preset", TINY_LS, "--device", "none", "--kernel-bound"])
 
 
 
