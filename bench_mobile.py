@@ -575,7 +575,8 @@ class GemvChain(nn.Module):
 
 
 def gemv_chain_pte(config, dtype, mb, hot, seed=0):
-    """A GemvChain with `mb` MB of weights read per call, lowered like the models. Returns (bytes, info, n)."""
+    """A GemvChain with `mb` MB of weights read per call, lowered like the models. Returns (program bytes,
+    info dict, bytes of weights read per call)."""
     pair_bytes = 2 * config.dim * config.ffn_dim * BYTES_PER_WEIGHT[dtype]
     n = max(2, round(mb * 2**20 / pair_bytes))
     torch.manual_seed(seed)
@@ -677,21 +678,18 @@ def android_rows(programs, runner, serial, runs, threads):
 
 # --- the table and the command line ------------------------------------------------------------------
 
-def format_table(rows, prompt_len, bandwidth, kernel_gbs):
-    """kernel_gbs: {dtype: (cold, hot) GB/s} from gemv_gbs; empty = no kernel-bound column."""
+def format_table(rows, prompt_len, bandwidth, kernel_column):
+    """kernel_column: add the kernel bound (rows without one, eager PyTorch, show '-')."""
     head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
-            "| DRAM bound tok/s |{K} mem MB |").format(P=prompt_len, K=" kernel bound tok/s |" if kernel_gbs else "")
+            "| DRAM bound tok/s |{K} mem MB |").format(P=prompt_len, K=" kernel bound tok/s |" if kernel_column else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cold, hot = r["weight_reads"]
         file_mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "-"
-        kernel = ""
-        if kernel_gbs:
-            rates = kernel_gbs.get(r["dtype"]) if "file_mb" in r else None
-            kernel = f" {1e9 / (cold / rates[0] + hot / rates[1]):.0f} |" if rates else " - |"
+        kernel = (f" {r['kernel_tok_s']:.0f} |" if "kernel_tok_s" in r else " - |") if kernel_column else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
                      f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
-                     f"{1e3 / r['decode_ms']:.1f} | {bandwidth * 1e9 / cold:.0f} |{kernel} {r['mem_mb']:.0f} |")
+                     f"{1e3 / r['decode_ms']:.1f} | {bandwidth * 1e9 / r['dram_bytes']:.0f} |{kernel} "
+                     f"{r['mem_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -755,7 +753,7 @@ def run(args):
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB)")
         return
     require_executorch()
-    rows, programs = [], {}
+    rows, programs, kernel_gbs = [], {}, {}
     for spec in tqdm(specs, desc="export", disable=len(specs) < 2):
         model = checked_source(args, spec)
         name = Path(args.ckpt).name if args.ckpt else spec
@@ -778,9 +776,16 @@ def run(args):
                     row = in_fresh_process(host_pte_row, str(path), args.prompt_len, args.new_tokens, args.runs,
                                            args.threads, model.config.vocab_size)
                     label = f"ExecuTorch {dtype}" + (f" ({lowering})" if model.config.share != "none" else "")
-                    rows.append(dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20,
-                                     dtype=dtype, config=model.config,
-                                     weight_reads=weight_reads_per_token(model.config, dtype, lowering == "shared")))
+                    cold, hot = weight_reads_per_token(model.config, dtype, lowering == "shared")
+                    row = dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20, dram_bytes=cold)
+                    if args.kernel_bound:
+                        shape = (dtype, model.config.dim, model.config.ffn_dim)
+                        if shape not in kernel_gbs:
+                            kernel_gbs[shape] = gemv_gbs(model.config, dtype, args.threads, args.kernel_mb)
+                            print(f"XNNPACK {dtype} matrix-vector products stream {kernel_gbs[shape][0]:.1f} GB/s "
+                                  f"of new weights and {kernel_gbs[shape][1]:.1f} GB/s of weights in cache")
+                        row["kernel_tok_s"] = 1e9 / (cold / kernel_gbs[shape][0] + hot / kernel_gbs[shape][1])
+                    rows.append(row)
         for dtype in [d for d in args.eager.split(",") if d]:
             if args.device != "host":
                 break
@@ -788,8 +793,8 @@ def run(args):
                 raise BenchError(f"--eager {dtype!r}: choose fp32 and/or bf16")
             row = in_fresh_process(host_eager_row, spec, args.seed, args.ckpt, dtype, args.max_seq_len,
                                    args.prompt_len, args.new_tokens, args.runs, args.threads)
-            rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}", dtype=dtype,
-                             weight_reads=weight_reads_per_token(model.config, dtype, shared=True)))
+            rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}",
+                             dram_bytes=weight_reads_per_token(model.config, dtype, shared=True)[0]))
     if args.device == "android":
         timings = android_rows({"-".join(k): v for k, v in programs.items()}, args.runner, args.serial,
                                args.runs, args.threads)
@@ -803,16 +808,10 @@ def run(args):
         print(f"\n{args.threads} threads, torch {torch.__version__}, median of {args.runs} runs after a warm-up; "
               f"DRAM bound = measured read bandwidth {bandwidth:.1f} GB/s / bytes of weights read per token "
               f"from DRAM (a block re-applied through the same weights is assumed to hit the cache)")
-        kernel_gbs = {}
         if args.kernel_bound:
-            for r in rows:
-                if "file_mb" in r and r["dtype"] not in kernel_gbs:
-                    kernel_gbs[r["dtype"]] = gemv_gbs(r["config"], r["dtype"], args.threads, args.kernel_mb)
-                    print(f"XNNPACK {r['dtype']} matrix-vector products stream {kernel_gbs[r['dtype']][0]:.1f} GB/s "
-                          f"of new weights and {kernel_gbs[r['dtype']][1]:.1f} GB/s of weights in cache")
             print("kernel bound = 1 / (cold bytes / cold GB/s + cached bytes / cached GB/s) per token")
         print()
-        print(format_table(rows, args.prompt_len, bandwidth, kernel_gbs))
+        print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound))
 
 
 if __name__ == "__main__":

@@ -218,7 +218,6 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--preset", TINY_LS, "--device", "none", "--kernel-bound"])
 
 
-
 def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     path, info = pte_fp32                                          # the same program main() would export
     monkeypatch.setattr(bm, "export_pte", lambda *args: (path.read_bytes(), info))
@@ -233,6 +232,7 @@ def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     assert "ExecuTorch fp32 (shared)" in pte_row[1] and "eager PyTorch fp32" in eager_row[1]
     assert float(pte_row[-2]) > 0 and eager_row[-2].strip() == "-"       # kernel bound: ExecuTorch rows only
     assert all(float(row[6]) > 0 for row in (pte_row, eager_row))       # decode ms/token
+
 
 def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
     from checkpoint import model_checkpoint, save_checkpoint
