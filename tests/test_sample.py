@@ -125,7 +125,6 @@ def test_benchmark_runs_on_a_preset(capsys):
     assert "dtype bfloat16" in out and "(5 tokens)" in err
 
 
-
 def test_compiled_decode_step_decodes_like_eager():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -136,6 +135,9 @@ def test_compiled_decode_step_decodes_like_eager():
     compiled, _, _, _ = sample.generate_one(model, [1, 2, 3], args, None)
     assert compiled == eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1     # one graph for every position
+    linears = 7 * len(model.schedule) + 1       # wq wk wv wo w1 w2 w3 per block application, and the head
+    assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] == linears    # all as matrix-vector loops
+
 
 def test_hf_dir_loads_through_load_model_and_tokenizer(tmp_path):
     import hf
