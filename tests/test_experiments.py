@@ -149,3 +149,16 @@ def test_cpu_lock_is_shared_while_training_exclusive_while_timing_and_fair_to_wa
         assert not can_take(lock_path, fcntl.LOCK_SH)
         assert not can_take(tmp_path / "cpu.turnstile", fcntl.LOCK_EX)   # new shared jobs queue behind it
     assert can_take(lock_path, fcntl.LOCK_EX) and can_take(tmp_path / "cpu.turnstile", fcntl.LOCK_EX)
+
+
+def test_decode_gemv_times_three_ways_to_run_the_same_products(capsys):
+    from experiments import decode_gemv
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = decode_gemv.main(["--dtypes", "float32,float16", "--dim", "32", "--out_dim", "48",
+                                "--mb", "0.02", "--rounds", "2"])          # 3 fp32 and 7 fp16 matrices
+    assert set(results) == {"float32", "float16"}
+    assert all(v > 0 for gbs in results.values() for v in gbs.values())
+    n = round(0.02 * 2**20 / (32 * 48 * 4)) + round(0.02 * 2**20 / (32 * 48 * 2))
+    assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] == n   # only the decomposed variant
+    assert capsys.readouterr().out.count("x |") == 2

@@ -162,3 +162,33 @@ def test_repo_id_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(hub, "hf_hub_download", offline)
     with pytest.raises(RuntimeError, match="Offline\\? Give a local HF-format dir"):
         hf.load_hf("facebook/MobileLLM-125M")
+
+
+def test_repo_id_downloads_config_tokenizer_and_one_weights_format(tmp_path, monkeypatch):
+    """A fake hub serves a Meta-style repo (a broken safetensors beside pytorch_model.bin, no tokenizer):
+    load_hf fetches config.json, asks for tokenizer.model, takes pytorch_model.bin and nothing else."""
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    meta_style_dir(repo, random_llama_weights(), True)
+    (repo / "model.safetensors").write_bytes(b"broken conversion")
+    cache, asked = tmp_path / "cache", []
+
+    def fake_download(repo_id, filename, revision=None):
+        asked.append(filename)
+        assert repo_id == "facebook/MobileLLM-tiny-layer-share" and revision == "v1"
+        if not (repo / filename).is_file():     # the hub's 404 (built without the HTTP response it wraps)
+            missing = RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)
+            Exception.__init__(missing, f"404: {repo_id} has no {filename}")
+            raise missing
+        cache.mkdir(exist_ok=True)
+        (cache / filename).write_bytes((repo / filename).read_bytes())
+        return str(cache / filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    model, tokenizer = hf.load_hf("facebook/MobileLLM-tiny-layer-share", revision="v1")
+    assert asked == ["config.json", "tokenizer.model", "pytorch_model.bin"] and tokenizer is None
+    assert model.config.share == "immediate"
+    torch.testing.assert_close(model.tok_embeddings.weight,
+                               torch.load(repo / "pytorch_model.bin", weights_only=True)["model.embed_tokens.weight"].float())
