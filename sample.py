@@ -145,7 +145,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weights are converted to this dtype (float16/bfloat16 halve the bytes read per token; "
-                        "on AVX2 CPUs float16 with --compile decodes fastest)")
+                        "on this AVX2 CPU float16 or bfloat16 with --compile decodes fastest)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--meta_ls_cache", action="store_true",
                    help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
