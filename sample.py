@@ -64,7 +64,7 @@ def compile_decode_step(model):
     options (README):
     - decompose_mm_pass: one token makes every linear a matrix-vector product. Inductor then writes it as
       its own fused multiply-and-sum loop instead of calling the BLAS kernel, which streams the weights
-      1.4x (fp16) to 2.2x (fp32) faster on this AVX2 CPU. Only matrices up to 2048 wide: not the LM head.
+      1.3x (fp16) to 2x (fp32) faster on this AVX2 CPU. Only matrices up to 2048 wide: not the LM head.
     - cpp_wrapper: the step's hundreds of small kernels are launched from C++, not Python (about +10%)."""
     cpu = model.norm.weight.device.type == "cpu"
     options = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}} if cpu else {}
