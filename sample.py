@@ -27,6 +27,7 @@ from tokenizer import load_tokenizer
 
 HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a missing .pt path
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   # inductor: see compile_decode_step
 
 
 def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
@@ -67,7 +68,7 @@ def compile_decode_step(model):
       1.3x (fp16) to 2x (fp32) faster on this AVX2 CPU. Only matrices up to 2048 wide: not the LM head.
     - cpp_wrapper: the step's hundreds of small kernels are launched from C++, not Python (about +10%)."""
     cpu = model.norm.weight.device.type == "cpu"
-    options = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}} if cpu else {}
+    options = {"cpp_wrapper": True, **MATRIX_VECTOR_LOOPS} if cpu else {}
     eager = model.forward
     compiled = torch.compile(model.forward, dynamic=False, options=options)
 

@@ -12,13 +12,16 @@ Three ways to run the same chain of products, timed in alternation in one proces
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECOMPOSE = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # sample.py lives at the repo root
+from sample import MATRIX_VECTOR_LOOPS  # noqa: E402
 
 
 class Chain(nn.Module):
@@ -36,7 +39,7 @@ def variants(weights):
     """name -> callable; one Chain per variant, so torch.compile keeps a compiled graph for each."""
     return {"eager": Chain(weights),
             "compiled": torch.compile(Chain(weights), dynamic=False),
-            "decomposed": torch.compile(Chain(weights), dynamic=False, options=DECOMPOSE)}
+            "decomposed": torch.compile(Chain(weights), dynamic=False, options=MATRIX_VECTOR_LOOPS)}
 
 
 @torch.no_grad()
