@@ -162,3 +162,67 @@ def test_decode_gemv_times_three_ways_to_run_the_same_products(capsys):
     n = round(0.02 * 2**20 / (32 * 48 * 4)) + round(0.02 * 2**20 / (32 * 48 * 2))
     assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] == n   # only the decomposed variant
     assert capsys.readouterr().out.count("x |") == 2
+
+
+def llama_cpp_rope(x, positions, theta):
+    """llama.cpp's LLaMA rotary embedding, written from its definition: neighbours (x[2i], x[2i+1]) are
+    rotated by position * theta^(-2i/D). x: (T, H, D)."""
+    D = x.size(-1)
+    angles = positions[:, None].float() * theta ** (-torch.arange(0, D, 2).float() / D)      # (T, D/2)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]                                  # (T, 1, D/2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
+
+
+def test_llama_cpp_rope_on_reordered_weights_gives_our_attention_scores():
+    from experiments.llama_cpp_reference import rope_pairs_adjacent
+    from model import apply_rope, rope_tables
+    torch.manual_seed(0)
+    n_heads, n_kv, D, dim, T = 4, 2, 16, 32, 5
+    wq, wk, h = torch.randn(n_heads * D, dim), torch.randn(n_kv * D, dim), torch.randn(T, dim)
+    cos, sin = rope_tables(D, T, 10000.0)
+    ours_q = apply_rope((h @ wq.T).view(1, T, n_heads, D).transpose(1, 2), cos, sin)[0]      # (H, T, D)
+    ours_k = apply_rope((h @ wk.T).view(1, T, n_kv, D).transpose(1, 2), cos, sin)[0]
+    theirs_q = llama_cpp_rope((h @ rope_pairs_adjacent(wq, n_heads).T).view(T, n_heads, D), torch.arange(T),
+                              10000.0).transpose(0, 1)
+    theirs_k = llama_cpp_rope((h @ rope_pairs_adjacent(wk, n_kv).T).view(T, n_kv, D), torch.arange(T),
+                              10000.0).transpose(0, 1)
+    group = n_heads // n_kv
+    ours = ours_q @ ours_k.repeat_interleave(group, 0).transpose(1, 2)                       # (H, T, T)
+    theirs = theirs_q @ theirs_k.repeat_interleave(group, 0).transpose(1, 2)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    unordered = llama_cpp_rope((h @ wq.T).view(T, n_heads, D), torch.arange(T), 10000.0).transpose(0, 1)
+    assert not torch.allclose(unordered @ theirs_k.repeat_interleave(group, 0).transpose(1, 2), ours, atol=1e-2)
+
+
+def test_llama_cpp_gguf_has_one_llama_layer_per_block_application(tmp_path):
+    import gguf
+    from experiments import llama_cpp_reference as ref
+    torch.manual_seed(0)
+    model = MobileLLM(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                                  block_size=64, share="immediate")).eval()
+    ref.write_gguf(model, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 4   # b0 b0 b1 b1
+    assert fields["llama.attention.head_count_kv"] == 2 and len(fields["tokenizer.ggml.tokens"]) == 300
+    tensors = {t.name: np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
+    assert len(tensors) == 2 + 9 * 4 and "output.weight" not in tensors                  # tied: stored once
+    np.testing.assert_array_equal(tensors["blk.3.ffn_down.weight"], model.layers[1].feed_forward.w2.weight.detach().numpy())
+    np.testing.assert_array_equal(tensors["blk.2.attn_k.weight"], tensors["blk.3.attn_k.weight"])
+    np.testing.assert_array_equal(tensors["token_embd.weight"], model.tok_embeddings.weight.detach().numpy())
+    with pytest.raises(ref.BenchError, match="too small"):
+        ref.write_gguf(MobileLLM(ModelConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                             ffn_dim=48, block_size=64)), tmp_path / "small.gguf")
+
+
+def test_llama_cpp_reference_reads_llama_bench_json_and_names_a_missing_build(tmp_path, capsys):
+    from experiments import llama_cpp_reference as ref
+    sample = [{"n_prompt": 64, "n_gen": 0, "n_depth": 0, "avg_ts": 812.5},
+              {"n_prompt": 0, "n_gen": 32, "n_depth": 64, "avg_ts": 151.25}]
+    assert ref.parse_bench_json(json.dumps(sample)) == {"prefill": 812.5, "decode": 151.25}
+    with pytest.raises(ref.BenchError, match="llama-quantize not found"):
+        ref.llama_tool(tmp_path, "llama-quantize")
+    with pytest.raises(SystemExit):
+        ref.main(["--llama-cpp", str(tmp_path), "--quant", "Q9"])
+    assert "unknown ['Q9']" in capsys.readouterr().err

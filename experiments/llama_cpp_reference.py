@@ -1,0 +1,202 @@
+"""
+The peer a user would pick instead of ExecuTorch for CPU decoding, llama.cpp, timed on the same model on
+this host, so that bench_mobile.py's tables have a reference measured on the same machine.
+
+MobileLLM is LLaMA-shaped (RMSNorm, rotary attention with grouped KV heads, SwiGLU, tied embedding), so
+it is written as a GGUF file of llama.cpp's LLaMA architecture (the `gguf` package), quantized with
+llama.cpp's llama-quantize and timed with its llama-bench: a --prompt-len prompt, and --new-tokens
+generated after a prompt of that length (llama-bench's pp and tg tests, the latter at depth --prompt-len).
+llama.cpp has no layer sharing: a layer-shared model is written with each block once per application
+(an LS-125M GGUF is a 60-layer file). The vocabulary is a placeholder (LLaMA-2's layout: <unk> <s> </s>,
+256 byte tokens, then dummy pieces): llama-bench feeds token ids, never text.
+
+  python experiments/llama_cpp_reference.py --llama-cpp ~/llama.cpp/build/bin --preset mobilellm-125m
+  python experiments/llama_cpp_reference.py --llama-cpp BIN --compare mobilellm-125m,mobilellm-125m:n_layers=60 \
+      --quant Q8_0 --threads 2
+  python experiments/llama_cpp_reference.py --llama-cpp BIN --ckpt out-shakespeare --quant F32,Q8_0
+
+Getting llama.cpp (a CPU build; the README's figures used the llama.cpp vendored in llama-cpp-python 0.3.36):
+  git clone https://github.com/ggml-org/llama.cpp && cd llama.cpp
+  cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j --target llama-bench llama-quantize
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
+from bench_mobile import BenchError, load_source, source_hash  # noqa: E402
+
+QUANTS = ("F32", "F16", "Q8_0", "Q4_0")       # llama-quantize's names
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]     # LLaMA-2's ids 0, 1, 2
+
+
+def rope_pairs_adjacent(weight, n_heads):
+    """Reorder the output rows of wq or wk (n_heads * D, dim) for llama.cpp's rotary embedding.
+    model.py rotates each head's halves (dims i and i + D/2 form a pair); llama.cpp's LLaMA rotates
+    neighbours (2i, 2i + 1). Moving row i to 2i and row i + D/2 to 2i + 1 gives the same rotated pairs,
+    and the same reordering of q and k leaves every attention score q.k unchanged."""
+    out, dim = weight.shape
+    return weight.reshape(n_heads, 2, out // n_heads // 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+def gguf_tensors(model):
+    """GGUF tensor name -> weight, in llama.cpp's LLaMA layout, one blk.i per block application."""
+    c = model.config
+    if c.ffn_type != "swiglu":
+        raise BenchError(f"llama.cpp's LLaMA architecture needs ffn_type='swiglu', got {c.ffn_type!r}")
+    tensors = {"token_embd.weight": model.tok_embeddings.weight, "output_norm.weight": model.norm.weight}
+    if not c.tie_embeddings:                        # tied: llama.cpp reuses token_embd as the output
+        tensors["output.weight"] = model.output.weight
+    for i, b in enumerate(model.schedule):
+        block = model.layers[b]
+        attn, ffn = block.attention, block.feed_forward
+        tensors.update({
+            f"blk.{i}.attn_norm.weight": block.attention_norm.weight,
+            f"blk.{i}.attn_q.weight": rope_pairs_adjacent(attn.wq.weight, c.n_heads),
+            f"blk.{i}.attn_k.weight": rope_pairs_adjacent(attn.wk.weight, c.n_kv_heads),
+            f"blk.{i}.attn_v.weight": attn.wv.weight,
+            f"blk.{i}.attn_output.weight": attn.wo.weight,
+            f"blk.{i}.ffn_norm.weight": block.ffn_norm.weight,
+            f"blk.{i}.ffn_gate.weight": ffn.w1.weight,          # SwiGLU: w2(silu(w1 x) * w3 x)
+            f"blk.{i}.ffn_up.weight": ffn.w3.weight,
+            f"blk.{i}.ffn_down.weight": ffn.w2.weight,
+        })
+    return {name: t.detach().float().contiguous().numpy() for name, t in tensors.items()}
+
+
+def placeholder_vocab(vocab_size):
+    """(pieces, scores, types) shaped like LLaMA-2's SentencePiece vocabulary."""
+    import gguf
+    n_fixed = len(SPECIAL_TOKENS) + 256
+    if vocab_size <= n_fixed:
+        raise BenchError(f"vocab_size {vocab_size} is too small for a LLaMA vocabulary (> {n_fixed} needed)")
+    pieces = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"\u2581t{i}" for i in range(vocab_size - n_fixed)]
+    kind = gguf.TokenType
+    types = [kind.UNKNOWN, kind.CONTROL, kind.CONTROL] + [kind.BYTE] * 256
+    types += [kind.NORMAL] * (vocab_size - n_fixed)
+    return pieces, [0.0] * vocab_size, types
+
+
+def write_gguf(model, path):
+    """The model as an F32 GGUF file (LLaMA architecture), written atomically."""
+    import gguf
+    c, path = model.config, Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.dim)
+    writer.add_block_count(len(model.schedule))
+    writer.add_feed_forward_length(c.ffn_dim)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    pieces, scores, types = placeholder_vocab(c.vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for name, array in gguf_tensors(model).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+
+
+def llama_tool(bin_dir, name):
+    path = Path(bin_dir).expanduser() / name
+    if not path.is_file():
+        raise BenchError(f"{path} not found: --llama-cpp is llama.cpp's build/bin (see this file's docstring)")
+    return str(path)
+
+
+def gguf_files(model, quants, bin_dir, out_dir):
+    """{quant: path} for the model, written (F32) and quantized once per weights and kept in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f32 = out_dir / f"{source_hash(model)}-F32.gguf"
+    if not f32.is_file():
+        write_gguf(model, f32)
+    paths = {}
+    for quant in quants:
+        paths[quant] = f32 if quant == "F32" else out_dir / f"{source_hash(model)}-{quant}.gguf"
+        if not paths[quant].is_file():
+            tmp = paths[quant].with_name(f".{paths[quant].name}.tmp{os.getpid()}")
+            run_tool([llama_tool(bin_dir, "llama-quantize"), str(f32), str(tmp), quant])
+            tmp.replace(paths[quant])
+    return paths
+
+
+def run_tool(cmd):
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise BenchError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def parse_bench_json(text):
+    """llama-bench -o json -> {"prefill": tok/s, "decode": tok/s} (a pp test has n_gen 0, a tg test n_prompt 0)."""
+    speeds = {}
+    for test in json.loads(text):
+        speeds["decode" if test["n_gen"] else "prefill"] = test["avg_ts"]
+    return speeds
+
+
+def bench(bin_dir, path, threads, prompt_len, new_tokens, runs):
+    cmd = [llama_tool(bin_dir, "llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt_len),
+           "-n", "0", "-r", str(runs), "-o", "json"]
+    speeds = parse_bench_json(run_tool(cmd))
+    cmd[cmd.index("-p") + 1], cmd[cmd.index("-n") + 1] = "0", str(new_tokens)
+    speeds.update(parse_bench_json(run_tool(cmd + ["-d", str(prompt_len)])))      # generate after the prompt
+    return speeds
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llama-cpp", required=True, help="folder with llama-bench and llama-quantize")
+    p.add_argument("--preset", default="mobilellm-125m", help="model preset (random weights), e.g. mobilellm-125m")
+    p.add_argument("--compare", default="", help="comma-separated presets, one table")
+    p.add_argument("--ckpt", default="", help="our checkpoint instead of a preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", default="F32,F16,Q8_0,Q4_0", help=f"comma-separated, from {QUANTS}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--out-dir", default="out-llamacpp", help="where the GGUF files are kept")
+    args = p.parse_args(argv)
+    quants = args.quant.split(",")
+    if bad := [q for q in quants if q not in QUANTS]:
+        p.error(f"--quant: unknown {bad}; choose from {QUANTS}")
+    specs = args.compare.split(",") if args.compare else [args.preset]
+    print(f"| model | llama.cpp | file MB | prefill {args.prompt_len} tok/s | decode tok/s |")
+    print("|---|---|---|---|---|")
+    try:
+        for spec in specs:
+            with torch.no_grad():
+                model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed))
+            for quant, path in gguf_files(model, quants, args.llama_cpp, args.out_dir).items():
+                s = bench(args.llama_cpp, path, args.threads, args.prompt_len, args.new_tokens, args.runs)
+                name = args.ckpt or spec
+                print(f"| {name} | {quant} | {path.stat().st_size / 1e6:.0f} | {s['prefill']:.0f} | "
+                      f"{s['decode']:.1f} |", flush=True)
+    except BenchError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
