@@ -29,6 +29,8 @@ How the program is built (the ideas, top to bottom):
     (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
   * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
     8da4w = the same activations with 4-bit weights in groups of 32 (torchao), half the bytes again.
+    Both look tokens up in an int8 copy of the tied embedding (a scale per row): the lookup is not an
+    XNNPACK op, so the table is stored apart from the head's packed weights, but in 1 byte, not 4.
   * --kernel-bound: what the speed of XNNPACK's own matrix-vector products allows. A chain of FFN-shaped
     products is lowered the same way (GemvChain) and timed reading new weights (cold, from DRAM) and
     re-applying one pair through one shared delegate (hot, from cache, as an LS block's second application).
@@ -59,7 +61,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, load_model
 from model import MobileLLM, config_from_dict, config_from_preset
 
-EXPORT_VERSION = 1                      # bump when the exported program changes, to invalidate the cache
+EXPORT_VERSION = {"fp32": 1, "int8": 2, "8da4w": 2}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 DTYPES = ("fp32", "int8", "8da4w")
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
@@ -170,17 +172,28 @@ class ExportLLM(nn.Module):
     """forward(tokens (1, T), input_pos (T,) = start..start+T-1) -> logits of the last token (1, V), with a
     static KV cache inside. Holds the MobileLLM itself: its weights are exported as they are."""
 
-    def __init__(self, model, max_seq_len, mark_pieces=False):
+    def __init__(self, model, max_seq_len, mark_pieces=False, int8_embedding=False):
         super().__init__()
         c = model.config
         if max_seq_len > c.block_size:
             raise BenchError(f"max_seq_len ({max_seq_len}) exceeds the model's block_size ({c.block_size})")
         self.model, self.max_seq_len, self.mark_pieces = model, max_seq_len, mark_pieces
+        self.int8_embedding = int8_embedding
+        if int8_embedding:              # quantize.py's int8 embedding: symmetric per row, as the int8 head
+            from quantize import quantize_per_channel
+            table, scale = quantize_per_channel(model.tok_embeddings.weight.detach())       # (V, C), (V,)
+            self.register_buffer("embedding_int8", table, persistent=False)
+            self.register_buffer("embedding_scale", scale[:, None], persistent=False)        # (V, 1)
         self.register_buffer("rotate_half", rotate_half_matrix(c.head_dim), persistent=False)
         shape = (1, max_seq_len, c.n_kv_heads, c.head_dim)                                  # (B, L, H_kv, D)
         for i in range(len(model.schedule)):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def embed(self, tokens):                                                        # (1, T) -> (1, T, C)
+        if not self.int8_embedding:
+            return self.model.tok_embeddings(tokens)
+        return F.embedding(tokens, self.embedding_int8).float() * F.embedding(tokens, self.embedding_scale)
 
     def rope(self, x, cos, sin):                                       # x: (1, T, H, D); cos, sin: (T, 1, D)
         return x * cos + F.linear(x, self.rotate_half) * sin
@@ -193,7 +206,7 @@ class ExportLLM(nn.Module):
         torch._check(start + T <= self.max_seq_len)
         cos, sin = m.rope_cos.narrow(0, start, T), m.rope_sin.narrow(0, start, T)          # (T, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
-        x = m.tok_embeddings(tokens)                                                        # (1, T, C)
+        x = self.embed(tokens)                                                              # (1, T, C)
         for i, b in enumerate(m.schedule):
             block, attn = m.layers[b], m.layers[b].attention
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
@@ -356,7 +369,7 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
         raise BenchError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "8da4w":
         model = quantize_8da4w(untied_copy(model))
-    module = ExportLLM(model, max_seq_len, mark_pieces=share_blocks).eval()
+    module = ExportLLM(model, max_seq_len, mark_pieces=share_blocks, int8_embedding=dtype != "fp32").eval()
     T = static_len or 2
     example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
@@ -391,7 +404,7 @@ def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, ca
     """export_pte, cached on disk by (config + weights, dtype, options, EXPORT_VERSION): LS-125M int8
     takes minutes to lower. Returns the .pte path."""
     key = hashlib.sha256(json.dumps([source_hash(model), dtype, max_seq_len, share_blocks, static_len,
-                                     EXPORT_VERSION, torch.__version__]).encode()).hexdigest()[:16]
+                                     EXPORT_VERSION[dtype], torch.__version__]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{key}.pte"
     if not path.is_file():
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)

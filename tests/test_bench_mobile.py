@@ -59,6 +59,8 @@ def test_pte_fp32_matches_eager_and_shares_block_delegates(tiny, pte_fp32):
     # one block applied twice: the two applications' front and back halves are separate lowerings of the
     # same computation; the shared program keeps one delegate per half
     assert info["delegates"] <= info["delegate_calls"] - 2
+    V, C = tiny.tok_embeddings.weight.shape
+    assert ("FLOAT", (V, C)) in program_constants(Path(path).read_bytes())   # fp32: the exact float table
 
 
 def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
@@ -73,13 +75,25 @@ def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
     assert tokens == expected
 
 
+def program_constants(data):
+    """(dtype name, shape) of every tensor stored in the program itself (outside the delegates)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    values = deserialize_pte_binary(data).program.execution_plan[0].values
+    return [(v.val.scalar_type.name, tuple(v.val.sizes)) for v in values
+            if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx > 0]
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("int8", 0.05), ("8da4w", 0.15)])
 def test_pte_quantized_close_to_eager(tiny, dtype, tolerance):
     """W8A8 (per-channel int8 weights) and 8da4w (int4 weights in groups of 32), both with per-token int8
-    activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched."""
+    activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched.
+    The embedding table outside the delegates is int8 (a float scale per row), not a float copy."""
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     data, info = bm.export_pte(tiny, dtype, MAX_SEQ_LEN)
     assert info["delegates"] < info["delegate_calls"]
+    V, C = tiny.tok_embeddings.weight.shape
+    constants = program_constants(data)
+    assert ("CHAR", (V, C)) in constants and ("FLOAT", (V, 1)) in constants and ("FLOAT", (V, C)) not in constants
     assert tiny.output.weight is tiny.tok_embeddings.weight                     # still tied
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     from executorch.runtime import Runtime
