@@ -21,10 +21,10 @@ How the program is built (the ideas, top to bottom):
     (B, T, H_kv, D), one buffer pair per block *application*, written by ExecuTorch's llama::update_cache and
     read by llama::custom_sdpa (portable index_copy_/SDPA kernels are slower than eager PyTorch). RMSNorm,
     RoPE and reshapes are written so that XNNPACK takes all of them (rotate-half as a DxD matmul, the
-    mean of squares as a 4-D mean, views with one inferred dim): one delegate per block application.
+    mean of squares as a 4-D mean, views with one inferred dim): XNNPACK runs all between the cache ops.
   * Shared blocks (MobileLLM-LS): ExecuTorch copies a weight used by two delegates into each, and every
     delegate packs its weights at init, so an LS model packs (and streams from DRAM) every shared weight
-    twice. We cut the delegates at block-application boundaries (BlockPartitioner), so both applications
+    twice. We make the delegates the block applications' halves (BlockPartitioner), so both applications
     of a block lower to byte-identical delegates, then point both DelegateCalls at ONE delegate
     (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
   * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
@@ -206,11 +206,12 @@ class ExportLLM(nn.Module):
         torch._check(start + T <= self.max_seq_len)
         cos, sin = m.rope_cos.narrow(0, start, T), m.rope_sin.narrow(0, start, T)          # (T, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
-        x = self.embed(tokens)                                                              # (1, T, C)
+        with piece("embed", self.mark_pieces):            # int8: the scaling is a delegate of its own, so
+            x = self.embed(tokens)                        # the first block's front is like the others # (1, T, C)
         for i, b in enumerate(m.schedule):
             block, attn = m.layers[b], m.layers[b].attention
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            with piece(f"front{b}", self.mark_pieces):
+            with piece(f"front{i}", self.mark_pieces):
                 h = rms_norm(block.attention_norm, x)
                 q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)     # (1, T, H, D)
                 k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)  # (1, T, H_kv, D)
@@ -218,7 +219,7 @@ class ExportLLM(nn.Module):
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
             y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)      # (1, T, H, D)
-            with piece(f"back{b}", self.mark_pieces):
+            with piece(f"back{i}", self.mark_pieces):
                 x = x + attn.wo(y.view(1, -1, c.dim))
                 x = x + block.feed_forward(rms_norm(block.ffn_norm, x))                     # (1, T, C)
         return m.output(rms_norm(m.norm, x[:, -1:, :])).view(1, -1)                         # (1, V)
@@ -238,22 +239,24 @@ def node_pieces(graph):
 
 
 def block_partitioner(**kwargs):
-    """XnnpackPartitioner whose partitions are split by piece (front/back of each block application)."""
+    """XnnpackPartitioner whose delegates are the pieces: the front and the back of each block application,
+    one delegate each. XNNPACK's own partitions are cut where a piece ends, and the partitions of one
+    piece are merged (int8 alone would make 4 per block application: each dynamically quantized linear
+    is grouped with its activation-quantization nodes, and the groups land in separate partitions)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from torch.fx.passes.infra.partitioner import Partition
 
     class BlockPartitioner(XnnpackPartitioner):
         def generate_partitions(self, ep):
             graph = ep.graph_module.graph
-            pieces, split = node_pieces(graph), []
+            pieces, groups = node_pieces(graph), {}
             order = {node: i for i, node in enumerate(graph.nodes)}
-            for partition in super().generate_partitions(ep):
-                groups = {}
-                for node in sorted(partition.nodes, key=order.get):      # graph order: same in every copy
+            for i, partition in enumerate(super().generate_partitions(ep)):
+                for node in partition.nodes:
                     node.meta.pop("debug_handle", None)                   # per-node ids would differ
-                    groups.setdefault(pieces[node], []).append(node)
-                split += [Partition(id=len(split) + i, nodes=nodes) for i, nodes in enumerate(groups.values())]
-            return split
+                    groups.setdefault(pieces[node] or i, []).append(node)  # one group per piece
+            return [Partition(id=i, nodes=sorted(nodes, key=order.get))  # graph order: same in every copy
+                    for i, nodes in enumerate(groups.values())]
 
     return BlockPartitioner(**kwargs)
 
