@@ -192,7 +192,7 @@ def main(argv=None):
             for quant, path in gguf_files(model, quants, args.llama_cpp, args.out_dir).items():
                 s = bench(args.llama_cpp, path, args.threads, args.prompt_len, args.new_tokens, args.runs)
                 name = args.ckpt or spec
-                print(f"| {name} | {quant} | {path.stat().st_size / 1e6:.0f} | {s['prefill']:.0f} | "
+                print(f"| {name} | {quant} | {path.stat().st_size / 2**20:.0f} | {s['prefill']:.0f} | "
                       f"{s['decode']:.1f} |", flush=True)
     except BenchError as e:
         sys.exit(f"error: {e}")
