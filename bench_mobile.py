@@ -206,8 +206,8 @@ class ExportLLM(nn.Module):
         torch._check(start + T <= self.max_seq_len)
         cos, sin = m.rope_cos.narrow(0, start, T), m.rope_sin.narrow(0, start, T)          # (T, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
-        with piece("embed", self.mark_pieces):            # int8: the scaling is a delegate of its own, so
-            x = self.embed(tokens)                        # the first block's front is like the others # (1, T, C)
+        with piece("embed", self.mark_pieces):    # its own piece: block 0's front stays like a second one's
+            x = self.embed(tokens)                                                          # (1, T, C)
         for i, b in enumerate(m.schedule):
             block, attn = m.layers[b], m.layers[b].attention
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
@@ -254,7 +254,7 @@ def block_partitioner(**kwargs):
             for i, partition in enumerate(super().generate_partitions(ep)):
                 for node in partition.nodes:
                     node.meta.pop("debug_handle", None)                   # per-node ids would differ
-                    groups.setdefault(pieces[node] or i, []).append(node)  # one group per piece
+                    groups.setdefault(pieces[node] or i, []).append(node)  # per piece (unlabelled: as is)
             return [Partition(id=i, nodes=sorted(nodes, key=order.get))  # graph order: same in every copy
                     for i, nodes in enumerate(groups.values())]
 
