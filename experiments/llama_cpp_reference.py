@@ -157,11 +157,10 @@ def parse_bench_json(text):
 
 
 def bench(bin_dir, path, threads, prompt_len, new_tokens, runs):
-    cmd = [llama_tool(bin_dir, "llama-bench"), "-m", str(path), "-t", str(threads), "-p", str(prompt_len),
-           "-n", "0", "-r", str(runs), "-o", "json"]
-    speeds = parse_bench_json(run_tool(cmd))
-    cmd[cmd.index("-p") + 1], cmd[cmd.index("-n") + 1] = "0", str(new_tokens)
-    speeds.update(parse_bench_json(run_tool(cmd + ["-d", str(prompt_len)])))      # generate after the prompt
+    """{"prefill": tok/s of a prompt_len prompt, "decode": tok/s of new_tokens generated after one}."""
+    cmd = [llama_tool(bin_dir, "llama-bench"), "-m", str(path), "-t", str(threads), "-r", str(runs), "-o", "json"]
+    speeds = parse_bench_json(run_tool(cmd + ["-p", str(prompt_len), "-n", "0"]))
+    speeds.update(parse_bench_json(run_tool(cmd + ["-p", "0", "-n", str(new_tokens), "-d", str(prompt_len)])))
     return speeds
 
 
