@@ -10,14 +10,22 @@ llama.cpp has no layer sharing: a layer-shared model is written with each block 
 (an LS-125M GGUF is a 60-layer file). The vocabulary is a placeholder (LLaMA-2's layout: <unk> <s> </s>,
 256 byte tokens, then dummy pieces): llama-bench feeds token ids, never text.
 
+--check-logits proves the file is our model: it feeds a random --prompt-len token sequence through
+llama.cpp (through the llama-cpp-python bindings, loaded on the same build when --llama-cpp holds its
+libllama.so) and reports, for every position, how far llama.cpp's logits are from model.py's (largest
+|difference|) and how often both pick the same next token.
+
   python experiments/llama_cpp_reference.py --llama-cpp ~/llama.cpp/build/bin --preset mobilellm-125m
   python experiments/llama_cpp_reference.py --llama-cpp BIN --compare mobilellm-125m,mobilellm-125m:n_layers=60 \
       --quant Q8_0 --threads 2
-  python experiments/llama_cpp_reference.py --llama-cpp BIN --ckpt out-shakespeare --quant F32,Q8_0
+  python experiments/llama_cpp_reference.py --llama-cpp BIN --ckpt out-shakespeare --quant F32,Q8_0 --check-logits
 
-Getting llama.cpp (a CPU build; the README's figures used the llama.cpp vendored in llama-cpp-python 0.3.36):
-  git clone https://github.com/ggml-org/llama.cpp && cd llama.cpp
-  cmake -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j --target llama-bench llama-quantize
+Getting llama.cpp (a CPU build). The README's figures used the llama.cpp vendored in llama-cpp-python 0.3.36,
+whose Python bindings then match the build exactly (--check-logits needs them; they are plain Python):
+  pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+  cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON
+  cmake --build build -j --target llama-bench llama-quantize      # BIN is then build/bin (with libllama.so)
+  pip install diskcache jinja2 && export PYTHONPATH=$PWD/../..     # the bindings, for --check-logits
 """
 import argparse
 import json
@@ -164,6 +172,27 @@ def bench(bin_dir, path, threads, prompt_len, new_tokens, runs):
     return speeds
 
 
+def llama_cpp_logits(bin_dir, path, tokens, threads):
+    """llama.cpp's logits (T, V) for every position of `tokens` (a list of ids), through llama-cpp-python's
+    bindings, on the build in bin_dir when it has its libllama.so."""
+    if (Path(bin_dir).expanduser() / "libllama.so").is_file():
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(Path(bin_dir).expanduser())   # read when llama_cpp is imported
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise BenchError(f"--check-logits needs llama-cpp-python's bindings ({e}); see this file's docstring")
+    llm = llama_cpp.Llama(str(path), n_ctx=len(tokens), logits_all=True, n_threads=threads, verbose=False)
+    llm.eval(tokens)
+    return torch.from_numpy(llm.scores[:len(tokens)].copy())
+
+
+@torch.no_grad()
+def logit_agreement(model, theirs, tokens):
+    """(largest |logit difference|, fraction of positions with the same argmax) of theirs against model.py."""
+    ours = model(torch.tensor([tokens]))[0]                                                # (T, V)
+    return (theirs - ours).abs().max().item(), (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", required=True, help="folder with llama-bench and llama-quantize")
@@ -177,22 +206,31 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out-dir", default="out-llamacpp", help="where the GGUF files are kept")
+    p.add_argument("--check-logits", action="store_true",
+                   help="also compare llama.cpp's logits with model.py's (needs llama-cpp-python)")
     args = p.parse_args(argv)
     quants = args.quant.split(",")
     if bad := [q for q in quants if q not in QUANTS]:
         p.error(f"--quant: unknown {bad}; choose from {QUANTS}")
     specs = args.compare.split(",") if args.compare else [args.preset]
-    print(f"| model | llama.cpp | file MB | prefill {args.prompt_len} tok/s | decode tok/s |")
-    print("|---|---|---|---|---|")
+    check = " max abs logit difference to model.py | same next token |" if args.check_logits else ""
+    print(f"| model | llama.cpp | file MB | prefill {args.prompt_len} tok/s | decode tok/s |{check}")
+    print("|---|---|---|---|---|" + "---|---|" * bool(check))
     try:
         for spec in specs:
             with torch.no_grad():
-                model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed))
+                model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed)).eval()
+            tokens = torch.randint(model.config.vocab_size, (args.prompt_len,),
+                                   generator=torch.Generator().manual_seed(args.seed)).tolist()
             for quant, path in gguf_files(model, quants, args.llama_cpp, args.out_dir).items():
                 s = bench(args.llama_cpp, path, args.threads, args.prompt_len, args.new_tokens, args.runs)
-                name = args.ckpt or spec
-                print(f"| {name} | {quant} | {path.stat().st_size / 2**20:.0f} | {s['prefill']:.0f} | "
-                      f"{s['decode']:.1f} |", flush=True)
+                row = f"| {args.ckpt or spec} | {quant} | {path.stat().st_size / 2**20:.0f} | {s['prefill']:.0f} | "
+                row += f"{s['decode']:.1f} |"
+                if args.check_logits:
+                    theirs = llama_cpp_logits(args.llama_cpp, path, tokens, args.threads)
+                    diff, same = logit_agreement(model, theirs, tokens)
+                    row += f" {diff:.2g} | {same:.0%} |"
+                print(row, flush=True)
     except BenchError as e:
         sys.exit(f"error: {e}")
 

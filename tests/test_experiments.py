@@ -1,5 +1,9 @@
+import copy
+import importlib.util
 import json
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -226,3 +230,29 @@ def test_llama_cpp_reference_reads_llama_bench_json_and_names_a_missing_build(tm
     with pytest.raises(SystemExit):
         ref.main(["--llama-cpp", str(tmp_path), "--quant", "Q9"])
     assert "unknown ['Q9']" in capsys.readouterr().err
+
+
+def test_check_logits_says_what_it_needs_without_llama_cpp_bindings(tmp_path, monkeypatch):
+    from experiments import llama_cpp_reference as ref
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)                # import llama_cpp now fails
+    with pytest.raises(ref.BenchError, match="llama-cpp-python"):
+        ref.llama_cpp_logits(tmp_path, tmp_path / "m.gguf", [5, 6], threads=1)
+
+
+@pytest.mark.parametrize("share", ["none", "immediate"])
+def test_llama_cpp_computes_our_logits_from_the_gguf(tmp_path, share):
+    """Runs where llama-cpp-python's bindings import (LLAMA_CPP_BIN: a build/bin holding libllama.so)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python's bindings are not installed")
+    from experiments import llama_cpp_reference as ref
+    torch.manual_seed(0)
+    model = MobileLLM(ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                                  block_size=64, share=share)).eval()
+    ref.write_gguf(model, tmp_path / "m.gguf")
+    tokens = torch.randint(300, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    theirs = ref.llama_cpp_logits(os.environ.get("LLAMA_CPP_BIN", tmp_path), tmp_path / "m.gguf", tokens, 1)
+    diff, same = ref.logit_agreement(model, theirs, tokens)
+    assert theirs.shape == (24, 300) and diff < 1e-3 and same == 1.0
+    swapped = copy.deepcopy(model)                                     # the check sees a wrong block order
+    swapped.layers[0], swapped.layers[1] = swapped.layers[1], swapped.layers[0]
+    assert ref.logit_agreement(swapped, theirs, tokens)[0] > 1e-2
