@@ -287,7 +287,11 @@ def delegate_signature(lowered):
 def share_identical_delegates(manager):
     """Make call sites of identical delegates share ONE delegate, then re-serialize. The emitter gives
     every call site its own delegate, which the runtime initializes (packs weights) separately, so an
-    LS model would pack and stream each shared weight twice. Returns (delegates before, after)."""
+    LS model would pack and stream each shared weight twice. ExecuTorch 1.4 has no public way to say this
+    (the emitter only dedups identical blobs; the XNNPACK backend's weight cache, which shares packed weights
+    between delegates, is a C++ backend option the Python runtime cannot set), so this edits the emitted
+    program (manager._emitter_output, a private field: executorch is pinned to 1.4.0 and the tests check
+    the result). Returns (delegates before, after)."""
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir._serialize._serialize import serialize_for_executorch
     from executorch.exir.schema import DelegateCall
