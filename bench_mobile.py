@@ -7,6 +7,7 @@ Usage:
   python bench_mobile.py --preset mobilellm-125m --dtype fp32,int8            # export (cached) + host timing
   python bench_mobile.py --device host --compare mobilellm-125m,mobilellm-125m-ls,mobilellm-125m:n_layers=60 \
       --dtype fp32,int8 --eager fp32,bf16 --threads 2 --kernel-bound          # the README's table
+  python bench_mobile.py --preset mobilellm-125m --dtype int8,8da4w --check-logits  # + how close to model.py
   python bench_mobile.py --ckpt out-shakespeare --dtype int8 --out model.pte   # our checkpoint -> .pte
   python bench_mobile.py --ckpt out-quant/ckpt.pt --dtype int8                 # an int8 checkpoint (see below)
   python bench_mobile.py --preset mobilellm-125m --format ptl --out model.ptl   # TorchScript lite interpreter
@@ -495,8 +496,26 @@ def time_generation(step, prompt_len, new_tokens, runs, vocab_size):
     return statistics.median(prefill_ms), statistics.median(decode_ms)
 
 
-def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size):
-    """Time one .pte in this process (call in a fresh process: init and peak memory are then its own)."""
+def check_tokens(vocab_size, n, seed):
+    """The random token sequence --check-logits feeds (also to llama.cpp, experiments/llama_cpp_reference.py)."""
+    return torch.randint(vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_per_position(step, tokens):
+    """step(tokens (1, 1), input_pos (1,)) -> (1, V), fed tokens one at a time from position 0: (T, V)."""
+    return torch.cat([step(tokens[i:i + 1][None], torch.tensor([i])) for i in range(len(tokens))])
+
+
+@torch.no_grad()
+def logit_agreement(logits, reference):
+    """(largest |logit difference|, fraction of positions where both pick the same next token); (T, V) each."""
+    return ((logits.float() - reference).abs().max().item(),
+            (logits.argmax(-1) == reference.argmax(-1)).float().mean().item())
+
+
+def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size, tokens=None):
+    """Time one .pte in this process (call in a fresh process: init and peak memory are then its own).
+    tokens: also return the program's logits for them (logits_per_position) under "logits"."""
     require_executorch()
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
@@ -507,13 +526,17 @@ def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size):
     t1 = time.perf_counter()
     method = program.load_method("forward")                   # delegate init: XNNPACK packs the weights here
     t2 = time.perf_counter()
-    prefill, decode = time_generation(lambda tok, pos: method.execute([tok, pos])[0],
-                                      prompt_len, new_tokens, runs, vocab_size)
-    return dict(load_ms=1e3 * (t1 - t0), init_ms=1e3 * (t2 - t1), prefill_ms=prefill, decode_ms=decode,
-                mem_mb=peak_rss_mb() - base)
+
+    def step(tok, pos):
+        return method.execute([tok, pos])[0]
+
+    prefill, decode = time_generation(step, prompt_len, new_tokens, runs, vocab_size)
+    row = dict(load_ms=1e3 * (t1 - t0), init_ms=1e3 * (t2 - t1), prefill_ms=prefill, decode_ms=decode,
+               mem_mb=peak_rss_mb() - base)
+    return row if tokens is None else dict(row, logits=logits_per_position(step, tokens))
 
 
-def host_eager_row(spec, seed, ckpt, dtype, max_seq_len, prompt_len, new_tokens, runs, threads):
+def host_eager_row(spec, seed, ckpt, dtype, max_seq_len, prompt_len, new_tokens, runs, threads, tokens=None):
     torch.set_num_threads(threads)
     base = rss_mb()
     t0 = time.perf_counter()
@@ -527,8 +550,9 @@ def host_eager_row(spec, seed, ckpt, dtype, max_seq_len, prompt_len, new_tokens,
         return model(tokens, input_pos=input_pos)[0][:, -1]
 
     prefill, decode = time_generation(step, prompt_len, new_tokens, runs, model.config.vocab_size)
-    return dict(load_ms=1e3 * (t1 - t0), init_ms=0.0, prefill_ms=prefill, decode_ms=decode,
-                mem_mb=peak_rss_mb() - base)
+    row = dict(load_ms=1e3 * (t1 - t0), init_ms=0.0, prefill_ms=prefill, decode_ms=decode,
+               mem_mb=peak_rss_mb() - base)
+    return row if tokens is None else dict(row, logits=logits_per_position(step, tokens))
 
 
 def in_fresh_process(fn, *args):
@@ -698,18 +722,22 @@ def android_rows(programs, runner, serial, runs, threads):
 
 # --- the table and the command line ------------------------------------------------------------------
 
-def format_table(rows, prompt_len, bandwidth, kernel_column):
-    """kernel_column: add the kernel bound (rows without one, eager PyTorch, show '-')."""
+def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=False):
+    """kernel_column: add the kernel bound (rows without one, eager PyTorch, show '-'). logits_columns: add
+    each row's logit_error and same_token (--check-logits)."""
     head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
-            "| DRAM bound tok/s |{K} mem MB |").format(P=prompt_len, K=" kernel bound tok/s |" if kernel_column else "")
+            "| DRAM bound tok/s |{K} mem MB |{L}").format(
+        P=prompt_len, K=" kernel bound tok/s |" if kernel_column else "",
+        L=" max abs logit error | same next token |" if logits_columns else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         file_mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "-"
         kernel = (f" {r['kernel_tok_s']:.0f} |" if "kernel_tok_s" in r else " - |") if kernel_column else ""
+        logits = f" {r['logit_error']:.2g} | {r['same_token']:.0%} |" if logits_columns else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
                      f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
                      f"{1e3 / r['decode_ms']:.1f} | {bandwidth * 1e9 / r['dram_bytes']:.0f} |{kernel} "
-                     f"{r['mem_mb']:.0f} |")
+                     f"{r['mem_mb']:.0f} |{logits}")
     return "\n".join(lines)
 
 
@@ -737,6 +765,9 @@ def main(argv=None):
                         "the decode speed they allow as a column")
     p.add_argument("--kernel-mb", type=float, default=64, help="MB of weights per call in that measurement "
                                                                "(far above the last-level cache)")
+    p.add_argument("--check-logits", action="store_true",
+                   help="also feed --prompt-len random tokens one at a time and compare each row's logits with "
+                        "model.py's fp32 forward (largest difference, how often the next token is the same)")
     p.add_argument("--cache-dir", default=str(CACHE_DIR))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -744,6 +775,14 @@ def main(argv=None):
         run(args)
     except BenchError as e:
         sys.exit(f"bench_mobile.py: {e}")
+
+
+def with_logit_agreement(row, reference):
+    """The row with its "logits" (if any) replaced by logit_error and same_token against reference."""
+    if "logits" not in row:
+        return row
+    error, same = logit_agreement(row.pop("logits"), reference)
+    return dict(row, logit_error=error, same_token=same)
 
 
 def checked_source(args, spec):
@@ -767,6 +806,8 @@ def run(args):
         raise BenchError("--compare takes presets; give --ckpt alone")
     if args.kernel_bound and args.device != "host":
         raise BenchError("--kernel-bound times XNNPACK's kernels on this host: use it with --device host")
+    if args.check_logits and args.device != "host":
+        raise BenchError("--check-logits runs the programs on this host: use it with --device host")
     if args.format == "ptl":
         model = checked_source(args, args.preset)
         out = export_ptl(model, args.out or "model.ptl", args.max_seq_len)
@@ -777,6 +818,9 @@ def run(args):
     for spec in tqdm(specs, desc="export", disable=len(specs) < 2):
         model = checked_source(args, spec)
         name = Path(args.ckpt).name if args.ckpt else spec
+        tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed) if args.check_logits else None
+        with torch.no_grad():
+            reference = model.eval()(tokens[None])[0][0] if args.check_logits else None       # (T, V)
         lowerings = [x for x in args.lowering.split(",") if x] if model.config.share != "none" else ["shared"]
         for dtype in dtypes:
             for lowering in lowerings:
@@ -794,7 +838,7 @@ def run(args):
                     print(f"wrote {args.out}")
                 if args.device == "host":
                     row = in_fresh_process(host_pte_row, str(path), args.prompt_len, args.new_tokens, args.runs,
-                                           args.threads, model.config.vocab_size)
+                                           args.threads, model.config.vocab_size, tokens)
                     label = f"ExecuTorch {dtype}" + (f" ({lowering})" if model.config.share != "none" else "")
                     cold, hot = weight_reads_per_token(model.config, dtype, lowering == "shared")
                     row = dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20, dram_bytes=cold)
@@ -805,16 +849,16 @@ def run(args):
                             print(f"XNNPACK {dtype} matrix-vector products stream {kernel_gbs[shape][0]:.1f} GB/s "
                                   f"of new weights and {kernel_gbs[shape][1]:.1f} GB/s of weights in cache")
                         row["kernel_tok_s"] = 1e9 / (cold / kernel_gbs[shape][0] + hot / kernel_gbs[shape][1])
-                    rows.append(row)
+                    rows.append(with_logit_agreement(row, reference))
         for dtype in [d for d in args.eager.split(",") if d]:
             if args.device != "host":
                 break
             if dtype not in ("fp32", "bf16"):
                 raise BenchError(f"--eager {dtype!r}: choose fp32 and/or bf16")
             row = in_fresh_process(host_eager_row, spec, args.seed, args.ckpt, dtype, args.max_seq_len,
-                                   args.prompt_len, args.new_tokens, args.runs, args.threads)
-            rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}",
-                             dram_bytes=weight_reads_per_token(model.config, dtype, shared=True)[0]))
+                                   args.prompt_len, args.new_tokens, args.runs, args.threads, tokens)
+            rows.append(with_logit_agreement(dict(row, model=name, runtime=f"eager PyTorch {dtype}",
+                             dram_bytes=weight_reads_per_token(model.config, dtype, shared=True)[0]), reference))
     if args.device == "android":
         timings = android_rows({"-".join(k): v for k, v in programs.items()}, args.runner, args.serial,
                                args.runs, args.threads)
@@ -831,7 +875,7 @@ def run(args):
         if args.kernel_bound:
             print("kernel bound = 1 / (cold bytes / cold GB/s + cached bytes / cached GB/s) per token")
         print()
-        print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound))
+        print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound, args.check_logits))
 
 
 if __name__ == "__main__":

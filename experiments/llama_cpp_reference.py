@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
-from bench_mobile import BenchError, load_source, source_hash  # noqa: E402
+from bench_mobile import BenchError, check_tokens, load_source, logit_agreement, source_hash  # noqa: E402
 
 QUANTS = ("F32", "F16", "Q8_0", "Q4_0")       # llama-quantize's names
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]     # LLaMA-2's ids 0, 1, 2
@@ -186,13 +186,6 @@ def llama_cpp_logits(bin_dir, path, tokens, threads):
     return torch.from_numpy(llm.scores[:len(tokens)].copy())
 
 
-@torch.no_grad()
-def logit_agreement(model, theirs, tokens):
-    """(largest |logit difference|, fraction of positions with the same argmax) of theirs against model.py."""
-    ours = model(torch.tensor([tokens]))[0]                                                # (T, V)
-    return (theirs - ours).abs().max().item(), (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", required=True, help="folder with llama-bench and llama-quantize")
@@ -220,15 +213,15 @@ def main(argv=None):
         for spec in specs:
             with torch.no_grad():
                 model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed)).eval()
-            tokens = torch.randint(model.config.vocab_size, (args.prompt_len,),
-                                   generator=torch.Generator().manual_seed(args.seed)).tolist()
+                tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed)
+                reference = model(tokens[None])[0][0] if args.check_logits else None          # (T, V)
             for quant, path in gguf_files(model, quants, args.llama_cpp, args.out_dir).items():
                 s = bench(args.llama_cpp, path, args.threads, args.prompt_len, args.new_tokens, args.runs)
                 row = f"| {args.ckpt or spec} | {quant} | {path.stat().st_size / 2**20:.0f} | {s['prefill']:.0f} | "
                 row += f"{s['decode']:.1f} |"
                 if args.check_logits:
-                    theirs = llama_cpp_logits(args.llama_cpp, path, tokens, args.threads)
-                    diff, same = logit_agreement(model, theirs, tokens)
+                    theirs = llama_cpp_logits(args.llama_cpp, path, tokens.tolist(), args.threads)
+                    diff, same = logit_agreement(theirs, reference)
                     row += f" {diff:.2g} | {same:.0%} |"
                 print(row, flush=True)
     except BenchError as e:

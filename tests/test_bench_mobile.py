@@ -233,6 +233,8 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--preset", "mobilellm-9t", "--device", "none"])
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--preset", TINY_LS, "--device", "none", "--kernel-bound"])
+    with pytest.raises(SystemExit, match="--check-logits runs the programs on this host"):
+        bm.main(["--preset", TINY_LS, "--device", "none", "--check-logits"])
 
 
 def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
@@ -241,14 +243,25 @@ def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bm, "in_fresh_process", lambda fn, *args: fn(*args))   # spawning is tested above
     bm.main(["--preset", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
              "--prompt-len", "4", "--new-tokens", "2", "--runs", "1", "--max-seq-len", str(MAX_SEQ_LEN),
-             "--cache-dir", str(tmp_path), "--kernel-bound", "--kernel-mb", "0.1"])
+             "--cache-dir", str(tmp_path), "--kernel-bound", "--kernel-mb", "0.1", "--check-logits"])
     out = capsys.readouterr().out
     assert "XNNPACK fp32 matrix-vector products stream" in out
     head, _, pte_row, eager_row = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
-    assert [c.strip() for c in head][-3:] == ["DRAM bound tok/s", "kernel bound tok/s", "mem MB"]
+    assert [c.strip() for c in head][-5:] == ["DRAM bound tok/s", "kernel bound tok/s", "mem MB",
+                                              "max abs logit error", "same next token"]
     assert "ExecuTorch fp32 (shared)" in pte_row[1] and "eager PyTorch fp32" in eager_row[1]
-    assert float(pte_row[-2]) > 0 and eager_row[-2].strip() == "-"       # kernel bound: ExecuTorch rows only
+    assert float(pte_row[-4]) > 0 and eager_row[-4].strip() == "-"       # kernel bound: ExecuTorch rows only
     assert all(float(row[6]) > 0 for row in (pte_row, eager_row))       # decode ms/token
+    for row in (pte_row, eager_row):                                    # both compute model.py's logits
+        assert float(row[-2]) < 1e-4 and row[-1].strip() == "100%"
+
+
+def test_logit_agreement_measures_the_difference_and_the_chosen_tokens():
+    reference = torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 0.0]])
+    error, same = bm.logit_agreement(torch.tensor([[0.0, 0.25, 0.5], [2.0, 0.0, 0.1]]), reference)
+    assert error == pytest.approx(0.75) and same == 0.5                  # row 0 now picks token 2
+    tokens = bm.check_tokens(50, 6, seed=3)
+    assert torch.equal(tokens, bm.check_tokens(50, 6, seed=3)) and not torch.equal(tokens, bm.check_tokens(50, 6, 4))
 
 
 def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):

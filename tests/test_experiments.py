@@ -251,8 +251,11 @@ def test_llama_cpp_computes_our_logits_from_the_gguf(tmp_path, share):
     ref.write_gguf(model, tmp_path / "m.gguf")
     tokens = torch.randint(300, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     theirs = ref.llama_cpp_logits(os.environ.get("LLAMA_CPP_BIN", tmp_path), tmp_path / "m.gguf", tokens, 1)
-    diff, same = ref.logit_agreement(model, theirs, tokens)
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0][0]                                       # (T, V)
+        swapped = copy.deepcopy(model)                                 # the check sees a wrong block order
+        swapped.layers[0], swapped.layers[1] = swapped.layers[1], swapped.layers[0]
+        wrong = swapped(torch.tensor([tokens]))[0][0]
+    diff, same = ref.logit_agreement(theirs, ours)
     assert theirs.shape == (24, 300) and diff < 1e-3 and same == 1.0
-    swapped = copy.deepcopy(model)                                     # the check sees a wrong block order
-    swapped.layers[0], swapped.layers[1] = swapped.layers[1], swapped.layers[0]
-    assert ref.logit_agreement(swapped, theirs, tokens)[0] > 1e-2
+    assert ref.logit_agreement(theirs, wrong)[0] > 1e-2
