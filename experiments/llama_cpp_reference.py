@@ -7,8 +7,8 @@ it is written as a GGUF file of llama.cpp's LLaMA architecture (the `gguf` packa
 llama.cpp's llama-quantize and timed with its llama-bench: a --prompt-len prompt, and --new-tokens
 generated after a prompt of that length (llama-bench's pp and tg tests, the latter at depth --prompt-len).
 llama.cpp has no layer sharing: a layer-shared model is written with each block once per application
-(an LS-125M GGUF is a 60-layer file). The vocabulary is a placeholder (LLaMA-2's layout: <unk> <s> </s>,
-256 byte tokens, then dummy pieces): llama-bench feeds token ids, never text.
+(an LS-125M GGUF is a 60-layer file). The file has no vocabulary (tokenizer "no_vocab": llama.cpp makes
+vocab_size dummy tokens): llama-bench and --check-logits feed token ids, never text.
 
 --check-logits proves the file is our model: it feeds a random --prompt-len token sequence through
 llama.cpp (through the llama-cpp-python bindings, loaded on the same build when --llama-cpp holds its
@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py
 from bench_mobile import BenchError, check_tokens, load_source, logit_agreement, source_hash  # noqa: E402
 
 QUANTS = ("F32", "F16", "Q8_0", "Q4_0")       # llama-quantize's names
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]     # LLaMA-2's ids 0, 1, 2
 
 
 def rope_pairs_adjacent(weight, n_heads):
@@ -77,20 +76,6 @@ def gguf_tensors(model):
     return {name: t.detach().float().contiguous().numpy() for name, t in tensors.items()}
 
 
-def placeholder_vocab(vocab_size):
-    """(pieces, scores, types) shaped like LLaMA-2's SentencePiece vocabulary."""
-    import gguf
-    n_fixed = len(SPECIAL_TOKENS) + 256
-    if vocab_size <= n_fixed:
-        raise BenchError(f"vocab_size {vocab_size} is too small for a LLaMA vocabulary (> {n_fixed} needed)")
-    pieces = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)]
-    pieces += [f"\u2581t{i}" for i in range(vocab_size - n_fixed)]
-    kind = gguf.TokenType
-    types = [kind.UNKNOWN, kind.CONTROL, kind.CONTROL] + [kind.BYTE] * 256
-    types += [kind.NORMAL] * (vocab_size - n_fixed)
-    return pieces, [0.0] * vocab_size, types
-
-
 def write_gguf(model, path):
     """The model as an F32 GGUF file (LLaMA architecture), written atomically."""
     import gguf
@@ -108,14 +93,7 @@ def write_gguf(model, path):
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    pieces, scores, types = placeholder_vocab(c.vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_tokenizer_model("no_vocab")        # llama.cpp then makes vocab_size dummy tokens
     for name, array in gguf_tensors(model).items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
