@@ -806,8 +806,8 @@ def run(args):
         raise BenchError("--compare takes presets; give --ckpt alone")
     if args.kernel_bound and args.device != "host":
         raise BenchError("--kernel-bound times XNNPACK's kernels on this host: use it with --device host")
-    if args.check_logits and args.device != "host":
-        raise BenchError("--check-logits runs the programs on this host: use it with --device host")
+    if args.check_logits and (args.device != "host" or args.format != "pte"):
+        raise BenchError("--check-logits runs the .pte programs on this host: use it with --device host --format pte")
     if args.format == "ptl":
         model = checked_source(args, args.preset)
         out = export_ptl(model, args.out or "model.ptl", args.max_seq_len)

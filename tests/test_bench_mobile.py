@@ -233,8 +233,9 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--preset", "mobilellm-9t", "--device", "none"])
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--preset", TINY_LS, "--device", "none", "--kernel-bound"])
-    with pytest.raises(SystemExit, match="--check-logits runs the programs on this host"):
-        bm.main(["--preset", TINY_LS, "--device", "none", "--check-logits"])
+    for wrong in (["--device", "none"], ["--format", "ptl"]):
+        with pytest.raises(SystemExit, match="--check-logits runs the .pte programs on this host"):
+            bm.main(["--preset", TINY_LS, "--check-logits"] + wrong)
 
 
 def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
