@@ -415,6 +415,8 @@ def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, ca
                                      EXPORT_VERSION[dtype], torch.__version__]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{key}.pte"
     if not path.is_file():
+        tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; on a 2-core CPU "
+                   f"a 125M model takes 5-15 min, LS-125M 30-50 min)")
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
