@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import sample
 from checkpoint import CheckpointError
+from loader import load_model_and_tokenizer
 
 
 class EvalError(Exception):
@@ -388,7 +388,7 @@ def main(argv=None):
     except EvalError as e:
         sys.exit(f"eval.py: {e}")
     try:
-        model, tokenizer = sample.load_model_and_tokenizer(args.init_from, device=args.device)
+        model, tokenizer = load_model_and_tokenizer(args.init_from, device=args.device)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:   # hf.py and hub downloads raise the last 3
         sys.exit(f"eval.py: cannot load {args.init_from}: {e}")
     if tokenizer is None:

@@ -12,51 +12,18 @@ prefill and decode speeds (tokens/s) are printed at the end. Decoding goes throu
 KV cache (model.generate_tokens); --compile compiles the one-token decode step with torch.compile.
 """
 import argparse
-import re
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model
-from model import PRESETS, MobileLLM, config_from_preset
-from tokenizer import load_tokenizer
+from checkpoint import CheckpointError
+from loader import load_model_and_tokenizer
 
-HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a missing .pt path
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   # inductor: see compile_decode_step
-
-
-def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
-    """(model in eval mode, tokenizer) from: one of our checkpoints (file or out_dir), an int8 checkpoint
-    (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), or a preset name (random weights,
-    tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models)."""
-    model, tokenizer = _load(init_from, device)
-    if meta_ls_cache:      # validated like any config: needs share="immediate"
-        model.config = replace(model.config, meta_ls_cache=True)
-    return model.eval(), tokenizer
-
-
-def _load(init_from, device):
-    path = Path(init_from)
-    if init_from in PRESETS and not path.exists():
-        torch.manual_seed(0)
-        return MobileLLM(config_from_preset(init_from)).to(device), None
-    if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
-        import hf
-        return hf.load_hf(init_from, device)
-    ckpt = load_checkpoint(path)      # read once; the loaders below rebuild the model from this dict
-    if "tokenizer" not in ckpt:
-        raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")
-    if ckpt.get("quantization"):
-        import quantize
-        model, ckpt = quantize.load_quantized(path, device, ckpt)
-    else:
-        model, ckpt = load_model(path, device, ckpt)
-    return model, load_tokenizer(ckpt["tokenizer"])
 
 
 def compile_decode_step(model):

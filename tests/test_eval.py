@@ -119,8 +119,6 @@ def test_task_adapters_follow_the_harness_formats():
 
 
 def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
-    sample = pytest.importorskip("sample")
-    assert hasattr(sample, "load_model_and_tokenizer")
     piqa = shared_dir / "data" / "piqa" / "valid.jsonl"
     chars = sorted(set(piqa.read_text(encoding="utf-8")) - {"1"})   # examples holding a "1" get skipped
     tok = char_tokenizer("".join(chars))
@@ -137,7 +135,7 @@ def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
     assert expected_skipped > 0 and (r["n"], r["skipped"]) == (24 - expected_skipped, expected_skipped)
     assert 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 and r["truncated_contexts"] > 0
     assert "| piqa | " in capsys.readouterr().out
-    # an int8 checkpoint goes through the same loader (sample.py) and scores within int8 noise of the float one
+    # an int8 checkpoint goes through the same loader (loader.py) and scores within int8 noise of the float one
     ckpt = model_checkpoint(model, tok.spec)
     save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path / "q")
     int8 = ev.main(["--init_from", str(tmp_path / "q"), "--tasks", "piqa", "--data", str(piqa), "--limit", "24",

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import loader
 import sample
 from checkpoint import model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig, apply_rope
@@ -87,7 +88,7 @@ def test_a_checkpoint_file_is_read_once(trained_ckpt, tmp_path, monkeypatch, int
         save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path)
     reads, real_load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
-    model, tok = sample.load_model_and_tokenizer(str(tmp_path if int8 else trained_ckpt))
+    model, tok = loader.load_model_and_tokenizer(str(tmp_path if int8 else trained_ckpt))
     assert len(reads) == 1 and tok.decode(tok.encode("abc")) == "abc"
 
 
@@ -144,7 +145,7 @@ def test_hf_dir_loads_through_load_model_and_tokenizer(tmp_path):
     pytest.importorskip("safetensors")
     model = tiny_model(share="immediate")
     hf.export_hf(model, tmp_path)
-    loaded, tokenizer = sample.load_model_and_tokenizer(str(tmp_path))
+    loaded, tokenizer = loader.load_model_and_tokenizer(str(tmp_path))
     idx = torch.randint(len(CHARS), (1, 9))
     assert torch.equal(loaded(idx)[0], model(idx)[0]) and tokenizer is None
 

@@ -1,0 +1,49 @@
+"""
+The one model loader every script uses: whatever --init_from names becomes (model, tokenizer).
+
+  from loader import load_model_and_tokenizer
+  model, tokenizer = load_model_and_tokenizer("out-shakespeare-char")   # our checkpoint (out_dir or ckpt.pt)
+  model, tokenizer = load_model_and_tokenizer("out-w8a8")               # an int8 checkpoint (quantize.py)
+  model, tokenizer = load_model_and_tokenizer("facebook/MobileLLM-125M") # an HF dir or hub repo id (hf.py)
+  model, tokenizer = load_model_and_tokenizer("mobilellm-125m")         # a preset: random weights, no tokenizer
+"""
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model
+from model import PRESETS, MobileLLM, config_from_preset
+from tokenizer import load_tokenizer
+
+HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a missing .pt path
+
+
+def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
+    """(model in eval mode, tokenizer) from: one of our checkpoints (file or out_dir), an int8 checkpoint
+    (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), or a preset name (random weights,
+    tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models)."""
+    model, tokenizer = _load(init_from, device)
+    if meta_ls_cache:      # validated like any config: needs share="immediate"
+        model.config = replace(model.config, meta_ls_cache=True)
+    return model.eval(), tokenizer
+
+
+def _load(init_from, device):
+    path = Path(init_from)
+    if init_from in PRESETS and not path.exists():
+        torch.manual_seed(0)
+        return MobileLLM(config_from_preset(init_from)).to(device), None
+    if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
+        import hf
+        return hf.load_hf(init_from, device)
+    ckpt = load_checkpoint(path)      # read once; the loaders below rebuild the model from this dict
+    if "tokenizer" not in ckpt:
+        raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")
+    if ckpt.get("quantization"):
+        import quantize
+        model, ckpt = quantize.load_quantized(path, device, ckpt)
+    else:
+        model, ckpt = load_model(path, device, ckpt)
+    return model, load_tokenizer(ckpt["tokenizer"])
