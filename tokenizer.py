@@ -5,6 +5,10 @@ A tokenizer is described by a JSON-able spec (stored in data/<name>/meta.json an
   {"kind": "char", "chars": "\\n !$&',-.3:;?AB..."}       character level (shakespeare_char)
   {"kind": "tiktoken", "encoding": "gpt2"}                 OpenAI's GPT-2 BPE through tiktoken
   {"kind": "sentencepiece", "model_file": "tokenizer.model"}   Meta's LLaMA-2 32k (facebook/MobileLLM-*)
+  {"kind": "tokenizers", "json": "<a whole tokenizer.json>", "bos": "<s>" or None, "eos": "</s>" or None,
+   "add_bos": false, "chat_template": "{% for message in messages %}..." or None}
+      any Hugging Face tokenizer.json (SmolLM2's GPT-2-style BPE among them), through the `tokenizers`
+      library; the file is stored inside the spec, so a checkpoint reloads it offline
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -18,6 +22,7 @@ class Tokenizer:
     decode: Callable[[list], str]
     bos_id: Optional[int] = None   # prepended to prompts when the model was trained that way (LLaMA: <s> = 1)
     eos_id: Optional[int] = None   # generation stops here (GPT-2: <|endoftext|>, LLaMA: </s> = 2)
+    chat_template: Optional[str] = None   # jinja2 template of an instruct model's conversations (HF's format)
 
 
 def char_tokenizer(chars):
@@ -54,6 +59,31 @@ def sentencepiece_tokenizer(model_file):
                      sp.encode, sp.decode, bos_id=sp.bos_id(), eos_id=sp.eos_id())
 
 
+def tokenizers_tokenizer(tokenizer_json, bos=None, eos=None, add_bos=False, chat_template=None):
+    """A Hugging Face tokenizer.json (its text) through the `tokenizers` library. bos/eos are token strings;
+    add_bos: prepend bos to prompts (tokenizer_config.json's add_bos_token)."""
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise RuntimeError("this model uses a Hugging Face tokenizer.json: pip install tokenizers") from e
+    tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+    spec = {"kind": "tokenizers", "json": tokenizer_json, "bos": bos, "eos": eos, "add_bos": bool(add_bos),
+            "chat_template": chat_template}
+
+    def token_id(token):
+        if token is None:
+            return None
+        i = tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"special token {token!r} is not in this tokenizer's vocabulary")
+        return i
+
+    return Tokenizer(spec, tok.get_vocab_size(with_added_tokens=True),
+                     lambda text: tok.encode(text, add_special_tokens=False).ids,
+                     lambda ids: tok.decode(ids, skip_special_tokens=False),
+                     bos_id=token_id(bos) if add_bos else None, eos_id=token_id(eos), chat_template=chat_template)
+
+
 def load_tokenizer(spec):
     kind = spec.get("kind")
     if kind == "char":
@@ -62,4 +92,7 @@ def load_tokenizer(spec):
         return tiktoken_tokenizer(spec.get("encoding", "gpt2"))
     if kind == "sentencepiece":
         return sentencepiece_tokenizer(spec["model_file"])
-    raise ValueError(f"unknown tokenizer kind {kind!r} (expected char, tiktoken or sentencepiece)")
+    if kind == "tokenizers":
+        return tokenizers_tokenizer(spec["json"], spec.get("bos"), spec.get("eos"), spec.get("add_bos", False),
+                                    spec.get("chat_template"))
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected char, tiktoken, sentencepiece or tokenizers)")

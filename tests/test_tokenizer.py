@@ -1,6 +1,6 @@
 import pytest
 
-from tokenizer import char_tokenizer, load_tokenizer
+from tokenizer import char_tokenizer, load_tokenizer, tokenizers_tokenizer
 
 
 def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
@@ -21,3 +21,18 @@ def test_spec_round_trips_and_unknown_kind_is_an_error():
     assert load_tokenizer(tok.spec).encode("yx") == [1, 0]
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
         load_tokenizer({"kind": "bytes"})
+
+
+def test_tokenizer_json_through_tokenizers_round_trips_through_its_spec():
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "hello": 3, "world": 4}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<s>", "</s>"])
+    tok = tokenizers_tokenizer(hf.to_str(), bos="<s>", eos="</s>", add_bos=True, chat_template="{{ x }}")
+    assert tok.encode("hello world</s>") == [3, 4, 1] and (tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 5)
+    again = load_tokenizer(tok.spec)       # the whole file travels in the spec: no path to find later
+    assert again.encode("world hello") == [4, 3] and again.chat_template == "{{ x }}" and again.bos_id == 0
+    assert tokenizers_tokenizer(hf.to_str(), bos="<s>").bos_id is None     # add_bos false: nothing prepended
+    with pytest.raises(ValueError, match="'<pad>'"):
+        tokenizers_tokenizer(hf.to_str(), eos="<pad>")
