@@ -24,7 +24,10 @@ How requests are answered:
                          token is context only
   generate_until         greedy decoding through the KV cache, one request at a time, stopped at EOS, at the first
                          of the request's `until` strings (cut from the output) or after max_gen_toks tokens; the
-                         context keeps its last block_size - max_gen_toks tokens, as the harness's hf backend does
+                         context keeps its last block_size - max_gen_toks tokens (at least one), as the harness's hf
+                         backend does
+Text the tokenizer cannot encode (a character outside a char-level vocabulary) stops the run with the tokenizer's
+error: eval.py skips such examples, but an lm-eval backend must answer every request.
 """
 import logging
 import sys

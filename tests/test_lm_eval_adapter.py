@@ -39,6 +39,22 @@ def requests(request_type, *arguments):
     return [Instance(request_type, {}, args, i) for i, args in enumerate(arguments)]
 
 
+def test_model_args_are_checked_and_a_missing_cuda_means_the_cpu(tmp_path):
+    lm = tiny_lm(tmp_path)
+    assert adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", batch_size="8").batch_size == 8   # CLI strings
+    with pytest.raises(ValueError, match="no 'auto'"):
+        adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", batch_size="auto")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", dtype="int8")
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        adapter.NanoMobileLLM("mobilellm-micro", device="cpu")
+    if not torch.cuda.is_available():
+        assert adapter.pick_device("cuda:0") == "cpu" and adapter.pick_device(None) == "cpu"
+    bf16 = adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", dtype="bfloat16")
+    [(ll, _)], [(ll16, _)] = (m.loglikelihood(requests("loglikelihood", ("Q: why?", " because"))) for m in (lm, bf16))
+    assert ll16 == pytest.approx(ll, abs=0.1) and ll16 != ll                  # autocast ran, in bfloat16
+
+
 def test_loglikelihood_equals_eval_scoring(tmp_path):
     lm = tiny_lm(tmp_path, block_size=16)
     pairs = [("Question: why?\nAnswer:", " because"),                   # continuation starting with a space
