@@ -2,14 +2,14 @@
 lm-evaluation-harness (lm-eval) backend for our models: anything loader.py loads (our checkpoints, int8
 checkpoints, Hugging Face dirs and repo ids) evaluated on the harness's own tasks, prompts and metrics.
 
-  python lm_eval_adapter.py --model_args init_from=out-gutenberg --device cpu --batch_size 16 --include_path lm_eval_tasks --tasks piqa_local --limit 200
+  python lm_eval_adapter.py --model_args init_from=out-gutenberg,device=cpu,batch_size=16 --include_path lm_eval_tasks --tasks piqa_local --limit 200
 
 Run as a script, this registers the model as `nanomobilellm` and hands its arguments to lm-eval's own CLI
 (`lm-eval run --model nanomobilellm ...`), so every lm-eval flag works (--output_path, --log_samples, --tasks with
 any task lm-eval knows, which then downloads its data; lm_eval_tasks/ holds offline ones). model_args: init_from
 (required) and dtype (float32, the default, bfloat16 or float16: the autocast dtype of the forward; log-probs are
-summed in float32). The device and batch size are lm-eval's --device and --batch_size flags, which lm-eval hands
-to the model (its CLI asks for cuda:0 by default: without CUDA that means the CPU). From Python, after
+summed in float32), device and batch_size, which may instead be lm-eval's --device and --batch_size flags
+(model_args win; lm-eval's CLI asks for cuda:0 by default: without CUDA that means the CPU). From Python, after
 `import lm_eval_adapter`: lm_eval.simple_evaluate(model="nanomobilellm", model_args=dict(init_from=..., device=...,
 dtype=..., batch_size=...), tasks=[...]).
 
@@ -38,7 +38,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
 import eval as ev
@@ -96,6 +96,17 @@ class NanoMobileLLM(TemplateLM):
             raise ValueError(f"{init_from} has no tokenizer (a preset name gives random weights only): give a "
                              "checkpoint or a Hugging Face model")
         self.block_size = self.model.config.block_size
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """The model from model_args plus lm-eval's --device/--batch_size, model_args winning (lm-eval's CLI
+        always sends those two, its defaults included, and would otherwise pass a key given in both twice)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @property
     def eot_token_id(self):

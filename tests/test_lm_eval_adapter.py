@@ -42,6 +42,10 @@ def requests(request_type, *arguments):
 def test_model_args_are_checked_and_a_missing_cuda_means_the_cpu(tmp_path):
     lm = tiny_lm(tmp_path)
     assert adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", batch_size="8").batch_size == 8   # CLI strings
+    cli = dict(batch_size="3", max_batch_size=None, device="cpu")             # what lm-eval's CLI always sends
+    model_args = dict(init_from=tmp_path / "ckpt", batch_size=2)
+    assert adapter.NanoMobileLLM.create_from_arg_obj(model_args, cli).batch_size == 2
+    assert adapter.NanoMobileLLM.create_from_arg_string(f"init_from={tmp_path / 'ckpt'}", cli).batch_size == 3
     with pytest.raises(ValueError, match="no 'auto'"):
         adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", batch_size="auto")
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -200,10 +204,11 @@ def test_runner_reads_a_piqa_copy_named_by_an_including_yaml(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["lm_eval_adapter.py"])
     # lm-eval's CLI indexes its ~15k built-in task configs first (half a minute); this test needs only its own
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
-    adapter.main(["--model_args", f"init_from={tmp_path / 'ckpt'}", "--device", "cpu", "--batch_size", "2",
+    adapter.main(["--model_args", f"init_from={tmp_path / 'ckpt'},device=cpu,batch_size=2", "--batch_size", "3",
                   "--include_path", str(tasks), "--tasks", "piqa_mine", "--output_path", str(tmp_path / "out")])
     [results] = (tmp_path / "out").rglob("results_*.json")
     report = json.loads(results.read_text())
+    assert report["config"]["model_args"] == dict(init_from=str(tmp_path / "ckpt"), device="cpu", batch_size=2)
     assert report["n-samples"]["piqa_mine"] == dict(original=3, effective=3)       # our 3 records, not PIQA's
     result = report["results"]["piqa_mine"]
     lls = ev.score(lm.model, [ev.encode_pair(lm.tokenizer, "Question: pick one\nAnswer:", " " + sol)
