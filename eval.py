@@ -271,9 +271,11 @@ def window(ctx, cont, block_size):
 
 
 @torch.no_grad()
-def score(model, requests, batch_size=16, device="cpu", dtype=torch.float32, desc="score"):
+def score(model, requests, batch_size=16, device="cpu", dtype=torch.float32, desc="score", greedy=False):
     """Log-likelihood of each continuation given its context. requests: [(ctx_ids, cont_ids)], where ctx_ids
-    holds at least one token. Returns a list of floats in the order of requests."""
+    holds at least one token. Returns a list of floats in the order of requests; with greedy=True, a list of
+    (log-likelihood, is_greedy) pairs, is_greedy telling whether greedy decoding would produce the (scored)
+    continuation, as lm-evaluation-harness's loglikelihood returns them."""
     windows = [window(ctx, cont, model.config.block_size) for ctx, cont in requests]
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))   # similar lengths share a batch
     autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -285,14 +287,15 @@ def score(model, requests, batch_size=16, device="cpu", dtype=torch.float32, des
             x[row, :len(windows[i][0])] = torch.tensor(windows[i][0])
         with autocast:
             logits = model(x.to(device))[0]                                       # (B, T, V)
-        sums = []
+        sums, hits = [], []
         for row, i in enumerate(batch):
             inp, cont = windows[i]
             predicting = logits[row, len(inp) - len(cont):len(inp)].float()      # (len(cont), V)
             targets = torch.tensor(cont, device=predicting.device)
             sums.append(F.log_softmax(predicting, dim=-1).gather(1, targets[:, None]).sum())
-        for i, value in zip(batch, torch.stack(sums).tolist()):                   # one device sync per batch
-            scores[i] = value
+            hits.append((predicting.argmax(dim=-1) == targets).all())
+        for i, value, hit in zip(batch, torch.stack(sums).tolist(), torch.stack(hits).tolist()):   # one sync
+            scores[i] = (value, hit) if greedy else value
     return scores
 
 
