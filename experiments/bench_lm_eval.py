@@ -3,13 +3,14 @@ PIQA throughput (examples/s) of eval.py against lm-evaluation-harness on the sam
 own `hf` backend (transformers) and ours (`nanomobilellm`, lm_eval_adapter.py). The model must be a Hugging Face
 dir or repo id, the one format both load (ours through hf.py); lm-eval's hf backend needs `pip install accelerate`.
 
-  python bench_lm_eval.py --init_from=facebook/MobileLLM-125M --data=../shared/data/piqa/valid.jsonl --limit=200
+  python experiments/bench_lm_eval.py --init_from=facebook/MobileLLM-125M --data=../shared/data/piqa/valid.jsonl --limit=200
 
 Every runner scores the first --limit examples at the same batch size, device and autocast dtype; the time is the
 whole evaluation (building and tokenizing requests, scoring, metrics) after the model is loaded. acc and acc_norm
 are printed beside it: the three should agree (up to float noise on near ties).
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -19,11 +20,12 @@ import yaml
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-import eval as ev
-import lm_eval_adapter
-from loader import load_model_and_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # eval.py and the adapter live at the repo root
+import eval as ev  # noqa: E402
+import lm_eval_adapter  # noqa: E402
+from loader import load_model_and_tokenizer  # noqa: E402
 
-PIQA_TASK = Path(__file__).resolve().parent / "lm_eval_tasks" / "piqa_local.yaml"
+PIQA_TASK = Path(__file__).resolve().parents[1] / "lm_eval_tasks" / "piqa_local.yaml"
 
 
 def piqa_task(data):
