@@ -511,7 +511,11 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
 def resume_state(ckpt, out_dir, optimizer, device):
     """Load out_dir's checkpoint (ckpt; the model was built from it) into the optimizer, restore RNG states.
     Returns (iter_num, best val loss, elapsed seconds so far, eval history from log.jsonl)."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:
+        raise ConfigError(f"resume: the checkpoint's optimizer state does not fit the parameters trained now "
+                          f"(set freeze_embedding and train_blocks as the run did): {e}") from e
     restore_rng_state(ckpt["rng"], device)
     log_file = Path(out_dir) / "log.jsonl"
     history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []

@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import loader
+import sample
 from configurator import ConfigError, configure_and_report
 from model import Block, MobileLLM, ModelConfig
 from tokenizer import char_tokenizer
@@ -100,7 +101,7 @@ def test_a_model_tokenizer_needs_an_out_dir_of_its_own(tmp_path):
         shakespeare.source_tokenizer("mobilellm-micro")
 
 
-def test_fine_tune_lowers_the_loss_and_keeps_the_model_and_its_tokenizer(source, data_dir, tmp_path):
+def test_fine_tune_lowers_the_loss_and_keeps_the_model_and_its_tokenizer(source, data_dir, tmp_path, capsys):
     records = train(finetune(source, data_dir, tmp_path))
     assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.5
     model, tokenizer = loader.load_model_and_tokenizer(str(tmp_path))
@@ -109,6 +110,8 @@ def test_fine_tune_lowers_the_loss_and_keeps_the_model_and_its_tokenizer(source,
     assert tokenizer.spec == source_tokenizer.spec
     ckpt = checkpoint.load_checkpoint(tmp_path)
     assert ckpt["train_config"]["init_from"] == str(source) and ckpt["train_config"]["dim"] == 32
+    sample.main(["--init_from", str(tmp_path), "--start", "The king", "--max_new_tokens", "20"])
+    assert capsys.readouterr().out.startswith("The king")
 
 
 def test_frozen_parameters_are_saved_unchanged_and_not_optimized(source, data_dir, tmp_path):
@@ -131,6 +134,9 @@ def test_resume_of_a_fine_tune_continues_exactly(source, data_dir, tmp_path):
     for name, weight in a.items():
         assert torch.equal(weight, b[name]), name
     assert loader.load_model_and_tokenizer(str(tmp_path / "b"))[1].spec["kind"] == "char"
+    with pytest.raises(ConfigError, match="set freeze_embedding and train_blocks as the run did"):
+        train(finetune(source, data_dir, tmp_path / "b", max_iters=30, **{**common, "freeze_embedding": False},
+                       init_from="resume"))
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(source, data_dir, tmp_path, monkeypatch):
