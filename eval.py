@@ -394,9 +394,6 @@ def main(argv=None):
     if tokenizer is None:
         sys.exit(f"eval.py: {args.init_from} has no tokenizer (a preset name gives random weights only): "
                  "give a checkpoint or a Hugging Face model")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        sys.exit(f"eval.py: {args.init_from}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                 f"{model.config.vocab_size} embeddings: the checkpoint records the wrong tokenizer")
     dtype = getattr(torch, args.dtype)
     results = {name: evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
                for name in tasks}

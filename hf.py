@@ -4,7 +4,7 @@ and export our models in the format that transformers' LlamaForCausalLM loads un
 
   from hf import load_hf, export_hf
   model, tokenizer = load_hf("facebook/MobileLLM-125M")     # repo id (downloads) or a local HF-format dir
-  export_hf(model, "out-hf")                                # config.json + model.safetensors
+  export_hf(model, "out-hf", tokenizer)                     # config.json + model.safetensors + tokenizer files
 
 The layouts are the same up to names: our RoPE already uses the HF "rotate half" pairing, so no weight is
 permuted, only renamed. Meta's configs carry two fields of their own (their modeling code, checked):
@@ -12,7 +12,11 @@ permuted, only renamed. Meta's configs carry two fields of their own (their mode
                           tie_word_embeddings: false, and the files have no lm_head tensor)
   layer_sharing: true     each block is applied twice in a row (§2.3 immediate block-wise sharing)
 Meta's 125M safetensors conversion is reported broken, so pytorch_model.bin is preferred when both exist
-(it is loaded with weights_only=True). safetensors, sentencepiece and huggingface_hub are optional.
+(it is loaded with weights_only=True). safetensors, sentencepiece, tokenizers and huggingface_hub are optional.
+
+Tokenizers come in two formats. tokenizer.json (SmolLM2 and most newer repos) is preferred; tokenizer_config.json
+beside it gives the BOS/EOS tokens, add_bos_token and the chat template (chat_template.jinja, when present, wins,
+as in transformers). Without tokenizer.json, tokenizer.model is Meta's LLaMA-2 SentencePiece model.
 """
 import json
 import warnings
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 
 from model import MobileLLM, ModelConfig
-from tokenizer import sentencepiece_tokenizer
+from tokenizer import sentencepiece_tokenizer, tokenizers_tokenizer
 
 # our parameter name -> LLaMA name ({} is the unique block index)
 BLOCK_KEYS = {
@@ -39,7 +43,8 @@ TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight":
             "output.weight": "lm_head.weight"}
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "pytorch_model.bin.index.json",
                 "model.safetensors.index.json")   # in order of preference
-TOKENIZER_FILE = "tokenizer.model"
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")   # the last two optional
 
 
 class HFFormatError(ValueError):
@@ -177,7 +182,11 @@ def download(repo_id, revision=None):
                                f"({type(e).__name__}: {e}). Offline? Give a local HF-format dir instead") from e
 
     config_path = fetch("config.json")
-    fetch(TOKENIZER_FILE, required=False)
+    if fetch("tokenizer.json", required=False):
+        for name in TOKENIZER_JSON_FILES[1:]:
+            fetch(name, required=False)
+    else:
+        fetch(SENTENCEPIECE_FILE, required=False)
     for name in WEIGHT_FILES:
         path = fetch(name, required=False)
         if path is not None:
@@ -207,20 +216,104 @@ def load_hf(repo_id_or_dir, device="cpu", meta_ls_cache=False, revision=None):
         model.load_state_dict(state_dict_from_hf(hf_sd, config))     # fp16/bf16 files are cast to fp32 here
     except RuntimeError as e:
         raise HFFormatError(f"the weights in {hf_dir} do not match its config.json: {e}") from e
-    tokenizer = None
-    if (hf_dir / TOKENIZER_FILE).is_file():
-        tokenizer = sentencepiece_tokenizer(hf_dir / TOKENIZER_FILE)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), read_tokenizer(hf_dir)
 
 
-def export_hf(model, out_dir, tokenizer_file=None):
-    """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads unchanged.
+def export_hf(model, out_dir, tokenizer=None):
+    """Write config.json + model.safetensors that transformers' LlamaForCausalLM loads unchanged, and the
+    tokenizer's files when one is given (write_tokenizer); config.json's bos/eos ids are then the tokenizer's.
     A layer-shared model is unrolled (one LLaMA layer per block application: the file doubles for LS)."""
     st = _require("safetensors.torch", "safetensors").torch
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config = config_to_hf(model.config)
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, out_dir)
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     st.save_file(unrolled_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-    if tokenizer_file is not None:
-        (out_dir / TOKENIZER_FILE).write_bytes(Path(tokenizer_file).read_bytes())
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out_dir
+
+
+# --- tokenizer files ---------------------------------------------------------------------------
+
+def read_tokenizer(hf_dir):
+    """The tokenizer of an HF dir: tokenizer.json (read_tokenizer_json), else tokenizer.model, else None."""
+    if (hf_dir / "tokenizer.json").is_file():
+        return read_tokenizer_json(hf_dir)
+    if (hf_dir / SENTENCEPIECE_FILE).is_file():
+        return sentencepiece_tokenizer(hf_dir / SENTENCEPIECE_FILE)
+    return None
+
+
+def read_tokenizer_json(hf_dir):
+    """tokenizer.json with tokenizer_config.json's bos_token, eos_token, add_bos_token and chat template. Without
+    add_bos_token, the BOS is prepended when tokenizer.json's post-processor prepends it (what transformers does)."""
+    tokenizer_json = (hf_dir / "tokenizer.json").read_text(encoding="utf-8")
+    config_file = hf_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    bos, eos = token_content(config.get("bos_token")), token_content(config.get("eos_token"))
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+        add_bos = prepends_bos(json.loads(tokenizer_json).get("post_processor"), bos)
+    return tokenizers_tokenizer(tokenizer_json, bos, eos, add_bos, chat_template(hf_dir, config))
+
+
+def token_content(token):
+    """A special token of tokenizer_config.json: a string, or an AddedToken dict {"content": "<s>", ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def chat_template(hf_dir, config):
+    """chat_template.jinja if the dir has one, else the config's chat_template (of a list of named ones, "default")."""
+    if (hf_dir / "chat_template.jinja").is_file():
+        return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def prepends_bos(post_processor, bos):
+    """Whether a tokenizer.json post-processor (a TemplateProcessing, alone or in a Sequence) starts texts with bos."""
+    if not post_processor or bos is None:
+        return False
+    if post_processor["type"] == "Sequence":
+        return any(prepends_bos(p, bos) for p in post_processor["processors"])
+    if post_processor["type"] != "TemplateProcessing":
+        return False
+    return post_processor["single"][0].get("SpecialToken", {}).get("id") == bos
+
+
+def write_tokenizer(tokenizer, out_dir):
+    """tokenizer.json + tokenizer_config.json for the tokenizers kind, tokenizer.model for SentencePiece."""
+    spec = tokenizer.spec
+    if spec.get("kind") == "sentencepiece":
+        (out_dir / SENTENCEPIECE_FILE).write_bytes(Path(spec["model_file"]).read_bytes())
+        return
+    if spec.get("kind") != "tokenizers":
+        raise HFFormatError(f"a {spec.get('kind')!r} tokenizer has no Hugging Face files here (only the tokenizers "
+                            "and sentencepiece kinds): export the model without it")
+    tokenizer_json = with_bos_post_processor(spec["json"], spec["bos"], tokenizer.bos_id)
+    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
+              "add_bos_token": spec["add_bos"], "chat_template": spec["chat_template"]}
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, ensure_ascii=False) + "\n",
+        encoding="utf-8")
+
+
+def with_bos_post_processor(tokenizer_json, bos, bos_id):
+    """tokenizer.json whose post-processor prepends bos exactly when bos_id is given: transformers takes the BOS
+    from tokenizer.json's post-processor and ignores tokenizer_config.json's add_bos_token."""
+    data = json.loads(tokenizer_json)
+    if prepends_bos(data.get("post_processor"), bos) == (bos_id is not None):
+        return tokenizer_json
+    data["post_processor"] = None
+    if bos_id is not None:
+        special = [{"SpecialToken": {"id": bos, "type_id": i}} for i in (0, 1)]
+        text = [{"Sequence": {"id": name, "type_id": i}} for i, name in enumerate("AB")]
+        data["post_processor"] = {"type": "TemplateProcessing", "single": [special[0], text[0]],
+                                  "pair": [special[0], text[0], special[1], text[1]],
+                                  "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    return json.dumps(data, ensure_ascii=False)

@@ -23,8 +23,12 @@ HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a m
 def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
     """(model in eval mode, tokenizer) from: one of our checkpoints (file or out_dir), an int8 checkpoint
     (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), or a preset name (random weights,
-    tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models)."""
+    tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models).
+    A tokenizer with more tokens than the model has embeddings is refused (fewer is fine: padded vocabularies)."""
     model, tokenizer = _load(init_from, device)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings: it is not this model's tokenizer")
     if meta_ls_cache:      # validated like any config: needs share="immediate"
         model.config = replace(model.config, meta_ls_cache=True)
     return model.eval(), tokenizer

@@ -6,10 +6,18 @@ released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo
   python sample.py --init_from facebook/MobileLLM-125M --start "The capital of France is" --temperature 0
   python sample.py --init_from out --start FILE:prompt.txt --num_samples 3 --top_k 50 --top_p 0.9
   python sample.py --init_from mobilellm-125m --benchmark --dtype float16 --compile  # decode speed, random weights
+  python sample.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --chat --start "What is a llama?"
+  python sample.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --interactive --system "Answer briefly."
 
 Tokens stream to stdout as they are made; generation stops at the tokenizer's end-of-text token; the
 prefill and decode speeds (tokens/s) are printed at the end. Decoding goes through the model's static
 KV cache (model.generate_tokens); --compile compiles the one-token decode step with torch.compile.
+
+--chat puts --start in the model's chat template (an instruct model's, from its tokenizer files) as the user's
+message and prints the assistant's reply, which ends at the tokenizer's end-of-text token (<|im_end|> for
+SmolLM2-Instruct). --interactive keeps a conversation going: one user message per stdin line, until EOF, an
+empty line or /exit; the whole conversation is the prompt of each reply (its oldest turns are dropped when it
+outgrows the context).
 """
 import argparse
 import sys
@@ -21,6 +29,7 @@ import torch
 
 from checkpoint import CheckpointError
 from loader import load_model_and_tokenizer
+from tokenizer import render_chat
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   # inductor: see compile_decode_step
@@ -68,15 +77,17 @@ def encode_prompt(tokenizer, text, block_size):
     return ids
 
 
-def generate_one(model, ids, args, generator, tokenizer=None, out=None):
-    """Stream one sample after its prompt; return (new token ids, decode steps, prefill s, decode s)."""
+def generate_one(model, ids, args, generator, tokenizer=None, out=None, echo=True):
+    """Stream one sample after its prompt (echo: print the prompt first); return (new token ids, decode steps,
+    prefill s, decode s)."""
     device = model.norm.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     eos = None if tokenizer is None else tokenizer.eos_id
     out = out or sys.stdout
     if tokenizer is not None:
         printed = tokenizer.decode(ids)
-        out.write(printed)
+        if echo:
+            out.write(printed)
     new, steps = [], 0
     t0 = time.perf_counter()
     t_first = t_last = t0
@@ -99,11 +110,71 @@ def generate_one(model, ids, args, generator, tokenizer=None, out=None):
     return new, steps - 1, t_first - t0, t_last - t_first
 
 
+def require_chat_template(tokenizer, init_from):
+    if not tokenizer.chat_template:
+        raise SystemExit(f"error: {init_from} has no chat template (an instruct model's tokenizer_config.json or "
+                         "chat_template.jinja gives one): --chat and --interactive need one")
+
+
+def encode_chat(tokenizer, messages, block_size):
+    """The conversation through the model's chat template, encoded with its special tokens recognised (no BOS
+    added: a template writes its own). While it outgrows the context its oldest exchange (user message and
+    reply) is dropped, with a warning; a system message stays. Returns (ids, the messages kept)."""
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    while True:
+        ids = tokenizer.encode(render_chat(tokenizer.chat_template, messages, tokenizer))
+        if len(ids) <= block_size:
+            return ids, messages
+        if len(messages) - first <= 1:
+            raise SystemExit(f"error: the last message makes a {len(ids)}-token prompt, more than the context "
+                             f"({block_size} tokens)")
+        warnings.warn(f"the conversation has {len(ids)} tokens, more than the context ({block_size}): "
+                      "dropping its oldest exchange")
+        messages = messages[:first] + messages[first + 2:]
+
+
+def read_user_line():
+    """The next user message from stdin (prompt "> " on stderr); None at EOF, an empty line or /exit."""
+    sys.stderr.write("> ")
+    sys.stderr.flush()
+    line = sys.stdin.readline().rstrip("\n")
+    return None if line.strip() in ("", "/exit") else line
+
+
+def system_message(system):
+    return [{"role": "system", "content": system}] if system else []
+
+
+def prompt_ids(tokenizer, args, block_size):
+    """--start as a plain prompt, or with --chat as the user's message in the chat template."""
+    if not args.chat:
+        return encode_prompt(tokenizer, read_prompt(args.start), block_size)
+    messages = system_message(args.system) + [{"role": "user", "content": read_prompt(args.start)}]
+    return encode_chat(tokenizer, messages, block_size)[0]
+
+
+def chat(model, tokenizer, args, generator):
+    """--interactive: each stdin line is the user's next message; the whole conversation is re-rendered as the
+    prompt, and the reply streams to stdout and joins the conversation."""
+    messages = system_message(args.system)
+    while (line := read_user_line()) is not None:
+        messages.append({"role": "user", "content": line})
+        ids, messages = encode_chat(tokenizer, messages, model.config.block_size)
+        new, _, _, _ = generate_one(model, ids, args, generator, tokenizer, echo=False)
+        print()
+        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", required=True,
                    help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--chat", action="store_true",
+                   help="--start is the user's message in the model's chat template; print the assistant's reply")
+    p.add_argument("--interactive", action="store_true",
+                   help="a conversation (implies --chat): user messages are read from stdin, one per line")
+    p.add_argument("--system", default=None, help="--chat/--interactive: the system message")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -123,6 +194,9 @@ def main(argv=None):
     p.add_argument("--transformers_reference", action="store_true",
                    help="--benchmark also times transformers' LlamaForCausalLM with the same weights")
     args = p.parse_args(argv)
+    args.chat |= args.interactive
+    if args.system is not None and not args.chat:
+        p.error("--system needs --chat or --interactive")
     if args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
         p.error("--temperature must be >= 0, --max_new_tokens and --num_samples >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -142,10 +216,14 @@ def main(argv=None):
         if not args.benchmark:
             p.error(f"{args.init_from} is a preset (random weights, no tokenizer): use it with --benchmark")
         return benchmark(model, args, generator)
-    ids = encode_prompt(tokenizer, read_prompt(args.start), model.config.block_size)
+    if args.chat:
+        require_chat_template(tokenizer, args.init_from)
+    if args.interactive:
+        return chat(model, tokenizer, args, generator)
+    ids = prompt_ids(tokenizer, args, model.config.block_size)
     prefill_s = decode_s = decoded = 0
     for _ in range(args.num_samples):
-        _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator, tokenizer)
+        _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator, tokenizer, echo=not args.chat)
         prefill_s, decode_s, decoded = prefill_s + t_prefill, decode_s + t_decode, decoded + steps
         print("\n---------------")
     report(len(ids) * args.num_samples, prefill_s, decoded, decode_s)

@@ -9,8 +9,12 @@ A tokenizer is described by a JSON-able spec (stored in data/<name>/meta.json an
    "add_bos": false, "chat_template": "{% for message in messages %}..." or None}
       any Hugging Face tokenizer.json (SmolLM2's GPT-2-style BPE among them), through the `tokenizers`
       library; the file is stored inside the spec, so a checkpoint reloads it offline
+
+render_chat turns a conversation into an instruct model's prompt with its chat template, as transformers does.
 """
+import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Callable, Optional
 
 
@@ -96,3 +100,36 @@ def load_tokenizer(spec):
         return tokenizers_tokenizer(spec["json"], spec.get("bos"), spec.get("eos"), spec.get("add_bos", False),
                                     spec.get("chat_template"))
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected char, tiktoken, sentencepiece or tokenizers)")
+
+
+def render_chat(template, messages, tokenizer, add_generation_prompt=True):
+    """A conversation ([{"role": ..., "content": ...}]) as text, through a Hugging Face chat template, rendered
+    the way transformers' apply_chat_template renders it: jinja2's sandbox with trim_blocks and lstrip_blocks,
+    loop controls, `raise_exception(message)`, a JSON `tojson` and `strftime_now`; the variables are
+    `messages`, `add_generation_prompt` (end with the assistant's header) and `bos_token`/`eos_token`."""
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise RuntimeError("chat templates are rendered with jinja2: pip install jinja2") from e
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.filters["tojson"] = lambda x, ensure_ascii=False, **options: json.dumps(x, ensure_ascii=ensure_ascii, **options)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=special_token_text(tokenizer, "bos"),
+                                                eos_token=special_token_text(tokenizer, "eos"))
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template cannot render this conversation: {e}") from e
+
+
+def special_token_text(tokenizer, name):
+    """'bos' or 'eos' as text: the tokenizers kind keeps the strings in its spec; others decode the id."""
+    if tokenizer.spec.get(name) is not None:
+        return tokenizer.spec[name]
+    token_id = getattr(tokenizer, f"{name}_id")
+    return "" if token_id is None else tokenizer.decode([token_id])

@@ -15,3 +15,32 @@ def shared_dir():
     if not SHARED.is_dir():
         pytest.skip("../shared (local copies of data and tokenizer files) is not beside the project")
     return SHARED
+
+
+CHATML_TEMPLATE = """{{ bos_token }}{% for message in messages %}
+{% if message['role'] not in ('system', 'user', 'assistant') %}
+{{ raise_exception('unknown role: ' + message['role']) }}
+{% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """SmolLM2's kind of tokenizer, tiny: a byte-level BPE tokenizer.json (300 tokens) trained on a few sentences,
+    <|endoftext|> as BOS (not prepended), <|im_end|> as EOS, and a ChatML template."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizer import tokenizers_tokenizer
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["hello there", "how are you?", "fine thanks", "user", "assistant", "system",
+                             "the quick brown fox jumps over the lazy dog"] * 4, trainer)
+    return tokenizers_tokenizer(bpe.to_str(), bos="<|endoftext|>", eos="<|im_end|>", chat_template=CHATML_TEMPLATE)

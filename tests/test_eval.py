@@ -101,6 +101,16 @@ def test_acc_norm_divides_by_the_choice_length_as_the_harness_does():
     assert result["acc"] == pytest.approx(2 / 3) and result["acc_norm"] == pytest.approx(1 / 3)
 
 
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_scoring(tmp_path):
+    data = tmp_path / "piqa.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in piqa_docs([0, 1])))
+    save_checkpoint(model_checkpoint(tiny_model(len(CHARS) - 3), char_tokenizer(CHARS).spec), tmp_path / "ckpt")
+    with pytest.raises(SystemExit, match=f"eval.py: cannot load .*ckpt: the tokenizer has {len(CHARS)} tokens but "
+                                         f"the model only {len(CHARS) - 3} embeddings"):
+        ev.main(["--init_from", str(tmp_path / "ckpt"), "--tasks", "piqa", "--data", str(data), "--device", "cpu",
+                 "--out", str(tmp_path / "results.json")])
+    assert not (tmp_path / "results.json").exists()
+
 def test_task_adapters_follow_the_harness_formats():
     ex = ev.TASKS["winogrande"].adapter(dict(sentence="Tom gave Bob a gift because _ was kind.", option1="Tom",
                                              option2="Bob", answer="2"))

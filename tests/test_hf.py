@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import hf
 from model import MobileLLM, ModelConfig, apply_rope
+from tokenizer import char_tokenizer, load_tokenizer, render_chat
 
 
 def tiny_config(**kw):
@@ -126,6 +127,82 @@ def test_safetensors_dir_and_sentencepiece_tokenizer(tmp_path):
     model, tokenizer = hf.load_hf(hf_dir)
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
     assert tokenizer.decode(tokenizer.encode("the lazy fox")) == "the lazy fox"
+    hf.export_hf(model, tmp_path / "out", tokenizer)
+    _, again = hf.load_hf(tmp_path / "out")
+    assert again.spec["kind"] == "sentencepiece" and again.encode("the lazy fox") == tokenizer.encode("the lazy fox")
+
+
+# --- tokenizer.json (SmolLM2's format) -----------------------------------------------------------
+
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "how are you?"}]
+TEXT = "hello there, how are you?<|im_end|>"
+
+
+def export_with_tokenizer(out_dir, chat_tokenizer, add_bos):
+    """A tiny model (320 embeddings for a 300-token vocabulary) and the ChatML tokenizer, as an HF dir."""
+    tokenizer = load_tokenizer({**chat_tokenizer.spec, "add_bos": add_bos})
+    model = tiny_model(vocab_size=320)
+    hf.export_hf(model, out_dir, tokenizer)
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, text):
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_model_and_tokenizer_json_to_hf_and_back(tmp_path, chat_tokenizer, add_bos):
+    model, tokenizer = export_with_tokenizer(tmp_path, chat_tokenizer, add_bos)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == ((0 if add_bos else None), 2)
+    back, loaded = hf.load_hf(tmp_path)
+    idx = torch.randint(320, (1, 12))
+    assert torch.equal(model(idx)[0], back(idx)[0])
+    assert loaded.spec["kind"] == "tokenizers" and loaded.spec["add_bos"] == add_bos
+    assert prompt_ids(loaded, TEXT) == prompt_ids(tokenizer, TEXT) and prompt_ids(loaded, TEXT)[0] == (
+        0 if add_bos else tokenizer.encode("hello")[0])
+    assert (loaded.bos_id, loaded.eos_id, loaded.chat_template) == (tokenizer.bos_id, 2, tokenizer.chat_template)
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_transformers_reads_our_tokenizer_files_as_we_do(tmp_path, chat_tokenizer, add_bos):
+    transformers = pytest.importorskip("transformers")
+    _, tokenizer = export_with_tokenizer(tmp_path, chat_tokenizer, add_bos)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs(TEXT)["input_ids"] == prompt_ids(tokenizer, TEXT)      # BOS only when add_bos
+    assert (theirs.bos_token, theirs.eos_token, theirs.eos_token_id) == ("<|endoftext|>", "<|im_end|>", 2)
+    rendered = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_chat(tokenizer.chat_template, MESSAGES, tokenizer)
+    assert rendered.startswith("<|endoftext|><|im_start|>system\nbe brief<|im_end|>\n")
+
+
+def test_hf_dir_tokenizer_config_forms(tmp_path, chat_tokenizer):
+    """What repos ship: AddedToken dicts, no add_bos_token (tokenizer.json's post-processor says), named
+    templates in the config, a chat_template.jinja that wins, and a tokenizer.model that tokenizer.json beats."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf.export_hf(tiny_model(vocab_size=320), tmp_path)
+    bpe = tokenizers.Tokenizer.from_str(chat_tokenizer.spec["json"])
+    processors = tokenizers.processors
+    bos_first = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    bpe.post_processor = processors.Sequence([processors.ByteLevel(), bos_first])
+    (tmp_path / "tokenizer.json").write_text(bpe.to_str())
+    (tmp_path / "tokenizer.model").write_bytes(b"not a SentencePiece model")
+    config = {"bos_token": {"content": "<|im_start|>", "special": True}, "eos_token": {"content": "<|im_end|>"},
+              "chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "chat"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = hf.load_hf(tmp_path)[1]
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.chat_template) == (1, 2, "chat")
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    tokenizer = hf.load_hf(tmp_path)[1]
+    assert (tokenizer.bos_id, tokenizer.chat_template) == (None, "{{ messages }}")
+
+
+def test_export_refuses_a_tokenizer_without_hf_files(tmp_path):
+    with pytest.raises(hf.HFFormatError, match="'char' tokenizer has no Hugging Face files"):
+        hf.export_hf(tiny_model(), tmp_path, char_tokenizer("abc"))
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -164,20 +241,15 @@ def test_repo_id_offline_is_one_clear_error(monkeypatch):
         hf.load_hf("facebook/MobileLLM-125M")
 
 
-def test_repo_id_downloads_config_tokenizer_and_one_weights_format(tmp_path, monkeypatch):
-    """A fake hub serves a Meta-style repo (a broken safetensors beside pytorch_model.bin, no tokenizer):
-    load_hf fetches config.json, asks for tokenizer.model, takes pytorch_model.bin and nothing else."""
+def fake_hub(monkeypatch, repo, tmp_path, repo_id, expected_revision=None):
+    """Serve the files of dir `repo` as the hub repo `repo_id` would; returns the list of file names asked for."""
     hub = pytest.importorskip("huggingface_hub")
     from huggingface_hub.errors import RemoteEntryNotFoundError
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    meta_style_dir(repo, random_llama_weights(), True)
-    (repo / "model.safetensors").write_bytes(b"broken conversion")
     cache, asked = tmp_path / "cache", []
 
-    def fake_download(repo_id, filename, revision=None):
+    def fake_download(asked_repo_id, filename, revision=None):
         asked.append(filename)
-        assert repo_id == "facebook/MobileLLM-tiny-layer-share" and revision == "v1"
+        assert (asked_repo_id, revision) == (repo_id, expected_revision)
         if not (repo / filename).is_file():     # the hub's 404 (built without the HTTP response it wraps)
             missing = RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)
             Exception.__init__(missing, f"404: {repo_id} has no {filename}")
@@ -187,8 +259,32 @@ def test_repo_id_downloads_config_tokenizer_and_one_weights_format(tmp_path, mon
         return str(cache / filename)
 
     monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    return asked
+
+
+def test_repo_id_downloads_config_tokenizer_and_one_weights_format(tmp_path, monkeypatch):
+    """A fake hub serves a Meta-style repo (a broken safetensors beside pytorch_model.bin, no tokenizer):
+    load_hf fetches config.json, asks for tokenizer.json then tokenizer.model, takes pytorch_model.bin only."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    meta_style_dir(repo, random_llama_weights(), True)
+    (repo / "model.safetensors").write_bytes(b"broken conversion")
+    asked = fake_hub(monkeypatch, repo, tmp_path, "facebook/MobileLLM-tiny-layer-share", "v1")
     model, tokenizer = hf.load_hf("facebook/MobileLLM-tiny-layer-share", revision="v1")
-    assert asked == ["config.json", "tokenizer.model", "pytorch_model.bin"] and tokenizer is None
+    assert asked == ["config.json", "tokenizer.json", "tokenizer.model", "pytorch_model.bin"] and tokenizer is None
     assert model.config.share == "immediate"
     torch.testing.assert_close(model.tok_embeddings.weight,
                                torch.load(repo / "pytorch_model.bin", weights_only=True)["model.embed_tokens.weight"].float())
+
+
+def test_repo_id_with_tokenizer_json_downloads_its_config_and_template(tmp_path, monkeypatch, chat_tokenizer):
+    """A SmolLM2-style repo: tokenizer.json + tokenizer_config.json (no chat_template.jinja), safetensors only."""
+    model = tiny_model(vocab_size=320)
+    hf.export_hf(model, tmp_path / "repo", chat_tokenizer)
+    asked = fake_hub(monkeypatch, tmp_path / "repo", tmp_path, "HuggingFaceTB/SmolLM2-tiny-Instruct")
+    back, tokenizer = hf.load_hf("HuggingFaceTB/SmolLM2-tiny-Instruct")
+    assert asked == ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "pytorch_model.bin", "model.safetensors"]
+    assert tokenizer.encode(TEXT) == chat_tokenizer.encode(TEXT) and tokenizer.eos_id == 2
+    assert tokenizer.chat_template == chat_tokenizer.chat_template
+    assert torch.equal(back.tok_embeddings.weight, model.tok_embeddings.weight)

@@ -1,4 +1,5 @@
 import argparse
+import io
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import loader
 import sample
 from checkpoint import model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig, apply_rope
-from tokenizer import Tokenizer, char_tokenizer
+from tokenizer import Tokenizer, char_tokenizer, load_tokenizer, render_chat, tokenizers_tokenizer
 
 CHARS = "abcdefgh \n"
 
@@ -148,6 +149,90 @@ def test_hf_dir_loads_through_load_model_and_tokenizer(tmp_path):
     loaded, tokenizer = loader.load_model_and_tokenizer(str(tmp_path))
     idx = torch.randint(len(CHARS), (1, 9))
     assert torch.equal(loaded(idx)[0], model(idx)[0]) and tokenizer is None
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_and_a_smaller_one_is_fine(chat_tokenizer, tmp_path):
+    save_checkpoint(model_checkpoint(tiny_model(vocab_size=200), chat_tokenizer.spec), tmp_path / "small")
+    with pytest.raises(ValueError, match="tokenizer has 300 tokens but the model only 200 embeddings"):
+        loader.load_model_and_tokenizer(str(tmp_path / "small"))
+    save_checkpoint(model_checkpoint(tiny_model(vocab_size=320), chat_tokenizer.spec), tmp_path / "padded")
+    assert loader.load_model_and_tokenizer(str(tmp_path / "padded"))[1].vocab_size == 300
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine thanks"}]
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory, chat_tokenizer):
+    """A tiny instruct model (a padded 320-token vocabulary) trained to reply to CONVERSATION's user messages,
+    saved with its tokenizer.json spec."""
+    ids = chat_tokenizer.encode(render_chat(chat_tokenizer.chat_template, CONVERSATION, chat_tokenizer, False))
+    ids = torch.tensor([ids])
+    model = tiny_model(vocab_size=320, block_size=64).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(ids[:, :-1], ids[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("chat")
+    save_checkpoint(model_checkpoint(model.eval(), chat_tokenizer.spec), out)
+    return out
+
+
+def test_tokenizers_spec_checkpoint_reloads_offline_with_the_same_ids(chat_ckpt, chat_tokenizer):
+    _, tokenizer = loader.load_model_and_tokenizer(str(chat_ckpt))
+    text = "<|im_start|>user\nhow are you?<|im_end|>"
+    assert tokenizer.encode(text) == chat_tokenizer.encode(text) and tokenizer.encode(text)[0] == 1
+    assert tokenizer.eos_id == 2 and tokenizer.chat_template == chat_tokenizer.chat_template
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "hf"])
+def test_chat_replies_in_the_template_and_stops_at_eos(chat_ckpt, tmp_path, capsys, fmt):
+    init_from = chat_ckpt
+    if fmt == "hf":
+        import hf
+        model, tokenizer = loader.load_model_and_tokenizer(str(chat_ckpt))
+        init_from = hf.export_hf(model, tmp_path, tokenizer)
+    out, err = run(["--init_from", str(init_from), "--chat", "--start", "hi", "--temperature", "0",
+                    "--max_new_tokens", "20"], capsys)
+    assert out == "hello there\n---------------\n"
+    assert "(5 tokens)" in err    # decode steps: "hello there" is 5 tokens, then <|im_end|> ends it (not 20)
+
+
+def test_interactive_keeps_the_conversation(chat_ckpt, capsys, monkeypatch):
+    prompts, real_generate_one = [], sample.generate_one
+    monkeypatch.setattr(sample, "generate_one", lambda model, ids, *a, **kw: prompts.append(ids) or
+                        real_generate_one(model, ids, *a, **kw))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you?\n"))
+    out, err = run(["--init_from", str(chat_ckpt), "--interactive", "--temperature", "0"], capsys)
+    assert out == "hello there\nfine thanks\n" and err == "> " * 3
+    _, tokenizer = loader.load_model_and_tokenizer(str(chat_ckpt))
+    assert tokenizer.decode(prompts[1]) == render_chat(tokenizer.chat_template, CONVERSATION[:3], tokenizer)
+
+
+def test_a_long_conversation_drops_its_oldest_exchange_and_keeps_the_system_message(chat_tokenizer):
+    messages = [{"role": "system", "content": "be brief"}] + CONVERSATION + [{"role": "user", "content": "hi"}]
+    fits = len(chat_tokenizer.encode(render_chat(chat_tokenizer.chat_template, messages[:1] + messages[3:],
+                                                 chat_tokenizer)))
+    with pytest.warns(UserWarning, match="dropping its oldest exchange"):
+        ids, kept = sample.encode_chat(chat_tokenizer, messages, block_size=fits)
+    assert kept == messages[:1] + messages[3:] and len(ids) == fits
+    with pytest.raises(SystemExit, match="more than the context"), pytest.warns(UserWarning):
+        sample.encode_chat(chat_tokenizer, messages, block_size=10)
+
+
+def test_chat_without_a_template_is_one_clear_error(trained_ckpt, chat_tokenizer, tmp_path):
+    with pytest.raises(SystemExit, match="error: .* has no chat template") as e:
+        sample.main(["--init_from", str(trained_ckpt), "--chat", "--start", "abc"])
+    assert "\n" not in e.value.code
+    spec = {**chat_tokenizer.spec, "chat_template": None}
+    save_checkpoint(model_checkpoint(tiny_model(vocab_size=320), spec), tmp_path)
+    with pytest.raises(SystemExit, match="has no chat template"):
+        sample.main(["--init_from", str(tmp_path), "--interactive"])
 
 
 # --- the KV cache, and Meta's layer-share cache ------------------------------------------------

@@ -1,6 +1,8 @@
+import sys
+
 import pytest
 
-from tokenizer import char_tokenizer, load_tokenizer, tokenizers_tokenizer
+from tokenizer import Tokenizer, char_tokenizer, load_tokenizer, render_chat, tokenizers_tokenizer
 
 
 def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
@@ -36,3 +38,29 @@ def test_tokenizer_json_through_tokenizers_round_trips_through_its_spec():
     assert tokenizers_tokenizer(hf.to_str(), bos="<s>").bos_id is None     # add_bos false: nothing prepended
     with pytest.raises(ValueError, match="'<pad>'"):
         tokenizers_tokenizer(hf.to_str(), eos="<pad>")
+
+
+def test_chat_template_renders_like_transformers_and_its_special_tokens_encode_as_one_id(chat_tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    text = render_chat(chat_tokenizer.chat_template, messages, chat_tokenizer)
+    # trim_blocks/lstrip_blocks drop the template's own line breaks; bos_token is the tokenizer's string
+    assert text == "<|endoftext|><|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n" \
+                   "<|im_start|>assistant\n"
+    assert render_chat(chat_tokenizer.chat_template, messages, chat_tokenizer, add_generation_prompt=False) \
+        == text.removesuffix("<|im_start|>assistant\n")
+    ids = chat_tokenizer.encode(text)
+    assert ids[:2] == [0, 1] and ids.count(1) == 3 and ids.count(2) == 2 and chat_tokenizer.eos_id == 2
+    assert chat_tokenizer.decode(ids) == text
+
+
+def test_chat_template_errors_and_helpers(chat_tokenizer, monkeypatch):
+    with pytest.raises(ValueError, match="cannot render this conversation: unknown role: tool"):
+        render_chat(chat_tokenizer.chat_template, [{"role": "tool", "content": "{}"}], chat_tokenizer)
+    as_json = "{{ messages[0].content | tojson }}{{ messages[0].content | tojson(indent=1) }}"
+    assert render_chat(as_json, [{"content": ["é<"]}], chat_tokenizer) == '["é<"][\n "é<"\n]'  # not HTML-escaped
+    char = char_tokenizer("ab.")
+    spelled = Tokenizer({}, 3, char.encode, char.decode, eos_id=2)       # no strings in its spec: the id decoded
+    assert render_chat("{{ bos_token }}|{{ eos_token }}", [], spelled) == "|."
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(RuntimeError, match="pip install jinja2"):
+        render_chat("{{ messages }}", [], chat_tokenizer)
