@@ -201,23 +201,45 @@ def test_sources_that_cannot_be_fine_tuned_are_refused(source, data_dir, tmp_pat
         train(finetune("mobilellm-micro", data_dir, tmp_path / "out"))
 
 
-def test_hf_dir_with_its_sentencepiece_tokenizer(tmp_path):
+def sentencepiece_tokenizer(text_file, folder):
     spm = pytest.importorskip("sentencepiece")
+    from tokenizer import sentencepiece_tokenizer
+    spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(folder / "sp"), vocab_size=64,
+                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
+    return sentencepiece_tokenizer(folder / "sp.model")
+
+
+def same_tokenizer_in_another_form(spec, folder):
+    """spec written differently without changing how it encodes: the tokenizer.json's text laid out anew and
+    no chat template, or the SentencePiece model file copied elsewhere."""
+    if spec["kind"] == "tokenizers":
+        return {**spec, "json": json.dumps(json.loads(spec["json"]), indent=1), "chat_template": None}
+    copy = folder / "copy.model"
+    copy.write_bytes(Path(spec["model_file"]).read_bytes())
+    return {**spec, "model_file": str(copy)}
+
+
+@pytest.mark.parametrize("kind", ["tokenizers", "sentencepiece"])
+def test_hf_dir_with_its_tokenizer(kind, tmp_path, request):
     pytest.importorskip("safetensors")
     import hf
     books = tmp_path / "books"
     books.mkdir()
     (books / "train.txt").write_text(sentences(2, 1500))
     (books / "val.txt").write_text(sentences(3, 200))
-    spm.SentencePieceTrainer.train(input=str(books / "train.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=64,
-                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
-    vocab_size = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model")).get_piece_size()
-    hf.export_hf(tiny_model(vocab_size, share="none"), tmp_path / "hf", tmp_path / "sp.model")
+    tokenizer = request.getfixturevalue("chat_tokenizer") if kind == "tokenizers" else \
+        sentencepiece_tokenizer(books / "train.txt", tmp_path)
+    hf.export_hf(tiny_model(tokenizer.vocab_size, share="none"), tmp_path / "hf", tokenizer)
     load_prepare("gutenberg").prepare([books], str(tmp_path / "hf"), tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["tokenizer"]["kind"] == kind
+    meta["tokenizer"] = same_tokenizer_in_another_form(meta["tokenizer"], tmp_path)     # still accepted
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
     records = train(finetune(tmp_path / "hf", tmp_path / "data", tmp_path / "out", max_iters=10, eval_interval=5))
     assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.3
-    model, tokenizer = loader.load_model_and_tokenizer(str(tmp_path / "out"))
-    assert tokenizer.spec["kind"] == "sentencepiece" and model.config.share == "none"    # the source's, not ours
+    model, reloaded = loader.load_model_and_tokenizer(str(tmp_path / "out"))
+    assert reloaded.spec == loader.load_model_and_tokenizer(str(tmp_path / "hf"))[1].spec
+    assert model.config.share == "none"                               # the source's, not TrainConfig's default
 
 
 def test_ddp_fine_tune_with_frozen_parameters_matches_one_process(source, data_dir, tmp_path):
