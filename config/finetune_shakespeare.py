@@ -1,6 +1,7 @@
 # Fine-tune a released model on your own text, on a CPU: SmolLM2-135M-Instruct (MobileLLM-125M's shape:
 # 30 blocks x dim 576, tied 49,152-token embedding) on tiny shakespeare.
-#   python data/shakespeare/prepare.py --tokenizer=../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --out_dir=data/shakespeare_smollm2
+#   python data/shakespeare/prepare.py --tokenizer=../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+#       --out_dir=data/shakespeare_smollm2
 #   python train.py config/finetune_shakespeare.py
 #   python sample.py --init_from out-finetune-shakespeare --start "ROMEO:"
 # The model's shape and tokenizer come from init_from; no model setting is given here except the shorter
