@@ -70,6 +70,13 @@ def apply_settings(config, settings, source):
 
 def configure(config, argv):
     """Apply command-line arguments (config file paths and --key=value) to a dataclass instance."""
+    return configure_and_report(config, argv)[0]
+
+
+def configure_and_report(config, argv):
+    """configure(), also returning the set of keys that the config files and overrides assigned: what
+    the user chose, as opposed to what was left at its default."""
+    applied = set()
     for arg in argv:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
@@ -78,7 +85,9 @@ def configure(config, argv):
             value = _parse_value(text)
             if _field_types(type(config)).get(key) is str and not isinstance(value, str):
                 value = text                     # --out_dir=2024 is the folder "2024", not an int
-            config = apply_settings(config, {key: value}, f"override {arg!r}")
+            settings, source = {key: value}, f"override {arg!r}"
         else:
-            config = apply_settings(config, _read_config_file(arg), f"config file {arg}")
-    return config
+            settings, source = _read_config_file(arg), f"config file {arg}"
+        config = apply_settings(config, settings, source)
+        applied |= settings.keys()
+    return config, applied

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SHARE_STRATEGIES = ("none", "immediate", "repeat_all", "reverse")
 FFN_TYPES = ("swiglu", "gelu", "relu")
@@ -253,6 +254,8 @@ class MobileLLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.caches = None                            # nn.ModuleList of KVCache, one per block application
         self.cache_len = 0                            # positions each cache holds (per application)
+        self.gradient_checkpointing = False           # training: keep only each block application's input,
+                                                      # recompute the rest in backward (less memory, ~1/3 more compute)
         self.init_weights()
 
     def init_weights(self):
@@ -309,7 +312,9 @@ class MobileLLM(nn.Module):
                 mask = input_pos[:, None] >= torch.arange(self.cache_len, device=idx.device)[None, :]  # (T, L)
         x = self.tok_embeddings(idx)                                                           # (B, T, C)
         for i, b in enumerate(self.schedule):
-            if input_pos is None:
+            if input_pos is None and self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self.layers[b], x, cos, sin, use_reentrant=False)
+            elif input_pos is None:
                 x = self.layers[b](x, cos, sin)
             elif self.config.meta_ls_cache:   # application r of block b writes slice r of the block's one cache
                 r = i % self.config.share_repeats

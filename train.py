@@ -4,10 +4,20 @@ Train MobileLLM on a laptop CPU, one GPU, or many GPUs, with one script.
   python train.py                                   # default: deep-and-thin MobileLLM-LS on shakespeare_char
   python train.py config/train_shakespeare_char.py --max_iters=500 --dtype=float32
   python train.py --init_from=resume                # continue exactly where out_dir/ckpt.pt stopped
+  python train.py config/finetune_shakespeare.py    # fine-tune a released model (SmolLM2-135M) on a CPU
   torchrun --nproc_per_node=8 train.py config/train_mobilellm_125m.py    # DDP: one process per GPU
 
 Settings: the TrainConfig defaults below, then config files, then --key=value overrides (configurator.py).
 In python: `from train import TrainConfig, train; log = train(TrainConfig(max_iters=100, quiet=True))`.
+
+Fine-tuning: --init_from=<model source> starts from any model loader.py loads (our checkpoint, a Hugging Face
+dir or hub id, a .gguf file; not an int8 checkpoint: fine-tune the float model). The model's shape comes
+from the source: model settings you leave alone are taken from it, ones you set that contradict it are an
+error. block_size may be set lower than the model's context: training then uses shorter windows, and the
+saved model keeps the source's context (RoPE positions do not depend on it). The data must be tokenized with
+the model's tokenizer (data/shakespeare/prepare.py --tokenizer=<source>); the tokenizer is saved in
+ckpt.pt. --init_from=resume continues a fine-tune exactly, as any run. freeze_embedding, train_blocks and
+gradient_checkpointing make a 135M model practical on a CPU.
 
 Writes into out_dir: ckpt.pt (model, optimizer, iteration, config, RNG states, data position; written
 atomically), log.jsonl (one JSON line per eval) and loss.png (when matplotlib is installed).
@@ -32,9 +42,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
-from configurator import ConfigError, apply_settings, configure
+from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from configurator import ConfigError, apply_settings, configure_and_report
+from loader import load_model_and_tokenizer
 from model import MobileLLM, ModelConfig
+from quantize import is_quantized
 
 REPO_DIR = Path(__file__).resolve().parent
 AUTO_PREPARED = ("shakespeare_char", "shakespeare")   # small enough to prepare on the fly when missing
@@ -46,14 +58,15 @@ class TrainConfig:
     out_dir: str = "out-shakespeare-char"
     dataset: str = "shakespeare_char"
     data_dir: str = ""                  # folder with train.bin, val.bin, meta.json; "" = data/<dataset>
-    init_from: str = "scratch"          # "scratch" or "resume" (from out_dir/ckpt.pt)
+    init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt), or a model source to fine-tune:
+                                        # our checkpoint, an HF dir or hub id, a .gguf file (see loader.py)
     eval_interval: int = 250
     eval_iters: int = 20
     log_interval: int = 10              # iterations between progress-bar updates of loss, tokens/s, MFU
     always_save_checkpoint: bool = False  # False: save only when val loss improves (and on Ctrl-C)
     quiet: bool = False                 # no progress bar, no printing (for many runs in one process)
     # model: the ModelConfig fields (vocab_size comes from the dataset's meta.json; decoding-only fields
-    # such as meta_ls_cache keep their ModelConfig defaults)
+    # such as meta_ls_cache keep their ModelConfig defaults). Resuming or fine-tuning takes them from the model
     n_layers: int = 3
     dim: int = 128
     n_heads: int = 4
@@ -80,6 +93,12 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0              # 0 disables clipping
+    # fine-tuning on a CPU: frozen parameters get no gradient, no optimizer state, and are saved unchanged
+    freeze_embedding: bool = False      # keep the token embedding and LM head fixed (one tied tensor: 28M of
+                                        # SmolLM2-135M's 135M parameters)
+    train_blocks: int = 0               # train only the last N unique blocks (and the final norm); 0: all blocks
+    gradient_checkpointing: bool = False  # recompute each block application in backward instead of storing its
+                                        # activations: less memory for ~1/3 more compute, same loss and gradients
     # system
     device: str = "auto"                # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                 # "bfloat16" (autocast, fp32 master weights), "float32", or "auto":
@@ -87,6 +106,9 @@ class TrainConfig:
     compile: bool = False               # torch.compile the model (the uncompiled one is what gets saved)
     seed: int = 1337
     peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
+
+
+MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name in TrainConfig.__dataclass_fields__)
 
 
 class TrainError(RuntimeError):
@@ -100,7 +122,7 @@ class TrainError(RuntimeError):
 def check_config(cfg):
     """Type-check every field (as the command line does) and the values that must agree with each other."""
     apply_settings(type(cfg)(), asdict(cfg), type(cfg).__name__)
-    choices = {"init_from": ("scratch", "resume"), "dtype": ("auto", "float32", "bfloat16")}
+    choices = {"dtype": ("auto", "float32", "bfloat16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
@@ -108,6 +130,8 @@ def check_config(cfg):
                  "gradient_accumulation_steps"):
         if getattr(cfg, name) < (0 if name == "max_iters" else 1):
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.train_blocks < 0:
+        raise ConfigError(f"train_blocks must be 0 (all) or positive, got {cfg.train_blocks}")
 
 
 def model_config(cfg, vocab_size):
@@ -180,10 +204,19 @@ def prepare_if_missing(cfg):
                          "e.g. with --input PATH")
 
 
-def load_dataset(cfg):
+def prepare_hint(cfg, source=None):
+    """How to prepare cfg's dataset: its own prepare.py, or for a model to start from (source) any text's
+    prepare.py with that model's tokenizer."""
+    if source is None:
+        return f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
+    return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py --tokenizer={source} "
+            f"--out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with --dataset=<name>")
+
+
+def load_dataset(cfg, source=None):
     """(meta dict, {"train": [memmap, ...], "val": [...]}) with a clear error for anything missing."""
     data_dir = dataset_dir(cfg)
-    hint = f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
+    hint = prepare_hint(cfg, source)
     meta_file = data_dir / "meta.json"
     if not meta_file.is_file():
         raise TrainError(f"dataset {cfg.dataset!r} is not prepared: no {meta_file}; {hint}")
@@ -271,6 +304,78 @@ def measure_peak_flops(device, dtype, n=1024, reps=8):
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# starting from a trained model: init_from=<model source>, or out_dir's checkpoint for resume
+
+
+def changed_settings(cfg):
+    """The fields of cfg that differ from TrainConfig's defaults: what a Python caller chose (the command
+    line knows exactly what was set: configurator.configure_and_report)."""
+    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
+
+
+def load_source_model(cfg, ckpt):
+    """(float model, tokenizer spec) to train on from: out_dir's checkpoint (ckpt, for resume) or init_from."""
+    if ckpt is not None:
+        return load_model(cfg.out_dir, ckpt=ckpt)[0], ckpt["tokenizer"]
+    if checkpoint_file(cfg.init_from).resolve() == checkpoint_file(cfg.out_dir).resolve():
+        raise ConfigError(f"init_from={cfg.init_from!r} is out_dir's own checkpoint: continue it with "
+                          "--init_from=resume, or fine-tune into another out_dir")
+    try:
+        model, tokenizer = load_model_and_tokenizer(cfg.init_from)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
+        raise TrainError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or a model that loads: {e}") from e
+    if is_quantized(model):
+        raise TrainError(f"init_from={cfg.init_from!r} is an int8 checkpoint, whose weights cannot be trained: "
+                         "fine-tune the float model it was quantized from")
+    if tokenizer is None:
+        raise TrainError(f"init_from={cfg.init_from!r} comes without a tokenizer: no data can be matched to it")
+    return model, tokenizer.spec
+
+
+def adopt_model_settings(cfg, set_keys, config, source):
+    """cfg with the model's settings (config) in its model fields. A field the user set (set_keys) must agree
+    with the model, except block_size, which may be lower: training then uses shorter windows."""
+    conflicts = [f"{k}={getattr(cfg, k)!r} (the model has {k}={getattr(config, k)!r})" for k in MODEL_FIELDS
+                 if k in set_keys and k != "block_size" and getattr(cfg, k) != getattr(config, k)]
+    if "block_size" in set_keys and cfg.block_size > config.block_size:
+        conflicts.append(f"block_size={cfg.block_size} (the model's context is {config.block_size})")
+    if conflicts:
+        raise ConfigError(f"your settings contradict the model {source}: {'; '.join(conflicts)}. Leave them out "
+                          "to take the model's")
+    return replace(cfg, **{k: getattr(config, k) for k in MODEL_FIELDS if k not in set_keys})
+
+
+def tokenizer_identity(spec):
+    """What decides how a tokenizer spec encodes: a tokenizer.json's content (not its chat template or
+    special-token settings), a SentencePiece model file's bytes (not its path), else the whole spec."""
+    if spec.get("kind") == "tokenizers":
+        return json.loads(spec["json"])
+    if spec.get("kind") == "sentencepiece" and Path(spec["model_file"]).is_file():
+        return Path(spec["model_file"]).read_bytes()
+    return spec
+
+
+def check_data_tokenizer(cfg, meta, tokenizer_spec, config, source):
+    """The data must be token ids of the model's own tokenizer."""
+    if tokenizer_identity(meta["tokenizer"]) != tokenizer_identity(tokenizer_spec):
+        raise TrainError(f"{dataset_dir(cfg)} holds tokens of a {meta['tokenizer'].get('kind')} tokenizer "
+                         f"(vocabulary {meta['vocab_size']}), not of the {tokenizer_spec.get('kind')} tokenizer of "
+                         f"the model {source} (vocabulary {config.vocab_size}); {prepare_hint(cfg, source)}")
+
+
+def freeze(model, cfg):
+    """requires_grad False for what cfg keeps fixed: the token embedding and LM head (freeze_embedding),
+    the unique blocks before the last train_blocks."""
+    if cfg.train_blocks > model.config.n_layers:
+        raise ConfigError(f"train_blocks={cfg.train_blocks} but the model has {model.config.n_layers} unique blocks")
+    frozen = [model.tok_embeddings, model.output] if cfg.freeze_embedding else []
+    if cfg.train_blocks:
+        frozen += list(model.layers[:-cfg.train_blocks])
+    for module in frozen:
+        module.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,16 +508,14 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
     return train_loss, stop_requested
 
 
-def resume_state(out_dir, config, model, optimizer, device):
-    """Load out_dir/ckpt.pt into model and optimizer, restore RNG states. Returns (iter_num, best val
-    loss, elapsed seconds so far, eval history from log.jsonl)."""
-    ckpt = load_checkpoint(out_dir, map_location=device)
-    if ckpt["model_config"] != asdict(config):
-        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(config).items()
-                if ckpt["model_config"].get(k) != v}
-        raise ConfigError(f"resume: the model settings differ from the checkpoint's (yours, checkpoint's): {diff}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+def resume_state(ckpt, out_dir, optimizer, device):
+    """Load out_dir's checkpoint (ckpt; the model was built from it) into the optimizer, restore RNG states.
+    Returns (iter_num, best val loss, elapsed seconds so far, eval history from log.jsonl)."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:
+        raise ConfigError(f"resume: the checkpoint's optimizer state does not fit the parameters trained now "
+                          f"(set freeze_embedding and train_blocks as the run did): {e}") from e
     restore_rng_state(ckpt["rng"], device)
     log_file = Path(out_dir) / "log.jsonl"
     history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
@@ -423,8 +526,10 @@ def resume_state(out_dir, config, model, optimizer, device):
 # the training loop
 
 
-def train(cfg: TrainConfig) -> list:
-    """Train as cfg says; returns this run's eval records (also appended to out_dir/log.jsonl)."""
+def train(cfg: TrainConfig, set_keys=None) -> list:
+    """Train as cfg says; returns this run's eval records (also appended to out_dir/log.jsonl). set_keys:
+    the fields the user set, which must agree with a model trained from (None: those that differ from the
+    defaults)."""
     check_config(cfg)
     rank, world, device, owned_group = setup_distributed(resolve_device(cfg.device))
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
@@ -434,7 +539,7 @@ def train(cfg: TrainConfig) -> list:
         if world > 1:
             dist.barrier()
         with StopRequest() as stop:
-            return run(cfg, rank, world, device, stop)
+            return run(cfg, changed_settings(cfg) if set_keys is None else set_keys, rank, world, device, stop)
     finally:
         if owned_group:
             dist.destroy_process_group()
@@ -458,22 +563,42 @@ def append_log(record, history, out_dir):
     plot_losses(history, out_dir / "loss.png")
 
 
-def run(cfg, rank, world, device, stop):
+def start_model(cfg, set_keys, device):
+    """The model a run starts from: new (scratch), out_dir's checkpoint (resume) or init_from's weights.
+    Returns (model, tokenizer spec, cfg with the model's settings, data splits, checkpoint or None)."""
+    ckpt = load_checkpoint(cfg.out_dir, map_location=device) if cfg.init_from == "resume" else None
+    if cfg.init_from == "scratch":
+        meta, splits = load_dataset(cfg)
+        model, tokenizer_spec = MobileLLM(model_config(cfg, meta["vocab_size"])), meta["tokenizer"]
+    else:
+        model, tokenizer_spec = load_source_model(cfg, ckpt)
+        source = cfg.out_dir if ckpt else cfg.init_from
+        cfg = adopt_model_settings(cfg, set_keys, model.config, source)
+        meta, splits = load_dataset(cfg, source)
+        check_data_tokenizer(cfg, meta, tokenizer_spec, model.config, source)
+    model.to(device).train()
+    freeze(model, cfg)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, tokenizer_spec, cfg, splits, ckpt
+
+
+def run(cfg, set_keys, rank, world, device, stop):
     master = rank == 0
     say = print if master and not cfg.quiet else (lambda *a, **k: None)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the number of processes ({world})")
-    meta, splits = load_dataset(cfg)
-    config = model_config(cfg, meta["vocab_size"])
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    model = MobileLLM(config).to(device)
+    model, tokenizer_spec, cfg, splits, ckpt = start_model(cfg, set_keys, device)
+    config = model.config
     optimizer = build_optimizer(model, cfg, device)
     iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
-    if cfg.init_from == "resume":
-        iter_num, best_val_loss, elapsed_before, history = resume_state(out_dir, config, model, optimizer, device)
+    if ckpt is not None:
+        iter_num, best_val_loss, elapsed_before, history = resume_state(ckpt, out_dir, optimizer, device)
         say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}")
+    elif cfg.init_from != "scratch":
+        say(f"fine-tuning {cfg.init_from}")
     start_iter = iter_num
     eval_model = torch.compile(model) if cfg.compile else model         # evaluated without DDP's buffer sync
     train_model = DDP(eval_model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else eval_model
@@ -481,11 +606,12 @@ def run(cfg, rank, world, device, stop):
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_per_iter = flops_per_token(config, cfg.block_size) * tokens_per_iter
     peak_flops = cfg.peak_flops or (measure_peak_flops(device, cfg.dtype) if master and not cfg.quiet else 0.0)
-    say(f"{model.num_params():,} parameters ({config.n_layers} blocks applied {config.depth} times, dim "
-        f"{config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"{model.num_params():,} parameters, {trained:,} trained ({config.n_layers} blocks applied {config.depth} "
+        f"times, dim {config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.init_from == "scratch":
+        if cfg.init_from != "resume":
             (out_dir / "log.jsonl").write_text("")
 
     t_start = time.perf_counter()
@@ -500,7 +626,7 @@ def run(cfg, rank, world, device, stop):
                      rng=rng_state(device), best_val_loss=best_val_loss, elapsed_s=elapsed(),
                      data_state={"sampler": "seeded_random", "seed": cfg.seed, "iter_num": iter_num,
                                  "tokens_seen": iter_num * tokens_per_iter})
-        save_checkpoint(model_checkpoint(model, meta["tokenizer"], **extra), out_dir)
+        save_checkpoint(model_checkpoint(model, tokenizer_spec, **extra), out_dir)
         say(f"saved {out_dir / 'ckpt.pt'} at iteration {iter_num} ({reason})")
 
     records = []
@@ -556,7 +682,7 @@ if __name__ == "__main__":
         print("\n".join(f"  --{k}={v!r}" for k, v in asdict(TrainConfig()).items()))
         sys.exit()
     try:
-        train(configure(TrainConfig(), sys.argv[1:]))
+        train(*configure_and_report(TrainConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:

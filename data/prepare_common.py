@@ -4,6 +4,8 @@ encoding it with a progress bar, and writing the files train.py reads:
   train.bin, val.bin   token ids as uint16, back to back (documents joined as in the text)
   meta.json            {"tokenizer": <spec from tokenizer.py>, "vocab_size": N}
 Sharded datasets (fineweb_edu) write train_000000.bin, train_000001.bin, ... instead of train.bin.
+The tokenizer is GPT-2's BPE, or (--tokenizer=<model>) the tokenizer of a model to fine-tune with train.py;
+such data needs an --out_dir of its own.
 """
 import json
 import sys
@@ -15,6 +17,10 @@ from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))   # tokenizer.py lives at the repo root
+from tokenizer import tiktoken_tokenizer  # noqa: E402
+
+TOKENIZER_HELP = ("gpt2 (OpenAI's GPT-2 BPE), or a model whose tokenizer to use, anything train.py's --init_from "
+                  "takes: our checkpoint, a Hugging Face dir or hub id, a .gguf file (needs --out_dir)")
 
 
 def download(url, dest):
@@ -50,6 +56,33 @@ def text_from_source(input_path, url, cache_file):
     if not Path(cache_file).is_file():
         download(url, cache_file)
     return read_text(cache_file)
+
+
+def source_tokenizer(source):
+    """The tokenizer named by --tokenizer: "gpt2" (tiktoken), else the tokenizer of the model at source,
+    loaded with loader.py (the whole model: a few seconds for a 135M one)."""
+    if source == "gpt2":
+        return tiktoken_tokenizer("gpt2")
+    from checkpoint import CheckpointError
+    from loader import load_model_and_tokenizer
+    try:
+        tokenizer = load_model_and_tokenizer(source)[1]
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"--tokenizer={source}: could not load that model ({e})") from e
+    if tokenizer is None:
+        raise SystemExit(f"--tokenizer={source}: that model comes without a tokenizer")
+    return tokenizer
+
+
+def output_dir(out_dir, tokenizer, default_dir, default_tokenizers=("gpt2",)):
+    """--out_dir, else the dataset's own folder; a model's tokenizer needs an --out_dir of its own, so that
+    its data never overwrites the default data (e.g. --out_dir=data/shakespeare_smollm2)."""
+    if out_dir:
+        return Path(out_dir)
+    if tokenizer not in default_tokenizers:
+        raise SystemExit(f"--tokenizer={tokenizer} needs --out_dir (a folder of its own, e.g. data/<text>_<model>; "
+                         f"then train with --dataset=<text>_<model>), so that {default_dir} keeps its default data")
+    return Path(default_dir)
 
 
 def encode(tokenizer, text, desc, chunk_chars=1 << 20):

@@ -5,6 +5,9 @@ Public-domain children's books from Project Gutenberg: a larger prose corpus for
   python data/gutenberg/prepare.py --input ../shared/data/gutenberg_children   # folder with train.txt + val.txt
   python data/gutenberg/prepare.py --input book1.txt book2.txt ...             # local books: last 10% validates
   python data/gutenberg/prepare.py --tokenizer=char              # characters instead of GPT-2 BPE (default)
+  python data/gutenberg/prepare.py --tokenizer=HuggingFaceTB/SmolLM2-135M-Instruct --out_dir=data/gutenberg_smollm2
+--tokenizer=<model> encodes with the tokenizer of a model to fine-tune (what train.py's --init_from takes: our
+checkpoint, a Hugging Face dir or hub id, a .gguf file); its data needs an --out_dir of its own.
 Downloaded books lose Project Gutenberg's license header and footer (the "*** START/END OF" lines).
 """
 import argparse
@@ -12,8 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import download, read_text, split_text, write_dataset  # noqa: E402
-from tokenizer import char_tokenizer, tiktoken_tokenizer  # noqa: E402
+from prepare_common import (TOKENIZER_HELP, download, output_dir, read_text, source_tokenizer, split_text,  # noqa: E402
+                            write_dataset)
+from tokenizer import char_tokenizer  # noqa: E402
 
 BOOK_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
 TRAIN_BOOKS = {11: "Alice's Adventures in Wonderland", 12: "Through the Looking-Glass", 16: "Peter Pan",
@@ -58,7 +62,7 @@ def prepare(inputs=None, tokenizer_name="gpt2", out_dir=Path(__file__).parent):
     if tokenizer_name == "char":
         tokenizer = char_tokenizer("".join(sorted(set(train_text) | set(val_text))))
     else:
-        tokenizer = tiktoken_tokenizer("gpt2")
+        tokenizer = source_tokenizer(tokenizer_name)
     print(f"train {len(train_text):,} characters, val {len(val_text):,}; tokenizer {tokenizer.spec['kind']}")
     write_dataset(out_dir, tokenizer, train_text, val_text)
 
@@ -66,7 +70,8 @@ def prepare(inputs=None, tokenizer_name="gpt2", out_dir=Path(__file__).parent):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="a folder with train.txt and val.txt, or book .txt files")
-    parser.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
-    parser.add_argument("--out_dir", default=str(Path(__file__).parent), help="where to write the .bin files")
+    parser.add_argument("--tokenizer", default="gpt2", help=f"char (the text's characters), {TOKENIZER_HELP}")
+    parser.add_argument("--out_dir", help="where to write the .bin files (default: this folder, for gpt2 and char)")
     args = parser.parse_args()
-    prepare(args.input, args.tokenizer, args.out_dir)
+    out_dir = output_dir(args.out_dir, args.tokenizer, Path(__file__).parent, default_tokenizers=("gpt2", "char"))
+    prepare(args.input, args.tokenizer, out_dir)

@@ -1,0 +1,33 @@
+# Fine-tune a released model on your own text, on a CPU: SmolLM2-135M-Instruct (MobileLLM-125M's shape:
+# 30 blocks x dim 576, tied 49,152-token embedding) on tiny shakespeare.
+#   python data/shakespeare/prepare.py --tokenizer=../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+#       --out_dir=data/shakespeare_smollm2
+#   python train.py config/finetune_shakespeare.py
+#   python sample.py --init_from out-finetune-shakespeare --start "ROMEO:"
+# The model's shape and tokenizer come from init_from; no model setting is given here except the shorter
+# training window (block_size, below the model's 8192). The Q4_1 GGUF is dequantized to float when loaded, so
+# training starts from those dequantized weights; online, init_from = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# starts from the original float weights (prepare the data with that --tokenizer and another --out_dir).
+# Sized for ~15 minutes on 2 quiet CPU cores by FLOP count (not timed): one step (4 x 256 tokens; the embedding
+# and the first 15 blocks frozen, so backward only runs through the last 15) costs ~0.6 TFLOP, ~10 s at an
+# effective 60 GFLOP/s; each of the 7 evals runs 2 x 2 forward batches (~1.2 TFLOP).
+init_from = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+out_dir = "out-finetune-shakespeare"
+dataset = "shakespeare_smollm2"
+
+block_size = 256
+batch_size = 4
+max_iters = 60
+eval_interval = 10
+eval_iters = 2
+log_interval = 1
+always_save_checkpoint = True
+
+# a short warmup, then a gentle decay: a pretrained model needs a small, nearly constant lr
+learning_rate = 1e-4
+min_lr = 5e-5
+warmup_iters = 5
+
+freeze_embedding = True     # the tied embedding/head: 28M of the 135M parameters
+train_blocks = 15           # the last 15 of 30 blocks train (0: all, ~1.4x the time per step)
+gradient_checkpointing = False  # True if memory is short (~1/3 more compute)
