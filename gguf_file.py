@@ -168,6 +168,11 @@ def _representable_problems(meta, tensors, arch):
     return problems
 
 
+def _shortest(value):
+    """A float32 from the file as the shortest decimal that rounds to it (1e-5, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(meta, tensors, path="this GGUF"):
     """ModelConfig from llama.* metadata; one GGUFFormatError naming every problem. The config is the
     unrolled one (n_layers = block_count) unless our share keys say how to fold it (see shared_config)."""
@@ -182,8 +187,8 @@ def config_from_gguf(meta, tensors, path="this GGUF"):
             n_layers=meta[f"{arch}.block_count"], n_heads=heads,
             n_kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
             ffn_dim=meta[f"{arch}.feed_forward_length"], block_size=meta.get(f"{arch}.context_length", 2048),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_shortest(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            norm_eps=_shortest(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in tensors)
     except ValueError as e:
         raise GGUFFormatError(f"{path} cannot be represented by MobileLLM: {e}") from e
