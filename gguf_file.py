@@ -140,9 +140,10 @@ def _representable_problems(meta, tensors, arch):
     biases = sorted(n for n in tensors if n.endswith(".bias"))
     if biases:
         problems.append(f"bias tensors ({', '.join(biases[:3])}{' ...' if len(biases) > 3 else ''})")
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or meta.get(f"{arch}.rope.scaling.factor", 1.0) != 1.0 or "rope_freqs.weight" in tensors:
-        problems.append(f"rope scaling ({scaling}; only plain RoPE)")
+    scaling, factor = meta.get(f"{arch}.rope.scaling.type", "none"), meta.get(f"{arch}.rope.scaling.factor", 1.0)
+    if scaling != "none" or factor != 1.0 or "rope_freqs.weight" in tensors:
+        problems.append(f"rope scaling ({scaling}, factor {factor}, rope_freqs.weight: "
+                        f"{'rope_freqs.weight' in tensors}; only plain RoPE)")
     if meta.get(f"{arch}.expert_count", 0):
         problems.append(f"{meta[f'{arch}.expert_count']} experts (mixture of experts)")
     for key in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count"):

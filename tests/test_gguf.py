@@ -232,12 +232,14 @@ def test_llama_vocabulary_merges_by_score_with_byte_fallback_and_a_dummy_prefix(
 
 # --- export round trips: our model -> GGUF -> load_gguf ---------------------------------------------------
 
-@pytest.mark.parametrize("share", ["none", "immediate", "reverse"])
-def test_export_round_trip_char_model_gives_identical_logits_and_ids(tmp_path, share):
+@pytest.mark.parametrize("share, tied", [("none", True), ("immediate", True), ("reverse", False)])
+def test_export_round_trip_char_model_gives_identical_logits_and_ids(tmp_path, share, tied):
     tok = char_tokenizer(CHARS)
-    model = tiny_model(share=share)
+    model = tiny_model(share=share, tie_embeddings=tied)
     path = export_gguf(model, tok, tmp_path / "m.gguf")
     assert not list(tmp_path.glob(".*tmp*"))                     # the temp file was renamed into place
+    _, tensors = gguf_file.read_gguf(path)
+    assert len(tensors) == 2 + (not tied) + 9 * model.config.depth        # a tied embedding is stored once
     loaded, loaded_tok = load_gguf(path)
     assert loaded.config == model.config and loaded.num_params() == model.num_params()
     text = "Hello, world!\nIt's  a test."
@@ -348,7 +350,7 @@ def test_what_mobilellm_cannot_represent_is_named_in_one_error(tmp_path):
     extra = {"blk.0.attn_q.bias": np.zeros(64, np.float32), "blk.0.mystery.weight": np.zeros(64, np.float32)}
     with pytest.raises(GGUFFormatError) as e:
         load_gguf(write_llama_gguf(tmp_path / "m.gguf", model, arch="gpt2", keys=keys, tensors=extra))
-    for problem in ("general.architecture 'gpt2'", "bias tensors (blk.0.attn_q.bias)", "rope scaling (yarn",
+    for problem in ("general.architecture 'gpt2'", "bias tensors (blk.0.attn_q.bias)", "rope scaling (yarn, factor",
                     "4 experts", "unknown tensors (blk.0.mystery.weight)"):
         assert problem in str(e.value)
     with pytest.raises(GGUFFormatError, match="key_length 32 != embedding_length / head_count"):
@@ -370,6 +372,14 @@ def test_vocabulary_size_mismatch_and_unknown_pre_tokenizer_are_clear_errors(tmp
     with pytest.raises(GGUFFormatError, match="tokenizer has 59 tokens but the model only 50"):
         export_gguf(tiny_model(vocab_size=50), char_tokenizer(CHARS), tmp_path / "c.gguf")
     assert not (tmp_path / "c.gguf").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_tokenizers_other_than_byte_level_bpe_are_refused_on_export(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    with pytest.raises(GGUFFormatError, match="only a byte-level BPE tokenizer.json"):
+        export_gguf(tiny_model(vocab_size=2), tokenizers_tokenizer(hf.to_str()), tmp_path / "m.gguf")
 
 
 # --- the real model -----------------------------------------------------------------------------------------
