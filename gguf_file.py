@@ -132,38 +132,40 @@ def tensor_weight(tensor):
     return torch.from_numpy(values).reshape(tuple(reversed(tensor.shape.tolist())))
 
 
-def _representable_problems(meta, tensors, arch):
-    """Everything in the file that MobileLLM's LLaMA architecture has no place for."""
-    problems = []
-    if arch != "llama":
-        problems.append(f"general.architecture {arch!r} (only 'llama')")
-    biases = sorted(n for n in tensors if n.endswith(".bias"))
-    if biases:
-        problems.append(f"bias tensors ({', '.join(biases[:3])}{' ...' if len(biases) > 3 else ''})")
+def _listed(names):
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+def _metadata_problems(meta, arch):
+    """Everything in the metadata that MobileLLM's LLaMA architecture has no place for."""
+    problems = [] if arch == "llama" else [f"general.architecture {arch!r} (only 'llama')"]
     scaling, factor = meta.get(f"{arch}.rope.scaling.type", "none"), meta.get(f"{arch}.rope.scaling.factor", 1.0)
-    if scaling != "none" or factor != 1.0 or "rope_freqs.weight" in tensors:
-        problems.append(f"rope scaling ({scaling}, factor {factor}, rope_freqs.weight: "
-                        f"{'rope_freqs.weight' in tensors}; only plain RoPE)")
+    if scaling != "none" or factor != 1.0:
+        problems.append(f"rope scaling ({scaling}, factor {factor}; only plain RoPE)")
     if meta.get(f"{arch}.expert_count", 0):
         problems.append(f"{meta[f'{arch}.expert_count']} experts (mixture of experts)")
-    for key in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count"):
-        if f"{arch}.{key}" not in meta:
-            problems.append(f"no {arch}.{key}")
-    for key in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
-        if isinstance(meta.get(f"{arch}.{key}"), list):
-            problems.append(f"{arch}.{key} varies by layer")
+    problems += [f"no {arch}.{key}" for key in ("embedding_length", "block_count", "feed_forward_length",
+                                               "attention.head_count") if f"{arch}.{key}" not in meta]
+    problems += [f"{arch}.{key} varies by layer" for key in ("feed_forward_length", "attention.head_count",
+                                                            "attention.head_count_kv")
+                 if isinstance(meta.get(f"{arch}.{key}"), list)]
     dim, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
     if isinstance(dim, int) and isinstance(heads, int) and heads:
-        for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
-            if meta.get(f"{arch}.{key}", dim // heads) != dim // heads:
-                problems.append(f"{arch}.{key} {meta[f'{arch}.{key}']} != embedding_length / head_count")
-    n_blocks = meta.get(f"{arch}.block_count")
+        problems += [f"{arch}.{key} {meta[f'{arch}.{key}']} != embedding_length / head_count"
+                     for key in ("attention.key_length", "attention.value_length", "rope.dimension_count")
+                     if meta.get(f"{arch}.{key}", dim // heads) != dim // heads]
+    return problems
+
+
+def _tensor_problems(tensors, n_blocks):
+    """Tensors that MobileLLM has no place for (n_blocks: block_count), and a missing embedding."""
     known = {f"{theirs}.weight" for theirs in TOP_TENSORS}
-    known |= {f"blk.{i}.{theirs}.weight" for i in range(n_blocks if isinstance(n_blocks, int) else 0)
-              for theirs in BLOCK_TENSORS}
-    unknown = sorted(n for n in tensors if n not in known and not n.endswith(".bias") and n != "rope_freqs.weight")
+    known |= {f"blk.{i}.{theirs}.weight" for i in range(n_blocks) for theirs in BLOCK_TENSORS}
+    biases = sorted(n for n in tensors if n.endswith(".bias"))
+    unknown = sorted(n for n in tensors if n not in known and n not in biases)
+    problems = [f"bias tensors ({_listed(biases)})"] if biases else []
     if unknown:
-        problems.append(f"unknown tensors ({', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''})")
+        problems.append(f"unknown tensors ({_listed(unknown)})")
     if "token_embd.weight" not in tensors:
         problems.append("no token_embd.weight")
     return problems
@@ -178,7 +180,8 @@ def config_from_gguf(meta, tensors, path="this GGUF"):
     """ModelConfig from llama.* metadata; one GGUFFormatError naming every problem. The config is the
     unrolled one (n_layers = block_count) unless our share keys say how to fold it (see shared_config)."""
     arch = meta.get("general.architecture")
-    problems = _representable_problems(meta, tensors, arch)
+    n_blocks = meta.get(f"{arch}.block_count")
+    problems = _metadata_problems(meta, arch) + _tensor_problems(tensors, n_blocks if isinstance(n_blocks, int) else 0)
     if problems:
         raise GGUFFormatError(f"{path} cannot be represented by MobileLLM: " + "; ".join(problems))
     heads = meta[f"{arch}.attention.head_count"]

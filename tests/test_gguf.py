@@ -350,7 +350,7 @@ def test_what_mobilellm_cannot_represent_is_named_in_one_error(tmp_path):
     extra = {"blk.0.attn_q.bias": np.zeros(64, np.float32), "blk.0.mystery.weight": np.zeros(64, np.float32)}
     with pytest.raises(GGUFFormatError) as e:
         load_gguf(write_llama_gguf(tmp_path / "m.gguf", model, arch="gpt2", keys=keys, tensors=extra))
-    for problem in ("general.architecture 'gpt2'", "bias tensors (blk.0.attn_q.bias)", "rope scaling (yarn, factor",
+    for problem in ("general.architecture 'gpt2'", "bias tensors (blk.0.attn_q.bias)", "rope scaling (yarn, factor 1.0",
                     "4 experts", "unknown tensors (blk.0.mystery.weight)"):
         assert problem in str(e.value)
     with pytest.raises(GGUFFormatError, match="key_length 32 != embedding_length / head_count"):
