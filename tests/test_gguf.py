@@ -406,3 +406,46 @@ def test_smollm2_q4_1_loads_tokenizes_and_answers(shared_dir):
         if "Paris" in answer:
             break
     assert "Paris" in answer, answer
+
+
+# --- llama.cpp itself, where llama-cpp-python's bindings import -------------------------------------------
+
+def llama_cpp_model(path, **kw):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python's bindings are not installed")
+    return llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, verbose=False, **kw)
+
+
+@pytest.mark.parametrize("kind", ["char", "sentencepiece", "tokenizers"])
+def test_llama_cpp_tokenizes_and_computes_our_export_as_we_do(tmp_path, kind):
+    if kind == "char":
+        tok, text = char_tokenizer(CHARS), "Hello, world!\nIt's  a test."
+    elif kind == "sentencepiece":
+        spm = pytest.importorskip("sentencepiece")
+        (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
+        spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                       vocab_size=300, model_type="bpe", byte_fallback=True,
+                                       normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                       minloglevel=2)
+        tok = load_tokenizer({"kind": "sentencepiece", "model_file": str(tmp_path / "sp.model")})
+        text = "the lazy ☃ fox"
+    else:
+        tok, text = trained_byte_level_bpe(), "the lazy dog 2024<|im_start|> é"
+    model = tiny_model(vocab_size=tok.vocab_size, share="immediate")
+    llm = llama_cpp_model(export_gguf(model, tok, tmp_path / "m.gguf"), logits_all=True)
+    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+    assert ids == tok.encode(text) and llm.detokenize(ids, special=True).decode() == tok.decode(ids)
+    llm.eval(ids)
+    theirs = torch.from_numpy(llm.scores[:len(ids)].copy())
+    torch.testing.assert_close(theirs, logits(model, ids), rtol=0, atol=1e-3)
+
+
+def test_llama_cpp_tokenizes_smollm2_as_our_loader_does(shared_dir):
+    path = shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is not there")
+    llm = llama_cpp_model(path, vocab_only=True)
+    meta, _ = gguf_file.read_gguf(path)
+    tok = gguf_file.tokenizer_from_gguf(meta, 49152)
+    for text in ("The capital of France is", "Hello world! 123", "  multiple   spaces\n\ttabs",
+                 "Café déjà vu: 3.14159 € 東京 🙂", "<|im_start|>user\nHi<|im_end|>\n"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
