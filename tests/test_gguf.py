@@ -1,3 +1,4 @@
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -330,6 +331,13 @@ def test_a_file_without_vocabulary_loads_with_no_tokenizer(tmp_path):
 
 
 # --- bad input: one clear error each -----------------------------------------------------------------------
+
+def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monkeypatch):
+    path = export_gguf(tiny_model(), None, tmp_path / "m.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)                        # import gguf now fails
+    with pytest.raises(RuntimeError, match="pip install gguf"):
+        load_gguf(path)
+
 
 def test_non_gguf_truncated_and_missing_files_are_clear_errors(tmp_path):
     (tmp_path / "text.gguf").write_text("not a model at all\n" * 20)
