@@ -208,6 +208,19 @@ def test_gpt2_vocabulary_is_byte_level_bpe_with_its_pre_tokenizer(tmp_path, pre,
     assert load_tokenizer(tok.spec).encode(text) == tok.encode(text)           # the spec reloads it offline
 
 
+@pytest.mark.parametrize("pre, pieces", [       # worked out by hand from llama.cpp's regexes for each name
+    ("gpt-2", ["Hello", ",", "Ġworld", "!!!", "Ġ12345", "ĊĊ"]),
+    ("smollm", ["Hello", ",", "Ġworld", "!!!", "Ġ", "1", "2", "3", "4", "5", "ĊĊ"]),     # digits one by one
+    ("llama-bpe", ["Hello", ",", "Ġworld", "!!!", "Ġ", "123", "45", "ĊĊ"]),             # up to 3 digits
+    ("default", ["Hello", ",", "Ġworld", "!!!", "Ġ", "123", "45", "ĊĊ"]),               # punctuation, 3 digits
+])
+def test_each_known_pre_tokenizer_splits_text_as_llama_cpp(pre, pieces):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = gguf_file.tokenizer_from_gguf(byte_level_vocab(pre), 262)
+    hf = tokenizers.Tokenizer.from_str(tok.spec["json"])
+    assert [piece for piece, _ in hf.pre_tokenizer.pre_tokenize_str("Hello, world!!! 12345\n\n")] == pieces
+
+
 def sentencepiece_vocab():
     """A tiny llama-kind vocabulary: <unk>, <s>, </s>, the 256 byte-fallback tokens, pieces with scores."""
     pieces = {"▁": -10, "h": -11, "e": -12, "l": -13, "o": -14, "w": -15, "r": -16, "d": -17, "ll": -1, "he": -2,
