@@ -5,6 +5,7 @@ The one model loader every script uses: whatever --init_from names becomes (mode
   model, tokenizer = load_model_and_tokenizer("out-shakespeare-char")   # our checkpoint (out_dir or ckpt.pt)
   model, tokenizer = load_model_and_tokenizer("out-w8a8")               # an int8 checkpoint (quantize.py)
   model, tokenizer = load_model_and_tokenizer("facebook/MobileLLM-125M") # an HF dir or hub repo id (hf.py)
+  model, tokenizer = load_model_and_tokenizer("SmolLM2-135M.Q4_1.gguf")  # a llama.cpp GGUF file (gguf_file.py)
   model, tokenizer = load_model_and_tokenizer("mobilellm-125m")         # a preset: random weights, no tokenizer
 """
 import re
@@ -22,8 +23,9 @@ HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a m
 
 def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
     """(model in eval mode, tokenizer) from: one of our checkpoints (file or out_dir), an int8 checkpoint
-    (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), or a preset name (random weights,
-    tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models).
+    (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), a .gguf file (gguf_file.py), or a preset
+    name (random weights, tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's
+    -layer-share models).
     A tokenizer with more tokens than the model has embeddings is refused (fewer is fine: padded vocabularies)."""
     model, tokenizer = _load(init_from, device)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
@@ -39,6 +41,9 @@ def _load(init_from, device):
     if init_from in PRESETS and not path.exists():
         torch.manual_seed(0)
         return MobileLLM(config_from_preset(init_from)).to(device), None
+    if path.suffix == ".gguf":
+        import gguf_file
+        return gguf_file.load_gguf(path, device)
     if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
         import hf
         return hf.load_hf(init_from, device)

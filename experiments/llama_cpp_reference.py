@@ -3,7 +3,7 @@ The peer a user would pick instead of ExecuTorch for CPU decoding, llama.cpp, ti
 this host, so that bench_mobile.py's tables have a reference measured on the same machine.
 
 MobileLLM is LLaMA-shaped (RMSNorm, rotary attention with grouped KV heads, SwiGLU, tied embedding), so
-it is written as a GGUF file of llama.cpp's LLaMA architecture (the `gguf` package), quantized with
+it is written as a GGUF file of llama.cpp's LLaMA architecture (gguf_file.export_gguf), quantized with
 llama.cpp's llama-quantize and timed with its llama-bench: a --prompt-len prompt, and --new-tokens
 generated after a prompt of that length (llama-bench's pp and tg tests, the latter at depth --prompt-len).
 llama.cpp has no layer sharing: a layer-shared model is written with each block once per application
@@ -38,69 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
 from bench_mobile import BenchError, check_tokens, load_source, logit_agreement, source_hash  # noqa: E402
+from gguf_file import GGUFFormatError, export_gguf  # noqa: E402
 
 QUANTS = ("F32", "F16", "Q8_0", "Q4_0")       # llama-quantize's names
-
-
-def rope_pairs_adjacent(weight, n_heads):
-    """Reorder the output rows of wq or wk (n_heads * D, dim) for llama.cpp's rotary embedding.
-    model.py rotates each head's halves (dims i and i + D/2 form a pair); llama.cpp's LLaMA rotates
-    neighbours (2i, 2i + 1). Moving row i to 2i and row i + D/2 to 2i + 1 gives the same rotated pairs,
-    and the same reordering of q and k leaves every attention score q.k unchanged."""
-    out, dim = weight.shape
-    return weight.reshape(n_heads, 2, out // n_heads // 2, dim).transpose(1, 2).reshape(out, dim)
-
-
-def gguf_tensors(model):
-    """GGUF tensor name -> weight, in llama.cpp's LLaMA layout, one blk.i per block application."""
-    c = model.config
-    if c.ffn_type != "swiglu":
-        raise BenchError(f"llama.cpp's LLaMA architecture needs ffn_type='swiglu', got {c.ffn_type!r}")
-    tensors = {"token_embd.weight": model.tok_embeddings.weight, "output_norm.weight": model.norm.weight}
-    if not c.tie_embeddings:                        # tied: llama.cpp reuses token_embd as the output
-        tensors["output.weight"] = model.output.weight
-    for i, b in enumerate(model.schedule):
-        block = model.layers[b]
-        attn, ffn = block.attention, block.feed_forward
-        tensors.update({
-            f"blk.{i}.attn_norm.weight": block.attention_norm.weight,
-            f"blk.{i}.attn_q.weight": rope_pairs_adjacent(attn.wq.weight, c.n_heads),
-            f"blk.{i}.attn_k.weight": rope_pairs_adjacent(attn.wk.weight, c.n_kv_heads),
-            f"blk.{i}.attn_v.weight": attn.wv.weight,
-            f"blk.{i}.attn_output.weight": attn.wo.weight,
-            f"blk.{i}.ffn_norm.weight": block.ffn_norm.weight,
-            f"blk.{i}.ffn_gate.weight": ffn.w1.weight,          # SwiGLU: w2(silu(w1 x) * w3 x)
-            f"blk.{i}.ffn_up.weight": ffn.w3.weight,
-            f"blk.{i}.ffn_down.weight": ffn.w2.weight,
-        })
-    return {name: t.detach().float().contiguous().numpy() for name, t in tensors.items()}
-
-
-def write_gguf(model, path):
-    """The model as an F32 GGUF file (LLaMA architecture), written atomically."""
-    import gguf
-    c, path = model.config, Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_context_length(c.block_size)
-    writer.add_embedding_length(c.dim)
-    writer.add_block_count(len(model.schedule))
-    writer.add_feed_forward_length(c.ffn_dim)
-    writer.add_head_count(c.n_heads)
-    writer.add_head_count_kv(c.n_kv_heads)
-    writer.add_rope_dimension_count(c.head_dim)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("no_vocab")        # llama.cpp then makes vocab_size dummy tokens
-    for name, array in gguf_tensors(model).items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
 
 
 def llama_tool(bin_dir, name):
@@ -116,7 +56,7 @@ def gguf_files(model, quants, bin_dir, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     f32 = out_dir / f"{source_hash(model)}-F32.gguf"
     if not f32.is_file():
-        write_gguf(model, f32)
+        export_gguf(model, None, f32)
     paths = {}
     for quant in quants:
         paths[quant] = f32 if quant == "F32" else out_dir / f"{source_hash(model)}-{quant}.gguf"
@@ -202,7 +142,7 @@ def main(argv=None):
                     diff, same = logit_agreement(theirs, reference)
                     row += f" {diff:.2g} | {same:.0%} |"
                 print(row, flush=True)
-    except BenchError as e:
+    except (BenchError, GGUFFormatError) as e:
         sys.exit(f"error: {e}")
 
 

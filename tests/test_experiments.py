@@ -179,7 +179,7 @@ def llama_cpp_rope(x, positions, theta):
 
 
 def test_llama_cpp_rope_on_reordered_weights_gives_our_attention_scores():
-    from experiments.llama_cpp_reference import rope_pairs_adjacent
+    from gguf_file import rope_pairs_adjacent
     from model import apply_rope, rope_tables
     torch.manual_seed(0)
     n_heads, n_kv, D, dim, T = 4, 2, 16, 32, 5
@@ -205,7 +205,7 @@ def test_llama_cpp_gguf_has_one_llama_layer_per_block_application(tmp_path):
     torch.manual_seed(0)
     model = MobileLLM(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                                   block_size=64, share="immediate")).eval()
-    ref.write_gguf(model, tmp_path / "m.gguf")
+    ref.export_gguf(model, None, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     fields = {name: f.contents() for name, f in reader.fields.items()}
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 4   # b0 b0 b1 b1
@@ -246,7 +246,7 @@ def test_llama_cpp_computes_our_logits_from_the_gguf(tmp_path, share):
     torch.manual_seed(0)
     model = MobileLLM(ModelConfig(vocab_size=65, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
                                   block_size=64, share=share)).eval()               # a char-level vocabulary
-    ref.write_gguf(model, tmp_path / "m.gguf")
+    ref.export_gguf(model, None, tmp_path / "m.gguf")
     tokens = torch.randint(65, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     theirs = ref.llama_cpp_logits(os.environ.get("LLAMA_CPP_BIN", tmp_path), tmp_path / "m.gguf", tokens, 1)
     with torch.no_grad():

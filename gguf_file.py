@@ -1,0 +1,553 @@
+"""
+GGUF in and out: llama.cpp's model files load as MobileLLMs, and our models export to llama.cpp with their
+vocabulary (`pip install gguf`).
+
+  python gguf_file.py --init_from=out-shakespeare-char --out=model.gguf              # F32
+  python gguf_file.py --init_from facebook/MobileLLM-125M --out m.gguf --type F16    # anything loader.py takes
+
+  from gguf_file import load_gguf, export_gguf
+  model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # also: loader.py takes any *.gguf path
+  export_gguf(model, tokenizer, "model.gguf", tensor_type="Q8_0")
+
+Weights. MobileLLM is llama.cpp's LLaMA architecture: blk.i.{attn_norm, attn_q, attn_k, attn_v, attn_output,
+ffn_norm, ffn_gate, ffn_up, ffn_down}, token_embd, output_norm and output (absent: tied to token_embd).
+llama.cpp rotates neighbouring dims (2i, 2i+1) where model.py rotates halves (i, i + D/2), so the rows of
+attn_q and attn_k are stored permuted (rope_pairs_adjacent) and unpermuted on load (rope_pairs_halved).
+Quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, ...) are dequantized to float32 by the
+gguf package. llama.cpp has no layer sharing: a layer-shared model is written once per block application,
+with keys of ours (nanomobilellm.share, .share_repeats, .n_layers) from which load_gguf rebuilds it.
+
+Vocabulary. A GGUF carries its tokenizer (tokenizer.ggml.*); it is rebuilt as a Hugging Face tokenizer.json
+that tokenizes as llama.cpp does (tokenizer.py's "tokenizers" kind):
+  gpt2   byte-level BPE: tokens, merges, and the pre-tokenizer named by tokenizer.ggml.pre (PRE_TOKENIZERS)
+  llama  SentencePiece BPE: pieces merged by score, <0xNN> byte fallback, "▁" for spaces, a dummy prefix space
+On export each of our tokenizer kinds becomes one of these: char -> llama (one piece per character, no
+merges; llama.cpp assumes EOS id 2 for a llama vocabulary without one), tiktoken gpt2 -> gpt2 (merges from
+tiktoken's ranks), sentencepiece -> llama (the .model's pieces, scores and types), tokenizers (byte-level
+BPE) -> gpt2. Padded embeddings get unused [PADn] tokens, as llama.cpp's converter writes them.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import MobileLLM, ModelConfig, block_schedule, rope_tables
+
+BLOCK_TENSORS = {                 # llama.cpp's name in blk.i -> ours in layers.b
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",   # SwiGLU
+}
+TOP_TENSORS = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+SHARE_KEYS = ("nanomobilellm.share", "nanomobilellm.share_repeats", "nanomobilellm.n_layers")
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6      # tokenizer.ggml.token_type
+EXPORT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split(regex):
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+def _byte_level(use_regex):
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+# tokenizer.ggml.pre -> the Hugging Face pre-tokenizer that splits text as llama.cpp's regexes for it do
+PRE_TOKENIZERS = {
+    "gpt-2": _byte_level(True),
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                     _byte_level(True)]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _byte_level(False)]},
+    "default": {"type": "Sequence", "pretokenizers": [_split(r"[\p{P}\$\+<=>\^~\|]+"), _split(GPT2_REGEX),
+                                                      _split(r"\p{N}+"), _split("[0-9][0-9][0-9]"),
+                                                      _byte_level(False)]},
+}
+IGNORE_MERGES = {"llama-bpe"}     # llama.cpp takes a whole pre-token that is in the vocabulary as one token
+
+
+class GGUFFormatError(ValueError):
+    """A GGUF file that is unreadable, or holds a model or vocabulary that MobileLLM cannot represent."""
+
+
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise RuntimeError("GGUF files need the gguf package: pip install gguf") from e
+    return gguf
+
+
+# --- llama.cpp's rotary layout ---------------------------------------------------------------------
+
+def rope_pairs_adjacent(weight, n_heads):
+    """Reorder the output rows of wq or wk (n_heads * D, dim) for llama.cpp's rotary embedding.
+    model.py rotates each head's halves (dims i and i + D/2 form a pair); llama.cpp's LLaMA rotates
+    neighbours (2i, 2i + 1). Moving row i to 2i and row i + D/2 to 2i + 1 gives the same rotated pairs,
+    and the same reordering of q and k leaves every attention score q.k unchanged."""
+    out, dim = weight.shape
+    return weight.reshape(n_heads, 2, out // n_heads // 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+def rope_pairs_halved(weight, n_heads):
+    """The inverse of rope_pairs_adjacent: llama.cpp's q/k rows (n_heads * D, dim) back in model.py's layout."""
+    out, dim = weight.shape
+    return weight.reshape(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def read_gguf(path):
+    """(metadata {key: value}, {tensor name: gguf ReaderTensor}) of a GGUF file; one GGUFFormatError when
+    the file is missing, truncated or not GGUF."""
+    gguf = _require_gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFFormatError(f"no GGUF file at {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... on foreign or cut files
+        raise GGUFFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    return meta, {t.name: t for t in reader.tensors}
+
+
+def tensor_weight(tensor):
+    """A GGUF tensor as a float32 torch tensor, in PyTorch's shape order (rows, cols)."""
+    gguf = _require_gguf()
+    try:
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)   # ndarray: memmap views are slow
+    except NotImplementedError:
+        raise GGUFFormatError(f"tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be read "
+                              "as weights (the gguf package does not dequantize it)") from None
+    values = np.array(values, dtype=np.float32)      # a writable copy: the reader's arrays map the file
+    return torch.from_numpy(values).reshape(tuple(reversed(tensor.shape.tolist())))
+
+
+def _listed(names):
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+def _metadata_problems(meta, arch):
+    """Everything in the metadata that MobileLLM's LLaMA architecture has no place for."""
+    problems = [] if arch == "llama" else [f"general.architecture {arch!r} (only 'llama')"]
+    scaling, factor = meta.get(f"{arch}.rope.scaling.type", "none"), meta.get(f"{arch}.rope.scaling.factor", 1.0)
+    if scaling != "none" or factor != 1.0:
+        problems.append(f"rope scaling ({scaling}, factor {factor}; only plain RoPE)")
+    if meta.get(f"{arch}.expert_count", 0):
+        problems.append(f"{meta[f'{arch}.expert_count']} experts (mixture of experts)")
+    problems += [f"no {arch}.{key}" for key in ("embedding_length", "block_count", "feed_forward_length",
+                                               "attention.head_count") if f"{arch}.{key}" not in meta]
+    problems += [f"{arch}.{key} varies by layer" for key in ("feed_forward_length", "attention.head_count",
+                                                            "attention.head_count_kv")
+                 if isinstance(meta.get(f"{arch}.{key}"), list)]
+    dim, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
+    if isinstance(dim, int) and isinstance(heads, int) and heads:
+        problems += [f"{arch}.{key} {meta[f'{arch}.{key}']} != embedding_length / head_count"
+                     for key in ("attention.key_length", "attention.value_length", "rope.dimension_count")
+                     if meta.get(f"{arch}.{key}", dim // heads) != dim // heads]
+    return problems
+
+
+def _tensor_problems(tensors, n_blocks):
+    """Tensors that MobileLLM has no place for (n_blocks: block_count), and a missing embedding."""
+    known = {f"{theirs}.weight" for theirs in TOP_TENSORS}
+    known |= {f"blk.{i}.{theirs}.weight" for i in range(n_blocks) for theirs in BLOCK_TENSORS}
+    biases = sorted(n for n in tensors if n.endswith(".bias"))
+    unknown = sorted(n for n in tensors if n not in known and n not in biases)
+    problems = [f"bias tensors ({_listed(biases)})"] if biases else []
+    if unknown:
+        problems.append(f"unknown tensors ({_listed(unknown)})")
+    if "token_embd.weight" not in tensors:
+        problems.append("no token_embd.weight")
+    return problems
+
+
+def _shortest(value):
+    """A float32 from the file as the shortest decimal that rounds to it (1e-5, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
+def config_from_gguf(meta, tensors, path="this GGUF"):
+    """ModelConfig from llama.* metadata; one GGUFFormatError naming every problem. The config is the
+    unrolled one (n_layers = block_count) unless our share keys say how to fold it (see shared_config)."""
+    arch = meta.get("general.architecture")
+    n_blocks = meta.get(f"{arch}.block_count")
+    problems = _metadata_problems(meta, arch) + _tensor_problems(tensors, n_blocks if isinstance(n_blocks, int) else 0)
+    if problems:
+        raise GGUFFormatError(f"{path} cannot be represented by MobileLLM: " + "; ".join(problems))
+    heads = meta[f"{arch}.attention.head_count"]
+    try:
+        return ModelConfig(
+            vocab_size=int(tensors["token_embd.weight"].shape[1]), dim=meta[f"{arch}.embedding_length"],
+            n_layers=meta[f"{arch}.block_count"], n_heads=heads,
+            n_kv_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
+            ffn_dim=meta[f"{arch}.feed_forward_length"], block_size=meta.get(f"{arch}.context_length", 2048),
+            rope_theta=_shortest(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            norm_eps=_shortest(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in tensors)
+    except ValueError as e:
+        raise GGUFFormatError(f"{path} cannot be represented by MobileLLM: {e}") from e
+
+
+def shared_config(meta, config, path="this GGUF"):
+    """The layer-shared config our export recorded (nanomobilellm.* keys), or config when there is none."""
+    if not any(key in meta for key in SHARE_KEYS):
+        return config
+    try:
+        shared = replace(config, share=meta[SHARE_KEYS[0]], share_repeats=meta[SHARE_KEYS[1]],
+                         n_layers=meta[SHARE_KEYS[2]])
+    except (KeyError, ValueError) as e:
+        raise GGUFFormatError(f"{path} has unusable layer-sharing keys ({type(e).__name__}: {e})") from e
+    if shared.depth != config.n_layers:
+        raise GGUFFormatError(f"{path}: sharing {shared.n_layers} blocks as {shared.share!r} x{shared.share_repeats} "
+                              f"gives {shared.depth} block applications, but the file has {config.n_layers} layers")
+    return shared
+
+
+def state_dict_from_gguf(tensors, config, path="this GGUF"):
+    """Our state_dict from the GGUF tensors: q/k rows unpermuted; with layer sharing, block b from its first
+    application, after checking that every other application of it holds the same weights."""
+    sd = {f"{ours}.weight": tensor_weight(tensors[f"{theirs}.weight"])
+          for theirs, ours in TOP_TENSORS.items() if f"{theirs}.weight" in tensors}
+    first_use = {}
+    for depth, block in enumerate(block_schedule(config)):
+        for theirs, ours in BLOCK_TENSORS.items():
+            name = f"blk.{depth}.{theirs}.weight"
+            if name not in tensors:
+                raise GGUFFormatError(f"{path} has no {name}")
+            weight = tensor_weight(tensors[name])
+            if theirs in ("attn_q", "attn_k"):
+                weight = rope_pairs_halved(weight, config.n_heads if theirs == "attn_q" else config.n_kv_heads)
+            key = f"layers.{block}.{ours}.weight"
+            if key not in sd:
+                sd[key], first_use[key] = weight.contiguous(), name
+            elif not torch.equal(sd[key], weight):
+                raise GGUFFormatError(f"{path}: {name} differs from {first_use[key]}, though the file says both "
+                                      f"are applications of shared block {block}")
+    if config.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd
+
+
+def model_with_weights(config, sd):
+    """A MobileLLM whose parameters ARE the tensors of sd. Built on the meta device, so no weight is randomly
+    initialized only to be overwritten (seconds saved on a 135M model)."""
+    with torch.device("meta"):
+        model = MobileLLM(config)
+    model.load_state_dict(sd, assign=True)
+    if config.tie_embeddings:          # assign gave the head a parameter of its own: share the embedding's again
+        model.output.weight = model.tok_embeddings.weight
+    model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+    return model
+
+
+def load_gguf(path, device="cpu"):
+    """A llama.cpp GGUF file -> (model in eval mode, tokenizer from its vocabulary, or None without one)."""
+    meta, tensors = read_gguf(path)
+    config = shared_config(meta, config_from_gguf(meta, tensors, path), path)
+    try:
+        model = model_with_weights(config, state_dict_from_gguf(tensors, config, path))
+    except RuntimeError as e:   # a tensor of the wrong shape
+        raise GGUFFormatError(f"the tensors in {path} do not match its metadata: {e}") from e
+    return model.to(device).eval(), tokenizer_from_gguf(meta, config.vocab_size, path)
+
+
+# --- vocabulary: GGUF -> tokenizer.json ----------------------------------------------------------------
+
+def tokenizer_from_gguf(meta, n_vocab, path="this GGUF"):
+    """The tokenizer of the file's vocabulary (tokenizer.py's "tokenizers" kind), None when it has none."""
+    from tokenizer import tokenizers_tokenizer
+    kind = meta.get("tokenizer.ggml.model", "no_vocab")
+    if kind in ("no_vocab", "none"):
+        return None
+    tokens = meta.get("tokenizer.ggml.tokens", [])
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(tokens) != n_vocab or len(types) != n_vocab:
+        raise GGUFFormatError(f"{path}: its vocabulary has {len(tokens)} tokens ({len(types)} token types) but "
+                              f"the embedding has {n_vocab} rows")
+    if len(set(tokens)) != len(tokens):
+        raise GGUFFormatError(f"{path}: its vocabulary has duplicate token strings")
+    if kind == "gpt2":      # llama.cpp's defaults for add_bos when the file does not say
+        hf, add_bos = _byte_level_bpe_json(meta, tokens, types, path), meta.get("tokenizer.ggml.pre") in IGNORE_MERGES
+    elif kind == "llama":
+        hf, add_bos = _sentencepiece_bpe_json(meta, tokens, types), True
+    else:
+        raise GGUFFormatError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2' and 'llama')")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos)
+    bos, eos = (meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos"))
+    return tokenizers_tokenizer(json.dumps(hf, ensure_ascii=False),
+                                bos=tokens[bos] if bos is not None and bos < n_vocab else None,
+                                eos=tokens[eos] if eos is not None and eos < n_vocab else None,
+                                add_bos=add_bos and bos is not None, chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _added_tokens(tokens, types):
+    """Control and unknown tokens as special added tokens, user-defined ones as plain added tokens: matched
+    whole in the text, as llama.cpp's special-token partition does."""
+    return [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": types[i] != USER_DEFINED}
+            for i in range(len(tokens)) if types[i] in (CONTROL, UNKNOWN, USER_DEFINED)]
+
+
+def _tokenizer_json(tokens, types, merges, normalizer, pre_tokenizer, decoder, **model):
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_tokens(tokens, types),
+            "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": decoder,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      **model, "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges}}
+
+
+def _byte_level_bpe_json(meta, tokens, types, path):
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFFormatError(f"{path}: pre-tokenizer {pre!r} is unknown here (known: {', '.join(PRE_TOKENIZERS)})")
+    merges = [[m[:m.index(" ", 1)], m[m.index(" ", 1) + 1:]] for m in meta.get("tokenizer.ggml.merges", [])]
+    decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return _tokenizer_json(tokens, types, merges, None, PRE_TOKENIZERS[pre], decoder,
+                           ignore_merges=pre in IGNORE_MERGES)
+
+
+def _sentencepiece_bpe_json(meta, tokens, types):
+    """llama.cpp's SPM tokenizer as BPE: it merges the adjacent pair whose joined piece scores highest, which
+    is BPE with one merge per way of splitting each normal piece, ranked by the piece's score."""
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = sorted((-scores[i], i, ids[t[:k]], ids[t[k:]]) for i, t in enumerate(tokens) if types[i] == NORMAL
+                    for k in range(1, len(t)) if t[:k] in ids and t[k:] in ids)
+    merges = [[tokens[left], tokens[right]] for _, _, left, right in ranked]
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    escape = [{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
+    prepend = [{"type": "Prepend", "prepend": "▁"}] if prefix else []
+    strip = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else []
+    normalizer = {"type": "Sequence", "normalizers": prepend + escape}
+    decoder = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                {"type": "ByteFallback"}, {"type": "Fuse"}] + strip}
+    unk = next((t for t, kind in zip(tokens, types) if kind == UNKNOWN), None)
+    return _tokenizer_json(tokens, types, merges, normalizer, None, decoder, unk_token=unk,
+                           byte_fallback=BYTE in types, fuse_unk=unk is not None)
+
+
+# --- vocabulary: our tokenizers -> GGUF ----------------------------------------------------------------
+
+def byte_level_alphabet():
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _char_vocab(tokenizer):
+    chars = tokenizer.spec["chars"]
+    if "▁" in chars:
+        raise GGUFFormatError("this character vocabulary holds '▁', which llama.cpp uses for the space")
+    return {"model": "llama", "tokens": ["▁" if c == " " else c for c in chars], "token_type": [NORMAL] * len(chars),
+            "scores": [0.0] * len(chars), "add_space_prefix": False, "add_bos_token": False}
+
+
+def _tiktoken_vocab(tokenizer):
+    """GPT-2's BPE from tiktoken's ranks: tiktoken merges the adjacent pair whose joined bytes have the lowest
+    rank (= id), so every split of a token into two tokens is a merge at that token's rank."""
+    import tiktoken
+    if tokenizer.spec.get("encoding") != "gpt2":
+        raise GGUFFormatError(f"tiktoken encoding {tokenizer.spec.get('encoding')!r} has no llama.cpp pre-tokenizer "
+                              "here (only 'gpt2')")
+    enc = tiktoken.get_encoding("gpt2")
+    raw = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    byte_char = byte_level_alphabet()
+    tokens = [raw[i].decode() if i in special else "".join(byte_char[b] for b in raw[i]) for i in range(len(raw))]
+    rank = {b: i for i, b in enumerate(raw) if i not in special}
+    merges = sorted((i, rank[b[:k]], rank[b[k:]]) for b, i in rank.items()
+                    for k in range(1, len(b)) if b[:k] in rank and b[k:] in rank)
+    return {"model": "gpt2", "pre": "gpt-2", "tokens": tokens,
+            "token_type": [CONTROL if i in special else NORMAL for i in range(len(raw))],
+            "merges": [f"{tokens[left]} {tokens[right]}" for _, left, right in merges],
+            "bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token, "add_bos_token": False}
+
+
+def _sentencepiece_vocab(tokenizer):
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(tokenizer.spec["model_file"]).read_bytes())
+    problems = []
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        problems.append("it is not a BPE model (llama.cpp's 'llama' vocabulary merges pieces as BPE)")
+    if proto.normalizer_spec.name not in ("identity", "") or proto.normalizer_spec.remove_extra_whitespaces:
+        problems.append("it normalizes text, which llama.cpp does not")
+    if problems:
+        raise GGUFFormatError(f"SentencePiece model {tokenizer.spec['model_file']}: " + "; ".join(problems))
+    return {"model": "llama", "tokens": [p.piece for p in proto.pieces], "scores": [p.score for p in proto.pieces],
+            "token_type": [int(p.type) for p in proto.pieces],      # SentencePiece's types are llama.cpp's
+            "add_space_prefix": proto.normalizer_spec.add_dummy_prefix, "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id, "add_bos_token": tokenizer.bos_id is not None}
+
+
+def _canonical_pre_tokenizer(pre_tokenizer):
+    """A pre-tokenizer as the tokenizers library writes it (fills in defaulted fields), for comparison."""
+    import tokenizers
+    hf = _tokenizer_json([], [], [], None, pre_tokenizer, None)
+    return json.loads(tokenizers.Tokenizer.from_str(json.dumps(hf)).to_str())["pre_tokenizer"]
+
+
+def _tokenizers_vocab(tokenizer):
+    import tokenizers
+    hf = json.loads(tokenizers.Tokenizer.from_str(tokenizer.spec["json"]).to_str())
+    pre = next((name for name, p in PRE_TOKENIZERS.items()
+                if _canonical_pre_tokenizer(p) == hf["pre_tokenizer"]), None)
+    if hf["model"]["type"] != "BPE" or hf["normalizer"] is not None or pre is None:
+        raise GGUFFormatError("only a byte-level BPE tokenizer.json without normalizer, whose pre-tokenizer is one "
+                              f"of llama.cpp's ({', '.join(PRE_TOKENIZERS)}), can be written as a GGUF vocabulary")
+    tokens, types = [None] * tokenizer.vocab_size, [NORMAL] * tokenizer.vocab_size
+    for token, i in hf["model"]["vocab"].items():
+        tokens[i] = token
+    for added in hf["added_tokens"]:
+        tokens[added["id"]], types[added["id"]] = added["content"], CONTROL if added["special"] else USER_DEFINED
+    if None in tokens:
+        raise GGUFFormatError(f"this tokenizer.json leaves ids unused ({tokens.index(None)} first)")
+    ids = {t: i for i, t in enumerate(tokens)}
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types,
+            "merges": [" ".join(m) if isinstance(m, list) else m for m in hf["model"]["merges"]],
+            "bos_token_id": ids.get(tokenizer.spec.get("bos")), "eos_token_id": ids.get(tokenizer.spec.get("eos")),
+            "add_bos_token": tokenizer.spec.get("add_bos", False)}
+
+
+VOCAB_WRITERS = {"char": _char_vocab, "tiktoken": _tiktoken_vocab, "sentencepiece": _sentencepiece_vocab,
+                 "tokenizers": _tokenizers_vocab}
+
+
+def vocab_metadata(tokenizer, n_vocab):
+    """Our tokenizer as GGUF metadata (tokenizer.ggml.* and the chat template), padded with unused [PADn] tokens
+    to the embedding's n_vocab rows. None: no vocabulary (llama.cpp then makes n_vocab dummy tokens)."""
+    if tokenizer is None:
+        return {"tokenizer.ggml.model": "no_vocab"}
+    kind = tokenizer.spec.get("kind")
+    if kind not in VOCAB_WRITERS:
+        raise GGUFFormatError(f"tokenizer kind {kind!r} cannot be written as a GGUF vocabulary")
+    vocab = VOCAB_WRITERS[kind](tokenizer)
+    pad = n_vocab - len(vocab["tokens"])
+    if pad < 0:
+        raise GGUFFormatError(f"the tokenizer has {len(vocab['tokens'])} tokens but the model only {n_vocab} "
+                              "embeddings")
+    vocab["tokens"] = vocab["tokens"] + [f"[PAD{i}]" for i in range(n_vocab - pad, n_vocab)]
+    vocab["token_type"] = vocab["token_type"] + [UNUSED] * pad
+    if "scores" in vocab:
+        vocab["scores"] = vocab["scores"] + [-1000.0] * pad
+    meta = {f"tokenizer.ggml.{key}": value for key, value in vocab.items() if value is not None}
+    if tokenizer.chat_template:
+        meta["tokenizer.chat_template"] = tokenizer.chat_template
+    return meta
+
+
+def _add_metadata(writer, meta):
+    """Write {key: value} with GGUF's types: bool, uint32 for ints, string, array (of int32, float32 or string)."""
+    for key, value in meta.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+def gguf_tensors(model):
+    """GGUF tensor name -> float32 numpy weight in llama.cpp's LLaMA layout, one blk.i per block application;
+    a tied embedding is stored once (token_embd)."""
+    c = model.config
+    if c.ffn_type != "swiglu":
+        raise GGUFFormatError(f"llama.cpp's LLaMA architecture needs ffn_type='swiglu', got {c.ffn_type!r}")
+    tensors = {"token_embd.weight": model.tok_embeddings.weight, "output_norm.weight": model.norm.weight}
+    if not c.tie_embeddings:
+        tensors["output.weight"] = model.output.weight
+    for i, b in enumerate(model.schedule):
+        for theirs, ours in BLOCK_TENSORS.items():
+            weight = model.layers[b].get_parameter(f"{ours}.weight")
+            if theirs in ("attn_q", "attn_k"):
+                weight = rope_pairs_adjacent(weight, c.n_heads if theirs == "attn_q" else c.n_kv_heads)
+            tensors[f"blk.{i}.{theirs}.weight"] = weight
+    return {name: t.detach().float().contiguous().numpy() for name, t in tensors.items()}
+
+
+def _add_tensor(writer, name, array, tensor_type):
+    """Norms stay F32 (as llama.cpp writes them); a matrix whose rows do not split into the type's blocks is F16."""
+    gguf = _require_gguf()
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, array)
+    elif qtype == gguf.GGMLQuantizationType.F16 or array.shape[-1] % block:
+        writer.add_tensor(name, array.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+
+def export_gguf(model, tokenizer, path, tensor_type="F32"):
+    """Write model (and tokenizer's vocabulary; None: no vocabulary) as a llama.cpp LLaMA GGUF, atomically.
+    tensor_type: F32, F16, BF16 or Q8_0 for the matrices. A layer-shared model is unrolled (one blk.i per block
+    application) and our nanomobilellm.* keys record how to fold it back."""
+    gguf = _require_gguf()
+    if tensor_type not in EXPORT_TYPES:
+        raise ValueError(f"tensor_type must be one of {EXPORT_TYPES}, got {tensor_type!r}")
+    c, path = model.config, Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        writer.add_context_length(c.block_size)
+        writer.add_embedding_length(c.dim)
+        writer.add_block_count(len(model.schedule))
+        writer.add_feed_forward_length(c.ffn_dim)
+        writer.add_head_count(c.n_heads)
+        writer.add_head_count_kv(c.n_kv_heads)
+        writer.add_rope_dimension_count(c.head_dim)
+        writer.add_rope_freq_base(c.rope_theta)
+        writer.add_layer_norm_rms_eps(c.norm_eps)
+        writer.add_vocab_size(c.vocab_size)
+        file_types = gguf.LlamaFileType
+        writer.add_file_type({"F32": file_types.ALL_F32, "F16": file_types.MOSTLY_F16,
+                              "BF16": file_types.MOSTLY_BF16, "Q8_0": file_types.MOSTLY_Q8_0}[tensor_type])
+        if c.share != "none":
+            _add_metadata(writer, dict(zip(SHARE_KEYS, (c.share, c.share_repeats, c.n_layers))))
+        _add_metadata(writer, vocab_metadata(tokenizer, c.vocab_size))
+        for name, array in gguf_tensors(model).items():
+            _add_tensor(writer, name, array, tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", required=True, help="anything loader.py takes: checkpoint, HF dir or repo id, ...")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="F32", choices=EXPORT_TYPES, help="tensor type of the matrices")
+    args = p.parse_args(argv)
+    from checkpoint import CheckpointError
+    from loader import load_model_and_tokenizer
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.init_from)
+        path = export_gguf(model, tokenizer, args.out, args.type)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:   # GGUFFormatError, HFFormatError are ValueErrors
+        sys.exit(f"error: {e}")
+    vocab = "no vocabulary" if tokenizer is None else f"{tokenizer.spec['kind']} vocabulary"
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, {args.type}, {len(model.schedule)} layers, {vocab})")
+
+
+if __name__ == "__main__":
+    main()
