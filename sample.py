@@ -2,6 +2,7 @@
 Generate text from a trained MobileLLM: our checkpoints, int8 checkpoints from quantize.py, or Meta's
 released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo id).
 
+  python sample.py                                     # from what `python train.py` made (its default out_dir)
   python sample.py --init_from out-shakespeare-char --start "ROMEO:"
   python sample.py --init_from facebook/MobileLLM-125M --start "The capital of France is" --temperature 0
   python sample.py --init_from out --start FILE:prompt.txt --num_samples 3 --top_k 50 --top_p 0.9
@@ -21,6 +22,7 @@ import torch
 
 from checkpoint import CheckpointError
 from loader import load_model_and_tokenizer
+from train import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   # inductor: see compile_decode_step
@@ -43,6 +45,13 @@ def compile_decode_step(model):
         return (compiled if idx.size(1) == 1 else eager)(idx, targets, input_pos)
 
     model.forward = forward
+
+
+def check_default_run(init_from):
+    """The default --init_from is train.py's default out_dir: say how to make it when it is missing."""
+    if init_from == TrainConfig.out_dir and not Path(init_from).exists():
+        raise SystemExit(f"error: no {init_from}/ here: run `python train.py` first, "
+                         "or name a model with --init_from")
 
 
 def read_prompt(start):
@@ -101,8 +110,9 @@ def generate_one(model, ids, args, generator, tokenizer=None, out=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", required=True,
-                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name")
+    p.add_argument("--init_from", default=TrainConfig.out_dir,
+                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name "
+                        "(default: train.py's default out_dir)")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -128,6 +138,7 @@ def main(argv=None):
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
 
+    check_default_run(args.init_from)
     try:
         model, tokenizer = load_model_and_tokenizer(args.init_from, args.device, args.meta_ls_cache)
     except (CheckpointError, ValueError, RuntimeError) as e:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
 from configurator import ConfigError, apply_settings, configure
 from model import MobileLLM, ModelConfig
 
@@ -547,6 +547,8 @@ def run(cfg, rank, world, device, stop):
             save("interrupted")
             raise KeyboardInterrupt(f"stopped at iteration {iter_num}; resume with --init_from=resume")
     bar.close()
+    if (out_dir / CKPT_NAME).is_file():
+        say(f"sample from it: python sample.py --init_from={out_dir}")
     return records
 
 

@@ -1,5 +1,6 @@
 """
-What every data/<name>/prepare.py shares: getting the text (download, cached copy or --input PATH),
+What every data/<name>/prepare.py shares: getting the text (--input PATH, the tiny shakespeare copy
+that ships in data/, or a download),
 encoding it with a progress bar, and writing the files train.py reads:
   train.bin, val.bin   token ids as uint16, back to back (documents joined as in the text)
   meta.json            {"tokenizer": <spec from tokenizer.py>, "vocab_size": N}
@@ -14,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare.txt"   # karpathy/char-rnn's input.txt, public domain
 sys.path.insert(0, str(REPO_ROOT))   # tokenizer.py lives at the repo root
 
 
@@ -43,13 +45,9 @@ def read_text(path):
     return path.read_text(encoding="utf-8")
 
 
-def text_from_source(input_path, url, cache_file):
-    """The text of --input PATH if given, else cache_file (downloading url into it when missing)."""
-    if input_path:
-        return read_text(input_path)
-    if not Path(cache_file).is_file():
-        download(url, cache_file)
-    return read_text(cache_file)
+def shakespeare_text(input_path=None):
+    """The text of --input PATH if given, else tiny shakespeare as it ships in data/ (no download)."""
+    return read_text(input_path or TINY_SHAKESPEARE)
 
 
 def encode(tokenizer, text, desc, chunk_chars=1 << 20):

@@ -104,6 +104,19 @@ def test_generation_stops_at_end_of_text():
     assert model.caches is None
 
 
+def test_no_arguments_samples_from_the_default_training_run(trained_ckpt, tmp_path, monkeypatch, capsys):
+    from train import TrainConfig
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"no {TrainConfig.out_dir}/ here: run `python train.py` first"):
+        sample.main([])
+    (tmp_path / TrainConfig.out_dir).mkdir()
+    (tmp_path / TrainConfig.out_dir / "ckpt.pt").write_bytes((trained_ckpt / "ckpt.pt").read_bytes())
+    out, _ = run(["--start", "abc", "--temperature", "0", "--max_new_tokens", "5"], capsys)
+    assert out.startswith("abcdefgh")
+    out, err = run([], capsys)
+    assert out.startswith("\n") and out.count("---------------") == 1 and "(199 tokens)" in err
+
+
 def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sample.main(["--init_from", str(tmp_path / "missing")])

@@ -68,6 +68,11 @@ def test_a_few_steps_lower_the_loss_and_write_the_log(data_dir, tmp_path):
     assert ckpt["data_state"]["iter_num"] == 30 and "torch" in ckpt["rng"] and ckpt["optimizer"]["state"]
 
 
+def test_training_ends_by_printing_the_command_that_samples_from_it(data_dir, tmp_path, capsys):
+    train(tiny(data_dir, tmp_path, max_iters=10, quiet=False, peak_flops=1.0))
+    assert capsys.readouterr().out.splitlines()[-1] == f"sample from it: python sample.py --init_from={tmp_path}"
+
+
 def test_resume_continues_exactly(data_dir, tmp_path):
     common = dict(lr_decay_iters=20, gradient_accumulation_steps=2, always_save_checkpoint=True)
     straight = train(tiny(data_dir, tmp_path / "a", max_iters=20, **common))
