@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, load_model
+from checkpoint import atomic_write, load_checkpoint, load_model
 from model import MobileLLM, config_from_dict, config_from_preset
 
 EXPORT_VERSION = {"fp32": 1, "int8": 2, "8da4w": 2}   # bump a dtype's when its programs change (cache key)
@@ -418,10 +418,7 @@ def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, ca
         tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; on a 2-core CPU "
                    f"a 125M model takes 5-15 min, LS-125M 30-50 min)")
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)                      # atomic: a killed export never leaves half a program
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))     # a killed export never leaves half a program
         path.with_suffix(".json").write_text(json.dumps(info))
     return path
 

@@ -29,19 +29,30 @@ def checkpoint_file(path):
     return path / CKPT_NAME if path.is_dir() else path
 
 
-def save_checkpoint(obj, path):
-    """Write atomically: a crash mid-write leaves the previous file intact, never half a checkpoint."""
-    path = checkpoint_file(path)
+def atomic_write(path, write):
+    """Make the file at path with write(tmp_path), all or nothing: write fills a temporary file beside
+    path, which is flushed to disk and then renamed over path. A crash or an error mid-write leaves the
+    previous file (or none), never half of one, and no temporary file. Returns path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-write leaves the previous file intact, never half a checkpoint."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(checkpoint_file(path), write)
 
 
 def load_checkpoint(path, map_location="cpu"):

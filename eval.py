@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, atomic_write
 from loader import load_model_and_tokenizer
 
 
@@ -228,10 +228,8 @@ def load_docs(name, path=None):
     if cached.is_file():
         return read_jsonl(cached)
     docs = download(name)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-    os.replace(tmp, cached)       # a killed download never leaves half a cache file
+    text = "".join(json.dumps(d) + "\n" for d in docs)
+    atomic_write(cached, lambda tmp: tmp.write_text(text, encoding="utf-8"))   # never half a cache file
     return docs
 
 

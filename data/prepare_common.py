@@ -16,26 +16,25 @@ from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare.txt"   # karpathy/char-rnn's input.txt, public domain
-sys.path.insert(0, str(REPO_ROOT))   # tokenizer.py lives at the repo root
+sys.path.insert(0, str(REPO_ROOT))   # tokenizer.py and checkpoint.py live at the repo root
+from checkpoint import atomic_write  # noqa: E402
 
 
 def download(url, dest):
     """Fetch url into dest (atomically, with a progress bar); one clear message when it fails."""
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
+    def fetch(tmp):
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {Path(dest).name}") as bar:
                 while chunk := response.read(1 << 16):
                     f.write(chunk)
                     bar.update(len(chunk))
-        tmp.replace(dest)
+
+    try:
+        return atomic_write(dest, fetch)
     except OSError as e:   # URLError, timeouts and HTTP errors are all OSErrors
-        tmp.unlink(missing_ok=True)
         raise SystemExit(f"could not download {url} ({e}). Offline? Get the file elsewhere and pass it "
                          f"with --input PATH") from e
-    return dest
 
 
 def read_text(path):

@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # model.py and train.py live at the repo root
+from checkpoint import atomic_write  # noqa: E402
 from model import MobileLLM, ModelConfig, config_from_preset  # noqa: E402
 
 STUDIES = ("swiglu", "depth", "embedding_sharing", "gqa", "layer_sharing")
@@ -302,9 +303,7 @@ def measure_latency(base, quick):
 
 def write_json(obj, path):
     """Atomic: a killed run leaves the previous file, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def plot(result, path):

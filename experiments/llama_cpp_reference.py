@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
 from bench_mobile import BenchError, check_tokens, load_source, logit_agreement, source_hash  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
 
 QUANTS = ("F32", "F16", "Q8_0", "Q4_0")       # llama-quantize's names
 
@@ -78,9 +79,12 @@ def gguf_tensors(model):
 
 def write_gguf(model, path):
     """The model as an F32 GGUF file (LLaMA architecture), written atomically."""
+    atomic_write(path, lambda tmp: write_gguf_to(model, tmp))
+
+
+def write_gguf_to(model, tmp):
     import gguf
-    c, path = model.config, Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    c = model.config
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_context_length(c.block_size)
     writer.add_embedding_length(c.dim)
@@ -100,7 +104,6 @@ def write_gguf(model, path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(path)
 
 
 def llama_tool(bin_dir, name):
@@ -121,9 +124,8 @@ def gguf_files(model, quants, bin_dir, out_dir):
     for quant in quants:
         paths[quant] = f32 if quant == "F32" else out_dir / f"{source_hash(model)}-{quant}.gguf"
         if not paths[quant].is_file():
-            tmp = paths[quant].with_name(f".{paths[quant].name}.tmp{os.getpid()}")
-            run_tool([llama_tool(bin_dir, "llama-quantize"), str(f32), str(tmp), quant])
-            tmp.replace(paths[quant])
+            quantize = [llama_tool(bin_dir, "llama-quantize"), str(f32)]
+            atomic_write(paths[quant], lambda tmp: run_tool(quantize + [str(tmp), quant]))
     return paths
 
 
