@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from loader import load_model_and_tokenizer
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype
 
 
 class EvalError(Exception):
@@ -370,8 +370,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences (context + one choice) per forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
-                        help="autocast dtype of the forward (log-probs are always summed in float32)")
+    parser.add_argument("--dtype", default="bf16", type=dtype_name, choices=DTYPES,
+                        help="autocast dtype of the forward (log-probs are always summed in fp32)")
     parser.add_argument("--out", default="out-eval/results.json", help="where the JSON results go")
     args = parser.parse_args(argv)
     try:
@@ -395,7 +395,7 @@ def main(argv=None):
     if tokenizer.vocab_size > model.config.vocab_size:
         sys.exit(f"eval.py: {args.init_from}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                  f"{model.config.vocab_size} embeddings: the checkpoint records the wrong tokenizer")
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     results = {name: evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
                for name in tasks}
     paper_name, paper = paper_row(args.init_from)

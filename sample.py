@@ -6,7 +6,7 @@ released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo
   python sample.py --init_from out-shakespeare-char --start "ROMEO:"
   python sample.py --init_from facebook/MobileLLM-125M --start "The capital of France is" --temperature 0
   python sample.py --init_from out --start FILE:prompt.txt --num_samples 3 --top_k 50 --top_p 0.9
-  python sample.py --init_from mobilellm-125m --benchmark --dtype float16 --compile  # decode speed, random weights
+  python sample.py --init_from mobilellm-125m --benchmark --dtype fp16 --compile  # decode speed, random weights
 
 Tokens stream to stdout as they are made; generation stops at the tokenizer's end-of-text token; the
 prefill and decode speeds (tokens/s) are printed at the end. Decoding goes through the model's static
@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from loader import load_model_and_tokenizer
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype
 from train import TrainConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   # inductor: see compile_decode_step
 
 
@@ -121,9 +120,9 @@ def main(argv=None):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="weights are converted to this dtype (float16/bfloat16 halve the bytes read per token; "
-                        "on this AVX2 CPU float16 or bfloat16 with --compile decodes fastest)")
+    p.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES,
+                   help="weights are converted to this dtype (fp16/bf16 halve the bytes read per token; "
+                        "which decodes fastest depends on the CPU: see docs/decoding.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--meta_ls_cache", action="store_true",
                    help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
@@ -143,7 +142,7 @@ def main(argv=None):
         model, tokenizer = load_model_and_tokenizer(args.init_from, args.device, args.meta_ls_cache)
     except (CheckpointError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
-    model.to(dtype=DTYPES[args.dtype])
+    model.to(dtype=torch_dtype(args.dtype))
     if args.compile:
         compile_decode_step(model)
     generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -188,7 +187,7 @@ def benchmark_transformers(model, ids, args):
     import hf
     with tempfile.TemporaryDirectory() as tmp:
         llama = transformers.LlamaForCausalLM.from_pretrained(hf.export_hf(model, tmp)).eval()
-    llama.to(DTYPES[args.dtype])
+    llama.to(torch_dtype(args.dtype))
     idx = torch.tensor([ids])
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():

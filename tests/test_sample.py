@@ -117,6 +117,16 @@ def test_no_arguments_samples_from_the_default_training_run(trained_ckpt, tmp_pa
     assert out.startswith("\n") and out.count("---------------") == 1 and "(199 tokens)" in err
 
 
+def test_one_set_of_dtype_names_with_torchs_names_as_aliases(capsys):
+    assert [loader.torch_dtype(n) for n in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")] == \
+        [torch.float32, torch.bfloat16, torch.float16] * 2
+    with pytest.raises(ValueError, match="unknown dtype 'half': choose from fp32, bf16, fp16"):
+        loader.torch_dtype("half")
+    with pytest.raises(SystemExit):
+        sample.main(["--init_from", "mobilellm-micro", "--benchmark", "--dtype", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+
+
 def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sample.main(["--init_from", str(tmp_path / "missing")])
@@ -136,7 +146,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
 def test_benchmark_runs_on_a_preset(capsys):
     out, err = run(["--init_from", "mobilellm-micro", "--benchmark", "--prompt_tokens", "8", "--max_new_tokens", "6",
                     "--dtype", "bfloat16"], capsys)
-    assert "dtype bfloat16" in out and "(5 tokens)" in err
+    assert "dtype bf16" in out and "(5 tokens)" in err                  # torch's name is an alias of bf16
 
 
 def test_compiled_decode_step_decodes_like_eager():
