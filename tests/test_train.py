@@ -193,6 +193,7 @@ def test_paper_configs_hold_the_paper_recipe(name, layers, dim, depth, params):
     (["--learning_rate=True"], "'learning_rate' must be float"),
     (["--compile=1"], "'compile' must be bool"),
     (["--max_iters"], "must look like --key=value"),
+    (["--max_iters", "--compile=True"], "'--max_iters' must look like --key=value"),
 ])
 def test_bad_overrides_are_clear_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -204,6 +205,8 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
     config_file.write_text("import math\nbatch_size = 3\nlearning_rate = 1\nmin_lr = None\nout_dir = 'o'\n")
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size=5", "--out_dir=2024"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (5, 1.0, "2024")
+    cfg = configure(TrainConfig(), [str(config_file), "--batch_size", "6", "--out_dir", "2025"])   # --key value
+    assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (6, 1.0, "2025")
     config_file.write_text("batch_sise = 3\n")
     with pytest.raises(ConfigError, match="'batch_sise' in config file"):
         configure(TrainConfig(), [str(config_file)])
