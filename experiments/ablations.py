@@ -249,22 +249,12 @@ def summarize(runs, variants):
 
 # --- decode latency (layer sharing, the paper's Table 7) ---------------------------------------
 
-@torch.no_grad()
 def decode_ms_per_token(cfg, n_tokens, repeats, prompt_len=8):
-    """Greedy one-token decode steps through the KV cache, batch 1, fp32: best of repeats, in ms/token.
-    Weights are random: speed does not depend on their values."""
+    """Greedy one-token decode steps through the KV cache, batch 1, fp32: median of repeats, in ms/token
+    (bench_mobile.eager_decode_ms). Weights are random: speed does not depend on their values."""
+    from bench_mobile import eager_decode_ms
     torch.manual_seed(0)
-    model = MobileLLM(ModelConfig(**cfg)).eval()
-    prompt = torch.randint(cfg["vocab_size"], (1, prompt_len))
-    best = math.inf
-    for _ in range(repeats):
-        steps = model.generate_tokens(prompt, n_tokens + 1, temperature=0)
-        next(steps)                                   # prefill and the first token are not timed
-        t0 = time.perf_counter()
-        for _ in steps:
-            pass
-        best = min(best, (time.perf_counter() - t0) * 1000 / n_tokens)
-    return best
+    return eager_decode_ms(MobileLLM(ModelConfig(**cfg)).eval(), prompt_len, n_tokens, repeats)
 
 
 def latency_models(base, quick):

@@ -225,9 +225,10 @@ def test_llama_cpp_reference_reads_llama_bench_json_and_names_a_missing_build(tm
     assert ref.parse_bench_json(json.dumps(sample)) == {"prefill": 812.5, "decode": 151.25}
     with pytest.raises(ref.BenchError, match="llama-quantize not found"):
         ref.llama_tool(tmp_path, "llama-quantize")
-    with pytest.raises(SystemExit):
-        ref.main(["--llama-cpp", str(tmp_path), "--quant", "Q9"])
-    assert "unknown ['Q9']" in capsys.readouterr().err
+    for flag in ("--llama_cpp", "--llama-cpp"):                       # the old spelling still works
+        with pytest.raises(SystemExit):
+            ref.main([flag, str(tmp_path), "--quant", "Q9"])
+        assert "unknown ['Q9']" in capsys.readouterr().err
 
 
 def test_check_logits_says_what_it_needs_without_llama_cpp_bindings(tmp_path, monkeypatch):
