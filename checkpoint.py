@@ -55,13 +55,14 @@ def save_checkpoint(obj, path):
     return atomic_write(checkpoint_file(path), write)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load with weights_only=True (no arbitrary code from pickles); one clear error when it fails."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Load with weights_only=True (no arbitrary code from pickles); one clear error when it fails.
+    mmap=True maps the tensors from the file instead of reading them (for reading the other keys)."""
     path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (give a {CKPT_NAME} file or the out_dir holding one)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import loader
 import sample
-from checkpoint import model_checkpoint, save_checkpoint
+from checkpoint import load_model, model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig, apply_rope
 from tokenizer import Tokenizer, char_tokenizer
 
@@ -73,7 +73,7 @@ def test_prompt_longer_than_context_is_cropped_with_a_warning(trained_ckpt, caps
 
 def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys):
     quantize = pytest.importorskip("quantize")
-    model, ckpt = quantize.load_float_model(trained_ckpt)
+    model, ckpt = load_model(trained_ckpt)
     int8 = quantize.quantize_model(model, "w8")
     save_checkpoint(quantize.quantized_checkpoint(int8, ckpt, "w8"), tmp_path)
     out, _ = run(["--init_from", str(tmp_path), "--start", "abc", "--temperature", "0", "--max_new_tokens", "5"], capsys)
@@ -84,7 +84,7 @@ def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys
 def test_a_checkpoint_file_is_read_once(trained_ckpt, tmp_path, monkeypatch, int8):
     if int8:
         quantize = pytest.importorskip("quantize")
-        model, ckpt = quantize.load_float_model(trained_ckpt)
+        model, ckpt = load_model(trained_ckpt)
         save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path)
     reads, real_load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
