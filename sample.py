@@ -30,11 +30,11 @@ MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   
 def compile_decode_step(model):
     """torch.compile the one-token decode step (static shapes: compiled once per cache length); the
     prompt's prefill stays eager, so a new prompt length costs no recompilation. On CPU, two inductor
-    options (README):
+    options (measured in docs/decoding.md):
     - decompose_mm_pass: one token makes every linear a matrix-vector product. Inductor then writes it as
-      its own fused multiply-and-sum loop instead of calling the BLAS kernel, which streams the weights
-      1.3x (fp16) to 2x (fp32) faster on this AVX2 CPU. Only matrices up to 2048 wide: not the LM head.
-    - cpp_wrapper: the step's hundreds of small kernels are launched from C++, not Python (about +10%)."""
+      its own fused multiply-and-sum loop instead of calling the BLAS kernel, which can stream the weights
+      faster (experiments/decode_gemv.py times both). Only matrices up to 2048 wide: not the LM head.
+    - cpp_wrapper: the step's hundreds of small kernels are launched from C++, not Python."""
     cpu = model.norm.weight.device.type == "cpu"
     options = {"cpp_wrapper": True, **MATRIX_VECTOR_LOOPS} if cpu else {}
     eager = model.forward

@@ -7,7 +7,7 @@ and experiments/results/<study>.png (validation loss curves and final loss per m
 
   python experiments/ablations.py --study swiglu              # one study: 6-8 runs of 300 iterations
   python experiments/ablations.py --study all                 # all five, one after the other
-  python experiments/ablations.py --study all --quick         # all five, tiny models (~20 s of CPU)
+  python experiments/ablations.py --study all --quick         # all five, tiny models (for tests)
   python experiments/ablations.py --study layer_sharing --cpu_lock /tmp/nml-cpu.lock
   python experiments/ablations.py --markdown                  # the README's tables from the results
 
@@ -57,8 +57,8 @@ BASE = {
     "full": dict(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=176),
     "quick": dict(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=44),
 }
-# Training settings (train.py's TrainConfig names). float32: for these tiny matrices bf16 autocast was
-# slower, not faster (30 iterations of the dim-64 base model on one thread: 126 s bf16, 21 s fp32).
+# Training settings (train.py's TrainConfig names). fp32: for these tiny matrices bf16 autocast is
+# slower, not faster (see docs/experiments.md).
 TRAIN = {
     "full": dict(max_iters=300, eval_interval=60, eval_iters=10, batch_size=16, block_size=64,
                  learning_rate=2e-3, warmup_iters=20, min_lr=2e-4, dtype="fp32"),
@@ -476,8 +476,8 @@ def main(argv=None):
     parser.add_argument("--cpu_lock", help="flock file: shared while training, exclusive while timing")
     parser.add_argument("--max_iters", type=int, help="override the study's training length")
     parser.add_argument("--data_root", default=str(DATA_DIR), help="folder holding the prepared datasets")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: on "
-                        "a shared, busy CPU one thread per tiny run is many times faster than two)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: one per "
+                        "tiny run; docs/experiments.md says why)")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown(args.out_dir or RESULTS_DIR))
