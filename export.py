@@ -51,7 +51,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, atomic_write
 from configurator import accept_old_flags
 from executorch_private import emitted_program, reserialize
-from loader import load_model_and_tokenizer
+from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 
 EXPORT_VERSION = {"fp32": 1, "int8": 2, "8da4w": 2}   # bump a dtype's when its programs change (cache key)
@@ -467,7 +467,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default="mobilellm-125m",
                    help="our checkpoint (an int8 one is dequantized), an HF dir or repo id, or preset[:field=value+...]")
-    p.add_argument("--dtype", default="fp32", choices=PROGRAM_DTYPES,
+    p.add_argument("--dtype", default="fp32", type=dtype_name, choices=PROGRAM_DTYPES,
                    help="fp32, int8 (W8A8: dynamic per-token activations) or 8da4w (int4 weights, groups of 32)")
     p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ExecuTorch or lite interpreter (fp32)")
     p.add_argument("--out", default="", help="copy the program here (default: leave it in --cache_dir)")

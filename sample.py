@@ -153,12 +153,19 @@ def main(argv=None):
             p.error(f"{args.init_from} is a preset (random weights, no tokenizer): use it with --benchmark")
         return benchmark(model, args, generator)
     ids = encode_prompt(tokenizer, read_prompt(args.start), model.config.block_size)
+    report(len(ids) * args.num_samples, *timed_samples(model, ids, args, generator, tokenizer))
+
+
+def timed_samples(model, ids, args, generator, tokenizer=None):
+    """--num_samples samples after the same prompt (streamed, each followed by a separator line, when a
+    tokenizer is given). Returns (prefill s, decoded tokens, decode s), summed over the samples."""
     prefill_s = decode_s = decoded = 0
     for _ in range(args.num_samples):
         _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator, tokenizer)
         prefill_s, decode_s, decoded = prefill_s + t_prefill, decode_s + t_decode, decoded + steps
-        print("\n---------------")
-    report(len(ids) * args.num_samples, prefill_s, decoded, decode_s)
+        if tokenizer is not None:
+            print("\n---------------")
+    return prefill_s, decoded, decode_s
 
 
 def benchmark(model, args, generator):
@@ -166,14 +173,11 @@ def benchmark(model, args, generator):
     args.temperature = 0
     ids = torch.randint(model.config.vocab_size, (args.prompt_tokens,), generator=generator, device=args.device).tolist()
     generate_one(model, ids, args, generator)
-    prefill_s = decode_s = decoded = 0
-    for _ in range(args.num_samples):
-        _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator)
-        prefill_s, decode_s, decoded = prefill_s + t_prefill, decode_s + t_decode, decoded + steps
+    timings = timed_samples(model, ids, args, generator)
     print(f"{args.init_from}: {model.num_params() / 1e6:.1f}M params, dtype {args.dtype}, "
           f"compile {args.compile}, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
-    report(args.prompt_tokens * args.num_samples, prefill_s, decoded, decode_s)
+    report(args.prompt_tokens * args.num_samples, *timings)
     if args.transformers_reference:
         benchmark_transformers(model, ids, args)
 
