@@ -113,7 +113,7 @@ def eager_decode_ms(model, prompt_len, new_tokens, runs=1):
 
 
 def check_tokens(vocab_size, n, seed):
-    """The random token sequence --check-logits feeds (also to llama.cpp, experiments/llama_cpp_reference.py)."""
+    """The random token sequence --check_logits feeds (also to llama.cpp, experiments/llama_cpp_reference.py)."""
     return torch.randint(vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
 
 
@@ -333,7 +333,7 @@ def android_rows(programs, runner, serial, runs, threads):
 
 def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=False):
     """kernel_column: add the kernel bound (rows without one, eager PyTorch, show '-'). logits_columns: add
-    each row's logit_error and same_token (--check-logits)."""
+    each row's logit_error and same_token (--check_logits)."""
     head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
             "| DRAM bound tok/s |{K} mem MB |{L}").format(
         P=prompt_len, K=" kernel bound tok/s |" if kernel_column else "",

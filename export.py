@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import accept_old_flags
 from executorch_private import emitted_program, reserialize
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
@@ -476,7 +475,7 @@ def main(argv=None):
                    help="shared: identical block delegates shared (MobileLLM-LS); naive: ExecuTorch's own")
     p.add_argument("--cache_dir", default=str(CACHE_DIR))
     p.add_argument("--seed", type=int, default=0, help="for a preset's random weights")
-    args = p.parse_args(accept_old_flags(argv, {"--max-seq-len": "--max_seq_len", "--cache-dir": "--cache_dir"}))
+    args = p.parse_args(argv)
     try:
         if args.format == "pte":
             require_executorch()

@@ -146,7 +146,7 @@ def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
 
 def test_command_line_writes_a_program_that_computes_the_model(tiny, tmp_path, capsys):
     out = tmp_path / "tiny.pte"
-    ex.main(["--init_from", TINY_LS, "--max-seq-len", str(MAX_SEQ_LEN), "--out", str(out),     # old spelling too
+    ex.main(["--init_from", TINY_LS, "--max_seq_len", str(MAX_SEQ_LEN), "--out", str(out),
              "--cache_dir", str(tmp_path / "cache")])
     assert f"wrote {out}" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob("*.pte"))) == 1                        # exported through the cache
