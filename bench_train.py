@@ -1,6 +1,6 @@
 """
 Training throughput of train.py's step (forward, backward, gradient clipping, AdamW) on random tokens:
-tokens/s and MFU, float32 against bfloat16 autocast, measured side by side in one run.
+tokens/s and MFU, fp32 against bf16 autocast, measured side by side in one run.
 
   python bench_train.py                                  # train.py's default model and batch
   python bench_train.py config/bench_nanogpt_29m.py      # nanoGPT's 29.9M GPT size (6 x 384, ctx 256, batch 8)
@@ -8,8 +8,8 @@ tokens/s and MFU, float32 against bfloat16 autocast, measured side by side in on
 
 Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup and dtypes. MFU is
 relative to the device's peak in each dtype: the datasheet bf16 number on known GPUs, else a large matmul in
-that dtype measured here first. On CPUs without AVX-512 BF16/AMX, bfloat16 is emulated and very slow: use
---iters=1 --warmup=0 there (or --dtypes=float32).
+that dtype measured here first. On CPUs without AVX-512 BF16/AMX, bf16 is emulated and very slow: use
+--iters=1 --warmup=0 there (or --dtypes=fp32).
 """
 import sys
 import time
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError, configure
+from loader import dtype_name
 from model import MobileLLM
 from train import (TrainConfig, autocast_context, build_optimizer, check_config, flops_per_token,
                    measure_peak_flops, model_config, resolve_device, synchronize)
@@ -28,7 +29,7 @@ class BenchConfig(TrainConfig):
     vocab_size: int = 65                 # train.py reads it from the dataset; here there is no dataset
     iters: int = 10                      # timed iterations per dtype
     warmup: int = 3                      # untimed iterations first (allocator, compile)
-    dtypes: str = "float32,bfloat16"
+    dtypes: str = "fp32,bf16"
 
 
 def tokens_per_second(cfg, dtype, device):
@@ -60,14 +61,14 @@ def main(cfg):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {cfg.batch_size} "
           f"x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
     results = {}
-    for dtype in cfg.dtypes.split(","):
+    for dtype in map(dtype_name, cfg.dtypes.split(",")):
         peak = cfg.peak_flops or measure_peak_flops(device, dtype)
         tok_s, model = tokens_per_second(cfg, dtype, device)
         results[dtype] = tok_s
         print(f"{dtype:>9}: {tok_s:10,.0f} tokens/s  MFU {100 * tok_s * flops / peak:5.1f}% of {peak / 1e9:,.0f} "
               f"GFLOP/s ({model.num_params() / 1e6:.1f}M parameters, depth {model.config.depth})")
-    if "float32" in results and "bfloat16" in results:
-        print(f"bfloat16 / float32 speedup: {results['bfloat16'] / results['float32']:.2f}x")
+    if "fp32" in results and "bf16" in results:
+        print(f"bf16 / fp32 speedup: {results['bf16'] / results['fp32']:.2f}x")
     return results
 
 

@@ -29,28 +29,40 @@ def checkpoint_file(path):
     return path / CKPT_NAME if path.is_dir() else path
 
 
-def save_checkpoint(obj, path):
-    """Write atomically: a crash mid-write leaves the previous file intact, never half a checkpoint."""
-    path = checkpoint_file(path)
+def atomic_write(path, write):
+    """Make the file at path with write(tmp_path), all or nothing: write fills a temporary file beside
+    path, which is flushed to disk and then renamed over path. A crash or an error mid-write leaves the
+    previous file (or none), never half of one, and no temporary file. Returns path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load with weights_only=True (no arbitrary code from pickles); one clear error when it fails."""
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-write leaves the previous file intact, never half a checkpoint."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(checkpoint_file(path), write)
+
+
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Load with weights_only=True (no arbitrary code from pickles); one clear error when it fails.
+    mmap=True maps the tensors from the file instead of reading them (for reading the other keys)."""
     path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (give a {CKPT_NAME} file or the out_dir holding one)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:

@@ -2,12 +2,15 @@
 nanoGPT-style configuration for a dataclass of settings: defaults in the dataclass, then config files
 (python files that assign settings), then --key=value overrides, applied left to right.
 
-  python train.py config/train_shakespeare_char.py --batch_size=32 --compile=True
+  python train.py config/train_mobilellm_125m.py --batch_size=32 --compile=True
+  python train.py --batch_size 32                      # --key value works too, as in the argparse scripts
 
 An unknown key or a value of the wrong type is an error that names it, never a silent default.
+Also here: accept_old_flags, which keeps renamed command-line flags working in the argparse scripts.
 """
 import ast
 import dataclasses
+import sys
 import types
 import typing
 
@@ -68,8 +71,21 @@ def apply_settings(config, settings, source):
     return dataclasses.replace(config, **checked)
 
 
+def _joined(argv):
+    """argv with every `--key value` pair written as `--key=value`."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg.startswith("--") and "=" not in arg:
+            value = next(args, None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"override {arg!r} must look like --key=value (or --key value)")
+            arg = f"{arg}={value}"
+        out.append(arg)
+    return out
+
+
 def configure(config, argv):
-    """Apply command-line arguments (config file paths and --key=value) to a dataclass instance."""
+    """Apply command-line arguments (config file paths, --key=value and --key value) to a dataclass instance."""
     return configure_and_report(config, argv)[0]
 
 
@@ -77,11 +93,9 @@ def configure_and_report(config, argv):
     """configure(), also returning the set of keys that the config files and overrides assigned: what
     the user chose, as opposed to what was left at its default."""
     applied = set()
-    for arg in argv:
+    for arg in _joined(argv):
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"override {arg!r} must look like --key=value")
             value = _parse_value(text)
             if _field_types(type(config)).get(key) is str and not isinstance(value, str):
                 value = text                     # --out_dir=2024 is the folder "2024", not an int
@@ -91,3 +105,15 @@ def configure_and_report(config, argv):
         config = apply_settings(config, settings, source)
         applied |= settings.keys()
     return config, applied
+
+
+def accept_old_flags(argv, renamed):
+    """argv (None: sys.argv[1:]) with the old spellings of renamed flags replaced by the new ones, in both
+    `--old=value` and `--old value` forms, so old command lines keep working while --help shows only the
+    new names. renamed: {"--old-name": "--new_name"}."""
+    argv = sys.argv[1:] if argv is None else argv
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        out.append(renamed.get(flag, flag) + eq + value)
+    return out

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
-from loader import load_model_and_tokenizer
+from checkpoint import CheckpointError, atomic_write
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype
 
 
 class EvalError(Exception):
@@ -228,10 +228,8 @@ def load_docs(name, path=None):
     if cached.is_file():
         return read_jsonl(cached)
     docs = download(name)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-    os.replace(tmp, cached)       # a killed download never leaves half a cache file
+    text = "".join(json.dumps(d) + "\n" for d in docs)
+    atomic_write(cached, lambda tmp: tmp.write_text(text, encoding="utf-8"))   # never half a cache file
     return docs
 
 
@@ -270,6 +268,11 @@ def window(ctx, cont, block_size):
     return tokens[:-1], cont[-block_size:]
 
 
+def autocast(device, dtype):
+    """The forward in dtype through torch.autocast (weights stay fp32); fp32 runs as it is."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
 @torch.no_grad()
 def score(model, requests, batch_size=16, device="cpu", dtype=torch.float32, desc="score", greedy=False):
     """Log-likelihood of each continuation given its context. requests: [(ctx_ids, cont_ids)], where ctx_ids
@@ -278,14 +281,13 @@ def score(model, requests, batch_size=16, device="cpu", dtype=torch.float32, des
     continuation, as lm-evaluation-harness's loglikelihood returns them."""
     windows = [window(ctx, cont, model.config.block_size) for ctx, cont in requests]
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))   # similar lengths share a batch
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     scores = [0.0] * len(requests)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = order[start:start + batch_size]
         x = torch.zeros(len(batch), len(windows[batch[0]][0]), dtype=torch.long)   # (B, T), right-padded
         for row, i in enumerate(batch):
             x[row, :len(windows[i][0])] = torch.tensor(windows[i][0])
-        with autocast:
+        with autocast(device, dtype):
             logits = model(x.to(device))[0]                                       # (B, T, V)
         sums, hits = [], []
         for row, i in enumerate(batch):
@@ -375,8 +377,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences (context + one choice) per forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
-                        help="autocast dtype of the forward (log-probs are always summed in float32)")
+    parser.add_argument("--dtype", default="bf16", type=dtype_name, choices=DTYPES,
+                        help="autocast dtype of the forward (log-probs are always summed in fp32)")
     parser.add_argument("--out", default="out-eval/results.json", help="where the JSON results go")
     args = parser.parse_args(argv)
     try:
@@ -397,7 +399,7 @@ def main(argv=None):
     if tokenizer is None:
         sys.exit(f"eval.py: {args.init_from} has no tokenizer (a preset name gives random weights only): "
                  "give a checkpoint or a Hugging Face model")
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     results = {name: evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
                for name in tasks}
     paper_name, paper = paper_row(args.init_from)

@@ -28,7 +28,6 @@ BPE) -> gpt2. Padded embeddings get unused [PADn] tokens, as llama.cpp's convert
 """
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoint import atomic_write
 from model import MobileLLM, ModelConfig, block_schedule, rope_tables
 
 BLOCK_TENSORS = {                 # llama.cpp's name in blk.i -> ours in layers.b
@@ -500,36 +500,34 @@ def export_gguf(model, tokenizer, path, tensor_type="F32"):
     gguf = _require_gguf()
     if tensor_type not in EXPORT_TYPES:
         raise ValueError(f"tensor_type must be one of {EXPORT_TYPES}, got {tensor_type!r}")
-    c, path = model.config, Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return atomic_write(path, lambda tmp: _write_gguf(gguf, model, tokenizer, tmp, tensor_type))
+
+
+def _write_gguf(gguf, model, tokenizer, tmp, tensor_type):
+    c = model.config
     writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
-        writer.add_context_length(c.block_size)
-        writer.add_embedding_length(c.dim)
-        writer.add_block_count(len(model.schedule))
-        writer.add_feed_forward_length(c.ffn_dim)
-        writer.add_head_count(c.n_heads)
-        writer.add_head_count_kv(c.n_kv_heads)
-        writer.add_rope_dimension_count(c.head_dim)
-        writer.add_rope_freq_base(c.rope_theta)
-        writer.add_layer_norm_rms_eps(c.norm_eps)
-        writer.add_vocab_size(c.vocab_size)
-        file_types = gguf.LlamaFileType
-        writer.add_file_type({"F32": file_types.ALL_F32, "F16": file_types.MOSTLY_F16,
-                              "BF16": file_types.MOSTLY_BF16, "Q8_0": file_types.MOSTLY_Q8_0}[tensor_type])
-        if c.share != "none":
-            _add_metadata(writer, dict(zip(SHARE_KEYS, (c.share, c.share_repeats, c.n_layers))))
-        _add_metadata(writer, vocab_metadata(tokenizer, c.vocab_size))
-        for name, array in gguf_tensors(model).items():
-            _add_tensor(writer, name, array, tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.dim)
+    writer.add_block_count(len(model.schedule))
+    writer.add_feed_forward_length(c.ffn_dim)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    file_types = gguf.LlamaFileType
+    writer.add_file_type({"F32": file_types.ALL_F32, "F16": file_types.MOSTLY_F16,
+                          "BF16": file_types.MOSTLY_BF16, "Q8_0": file_types.MOSTLY_Q8_0}[tensor_type])
+    if c.share != "none":
+        _add_metadata(writer, dict(zip(SHARE_KEYS, (c.share, c.share_repeats, c.n_layers))))
+    _add_metadata(writer, vocab_metadata(tokenizer, c.vocab_size))
+    for name, array in gguf_tensors(model).items():
+        _add_tensor(writer, name, array, tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ checkpoints, Hugging Face dirs and repo ids) evaluated on the harness's own task
 Run as a script, this registers the model as `nanomobilellm` and hands its arguments to lm-eval's own CLI
 (`lm-eval run --model nanomobilellm ...`), so every lm-eval flag works (--output_path, --log_samples, --tasks with
 any task lm-eval knows, which then downloads its data; lm_eval_tasks/ holds offline ones). model_args: init_from
-(required) and dtype (float32, the default, bfloat16 or float16: the autocast dtype of the forward; log-probs are
+(required) and dtype (fp32, the default, bf16 or fp16: the autocast dtype of the forward; log-probs are
 summed in float32), device and batch_size, which may instead be lm-eval's --device and --batch_size flags
 (model_args win; lm-eval's CLI asks for cuda:0 by default: without CUDA that means the CPU). From Python, after
 `import lm_eval_adapter`: lm_eval.simple_evaluate(model="nanomobilellm", model_args=dict(init_from=..., device=...,
@@ -31,7 +31,6 @@ error: eval.py skips such examples, but an lm-eval backend must answer every req
 """
 import logging
 import sys
-from contextlib import nullcontext
 
 import lm_eval.models  # noqa: F401  lm-eval's own backends: get_model() imports them only into an empty registry
 import torch
@@ -42,10 +41,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm import tqdm
 
 import eval as ev
-from loader import load_model_and_tokenizer
+from loader import load_model_and_tokenizer, torch_dtype
 
 log = logging.getLogger(__name__)
-DTYPES = ("float32", "bfloat16", "float16")
 MAX_GEN_TOKS = 256   # the harness's default when a task does not say
 
 
@@ -71,10 +69,6 @@ def prefix_token(tokenizer):
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
 
-def autocast(device, dtype):
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def cut_at_stop(text, until):
     """text up to the first occurrence of any of the stop strings."""
     return text[:min((text.find(s) for s in until if s in text), default=len(text))]
@@ -84,11 +78,9 @@ def cut_at_stop(text, until):
 class NanoMobileLLM(TemplateLM):
     """An lm-eval model answering requests with load_model_and_tokenizer(init_from)."""
 
-    def __init__(self, init_from, device=None, dtype="float32", batch_size=16):
+    def __init__(self, init_from, device=None, dtype="fp32", batch_size=16):
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.dtype = getattr(torch, dtype)
+        self.dtype = torch_dtype(dtype)
         self.batch_size = parse_batch_size(batch_size)
         self._device = pick_device(device)
         self.model, self.tokenizer = load_model_and_tokenizer(str(init_from), device=self._device)
@@ -164,7 +156,7 @@ class NanoMobileLLM(TemplateLM):
         ids = self.tok_encode(context) or [self.prefix_token_id]
         idx = torch.tensor([ids[-max(1, self.block_size - max_gen_toks):]], device=self._device)
         new, text = [], ""
-        with autocast(self._device, self.dtype):
+        with ev.autocast(self._device, self.dtype):
             for token in self.model.generate_tokens(idx, max_gen_toks, temperature=0):
                 if token.item() == self.tokenizer.eos_id:
                     break

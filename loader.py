@@ -1,5 +1,7 @@
 """
 The one model loader every script uses: whatever --init_from names becomes (model, tokenizer).
+Also the one set of dtype names every script's --dtype takes: fp32, bf16, fp16 (torch's float32,
+bfloat16, float16 work too).
 
   from loader import load_model_and_tokenizer
   model, tokenizer = load_model_and_tokenizer("out-shakespeare-char")   # our checkpoint (out_dir or ckpt.pt)
@@ -19,6 +21,22 @@ from model import PRESETS, MobileLLM, config_from_preset
 from tokenizer import load_tokenizer
 
 HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a missing .pt path
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def dtype_name(name):
+    """The short name (fp32, bf16, fp16) of a dtype name or its torch alias; any other name comes back
+    unchanged, for the caller's list of choices to reject (argparse: type=dtype_name, choices=DTYPES)."""
+    return DTYPE_ALIASES.get(name, name)
+
+
+def torch_dtype(name):
+    """torch.float32 for "fp32" or "float32", and so on."""
+    if dtype_name(name) not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: choose from {', '.join(DTYPES)} "
+                         f"(or {', '.join(DTYPE_ALIASES)})")
+    return DTYPES[dtype_name(name)]
 
 
 def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):

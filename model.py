@@ -275,8 +275,9 @@ class MobileLLM(nn.Module):
 
     def setup_cache(self, batch_size, max_seq_len, dtype=None):
         """Allocate a static KV cache with one entry per block *application* (LS-125M: 60 entries).
-        Cached attention runs in the cache's dtype: float32 on CPU by default, because CPU SDPA in bf16 is
-        ~10x slower than in fp32 for one query on an AVX2 CPU (weights may still be bf16)."""
+        Cached attention runs in the cache's dtype: float32 on CPU by default, because CPU SDPA for one
+        query is much slower in bf16 than in fp32 on CPUs without native bf16 (see docs/decoding.md;
+        weights may still be bf16)."""
         if max_seq_len > self.config.block_size:
             raise ValueError(f"max_seq_len ({max_seq_len}) exceeds block_size ({self.config.block_size})")
         w = self.norm.weight      # a float parameter in every variant (int8 models swap the embedding)

@@ -3,14 +3,16 @@ int8 post-training quantization of a trained MobileLLM, the way the paper does i
 per-token min/max quantization of weights and activations to 8 bits (W8A8), with no retraining.
 
 Usage:
-  python quantize.py out-shakespeare-char                     # W8A8 checkpoint in out-shakespeare-char-w8a8/
-  python quantize.py out-x --mode=w8 --out_dir=out-x-int8     # weight-only int8 (activations stay float)
-  python quantize.py out-x --eval_tokens=65536 --decode_tokens=64
+  python quantize.py --init_from=out-shakespeare-char         # W8A8 checkpoint in out-shakespeare-char-w8a8/
+  python quantize.py --init_from=out-x --mode=w8 --out_dir=out-x-int8   # weight-only int8 (float activations)
+  python quantize.py --init_from=out-x --report               # ... and compare every variant (below)
+  python quantize.py --init_from=out-x --report --eval_tokens=65536 --decode_tokens=64
 
-It writes the int8 checkpoint (checkpoint.py's format plus "quantization": "w8a8" | "w8") and prints,
-on the same validation tokens, loss and perplexity in fp32, bf16, W8A8 and weight-only int8, the size
-on disk against fp32, and eager decoding speed. `python sample.py --init_from=<int8 out_dir>` samples
-from it; in Python, `model, ckpt = quantize.load_quantized(out_dir)`.
+It writes the int8 checkpoint (checkpoint.py's format plus "quantization": "w8a8" | "w8"). --init_from
+takes what loader.py loads (our checkpoints, HF dirs, ...). `python sample.py --init_from=<int8 out_dir>`
+samples from it; in Python, `model, ckpt = quantize.load_quantized(out_dir)`.
+--report then prints, on the same validation tokens, loss and perplexity in fp32, bf16, W8A8 and
+weight-only int8, the size on disk against fp32, and eager decoding speed.
 
 The math (everything below is these few lines, applied to every Linear of the model):
 
@@ -50,9 +52,7 @@ import argparse
 import copy
 import io
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +60,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint,
-                        save_checkpoint)
+from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
+from loader import load_model_and_tokenizer
 from model import MobileLLM, config_from_dict
 
 MODES = ("w8a8", "w8")
@@ -237,18 +237,29 @@ def load_quantized(path, device="cpu", ckpt=None):
     return model.to(device).eval(), ckpt
 
 
-def load_float_model(path):
-    ckpt = load_checkpoint(path)
-    if ckpt.get("quantization"):
-        raise CheckpointError(f"{checkpoint_file(path)} is already quantized ({ckpt['quantization']}): "
-                              "give the float checkpoint it was made from")
-    return load_model(path, ckpt=ckpt)
+TRAINING_RECORD = ("train_config", "iter_num", "best_val_loss")    # kept in the int8 checkpoint
 
 
 def quantized_checkpoint(model, ckpt, mode):
-    """Our checkpoint format plus "quantization"; training state (optimizer, data position) is dropped."""
-    extra = {k: ckpt[k] for k in ("train_config", "iter_num", "best_val_loss") if k in ckpt}
+    """Our checkpoint format plus "quantization"; ckpt: the source's, or just its "tokenizer" (spec).
+    Training state (optimizer, data position) is dropped."""
+    extra = {k: ckpt[k] for k in TRAINING_RECORD if k in ckpt}
     return model_checkpoint(model, ckpt["tokenizer"], quantization=mode, **extra)
+
+
+def load_float_source(init_from):
+    """(float model, source dict: its tokenizer spec and, for our checkpoints, TRAINING_RECORD). The
+    training record is read memory-mapped, so the weights are not read twice."""
+    model, tokenizer = load_model_and_tokenizer(init_from)
+    if is_quantized(model):
+        raise CheckpointError(f"{init_from} is already quantized: give the float checkpoint it was made from")
+    if tokenizer is None:
+        raise CheckpointError(f"{init_from} is a preset (random weights, no tokenizer): give a trained model")
+    source = {"tokenizer": tokenizer.spec}
+    if checkpoint_file(init_from).is_file():
+        ckpt = load_checkpoint(init_from, mmap=True)
+        source.update({k: ckpt[k] for k in TRAINING_RECORD if k in ckpt})
+    return model, source
 
 
 # --- measuring: the same validation tokens through every variant ------------------------------------
@@ -256,10 +267,11 @@ def quantized_checkpoint(model, ckpt, mode):
 REPO_DIR = Path(__file__).resolve().parent
 
 
-def validation_tokens(ckpt, n_tokens, data_dir=""):
-    """The first n_tokens of the checkpoint's validation split (data/<dataset>/val.bin or val_*.bin shards,
-    uint16, as train.py reads them), as a (n,) int64 tensor."""
-    train_config = ckpt.get("train_config") or {}
+def validation_tokens(train_config, vocab_size, n_tokens, data_dir=""):
+    """The first n_tokens of the validation split the model trained with (train_config: the checkpoint's;
+    data/<dataset>/val.bin or val_*.bin shards, uint16, as train.py reads them), or of data_dir, as a
+    (n,) int64 tensor."""
+    train_config = train_config or {}
     if not data_dir:
         data_dir = train_config.get("data_dir") or (REPO_DIR / "data" / train_config["dataset"]
                                                     if train_config.get("dataset") else "")
@@ -278,7 +290,6 @@ def validation_tokens(ckpt, n_tokens, data_dir=""):
         parts.append(torch.from_numpy(part.astype(np.int64)))
         have += len(part)
     tokens = torch.cat(parts)
-    vocab_size = ckpt["model_config"]["vocab_size"]
     if int(tokens.max()) >= vocab_size:
         raise CheckpointError(f"{data_dir} holds token ids >= the model's vocab_size {vocab_size}: wrong dataset?")
     return tokens
@@ -300,85 +311,102 @@ def evaluate(model, tokens, block_size, batch_size=8, desc="eval"):
     return total / n_windows
 
 
-@torch.inference_mode()
-def decode_tokens_per_second(model, prompt, n_tokens):
-    """Greedy decoding through the KV cache; the clock starts after the prompt's prefill and first token."""
-    steps = model.generate_tokens(prompt, n_tokens + 1, temperature=0)
-    next(steps)
-    t0 = time.perf_counter()
-    for _ in steps:
-        pass
-    return n_tokens / (time.perf_counter() - t0)
-
-
 def serialized_bytes(obj):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.tell()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt_dir", help="a float checkpoint (its out_dir, or the ckpt.pt file)")
-    parser.add_argument("--out_dir", default="", help="where to write the int8 ckpt.pt (default: <ckpt_dir>-<mode>)")
-    parser.add_argument("--mode", default="w8a8", choices=MODES,
-                        help="w8a8: int8 weights and per-token int8 activations; w8: int8 weights only")
-    parser.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens to score (0: skip)")
-    parser.add_argument("--block_size", type=int, default=0, help="evaluation window (default: the model's, <= 512)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--data_dir", default="", help="folder with val.bin (default: the training data)")
-    parser.add_argument("--decode_tokens", type=int, default=32, help="tokens to time per variant (0: skip)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    src = checkpoint_file(args.ckpt_dir)
-    model, ckpt = load_float_model(src)
-    base = src.parent if src.name == CKPT_NAME else src
-    int8_file = Path(args.out_dir or f"{base}-{args.mode}") / CKPT_NAME
-    if int8_file.resolve() == src.resolve():
-        raise SystemExit("--out_dir would overwrite the float checkpoint: choose another folder")
-    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+def variants(model):
+    """Every variant the report compares, made from the float model (left as it is)."""
+    out = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
     for mode in MODES:
-        variants[mode] = quantize_model(copy.deepcopy(model), mode)
-    variants["w8a8 fake-quant"] = set_simulate(quantize_model(copy.deepcopy(model), "w8a8"), True)
-    save_checkpoint(quantized_checkpoint(variants[args.mode], ckpt, args.mode), int8_file)
-    print(f"wrote {int8_file} ({args.mode})")
+        out[mode] = quantize_model(copy.deepcopy(model), mode)
+    out["w8a8 fake-quant"] = set_simulate(quantize_model(copy.deepcopy(model), "w8a8"), True)
+    return out
 
-    fp32_bytes = serialized_bytes(model_checkpoint(model, ckpt["tokenizer"]))
-    sizes = {"fp32": fp32_bytes, "bf16": serialized_bytes(model_checkpoint(variants["bf16"], ckpt["tokenizer"])),
-             args.mode: os.path.getsize(int8_file)}
-    other = "w8" if args.mode == "w8a8" else "w8a8"
-    sizes[other] = serialized_bytes(quantized_checkpoint(variants[other], ckpt, other))
+
+def sizes_on_disk(models, source):
+    """Bytes of each variant's checkpoint (for fp32 and bf16: the weights alone)."""
+    sizes = {name: serialized_bytes(model_checkpoint(models[name], source["tokenizer"])) for name in ("fp32", "bf16")}
+    for mode in MODES:
+        sizes[mode] = serialized_bytes(quantized_checkpoint(models[mode], source, mode))
     sizes["w8a8 fake-quant"] = sizes["w8a8"]
+    return sizes
 
-    losses = {}
+
+def report(model, source, args):
+    """Loss, perplexity, size and decoding speed of fp32, bf16, W8A8, weight-only int8 and fake-quant
+    W8A8, on the same validation tokens, as one markdown table."""
+    from bench_mobile import eager_decode_ms
+    models = variants(model)
+    sizes, losses, speeds = sizes_on_disk(models, source), {}, {}
     if args.eval_tokens:
-        tokens = validation_tokens(ckpt, args.eval_tokens + 1, args.data_dir)
+        tokens = validation_tokens(source.get("train_config"), model.config.vocab_size, args.eval_tokens + 1,
+                                   args.data_dir)
         block_size = min(args.block_size or min(model.config.block_size, 512), len(tokens) - 1)
         print(f"scoring {(len(tokens) - 1) // block_size * block_size} validation tokens in windows of {block_size}")
-        losses = {name: evaluate(m, tokens, block_size, args.batch_size, desc=name) for name, m in variants.items()}
-    speeds = {}
+        losses = {name: evaluate(m, tokens, block_size, args.batch_size, desc=name) for name, m in models.items()}
     if args.decode_tokens:
-        prompt = torch.zeros(1, 1, dtype=torch.long)
         n = min(args.decode_tokens, model.config.block_size - 2)
-        speeds = {name: decode_tokens_per_second(m, prompt, n) for name, m in variants.items()}
-
-    print(f"\n{ckpt['model_config']['n_layers']} layers x dim {ckpt['model_config']['dim']}, "
-          f"{model.num_params():,} parameters, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        speeds = {name: 1e3 / eager_decode_ms(m, 1, n) for name, m in models.items()}
+    c = model.config
+    print(f"\n{c.n_layers} layers x dim {c.dim}, {model.num_params():,} parameters, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}")
     print("| variant | val loss | perplexity | loss vs fp32 | size on disk | vs fp32 | decode tokens/s |")
     print("|---|---|---|---|---|---|---|")
-    for name in variants:
+    for name in models:
         loss = losses.get(name)
         cells = [name, f"{loss:.4f}" if loss is not None else "-", f"{math.exp(loss):.2f}" if loss is not None else "-",
                  f"{100 * (loss / losses['fp32'] - 1):+.3f}%" if loss is not None else "-",
-                 f"{sizes[name] / 2**20:.2f} MiB", f"{sizes[name] / fp32_bytes:.3f}x",
+                 f"{sizes[name] / 2**20:.2f} MiB", f"{sizes[name] / sizes['fp32']:.3f}x",
                  f"{speeds[name]:.1f}" if name in speeds else "-"]
         print("| " + " | ".join(cells) + " |")
     print("(fp32 and bf16 sizes: the model weights alone, as load_model needs them; training checkpoints also hold "
           "the optimizer)")
+
+
+def int8_path(init_from, out_dir, mode):
+    """Where the int8 checkpoint goes: out_dir, else <source out_dir>-<mode> (out-<name>-<mode> for a hub id)."""
+    if out_dir:
+        return Path(out_dir) / CKPT_NAME
+    source = Path(init_from)
+    base = source.parent if source.name == CKPT_NAME else source
+    return Path(f"{base}-{mode}" if source.exists() else f"out-{source.name}-{mode}") / CKPT_NAME
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init_from", default="", help="the float model: our checkpoint (out_dir or ckpt.pt), "
+                                                        "an HF dir or repo id")
+    parser.add_argument("ckpt_dir", nargs="?", default="", help=argparse.SUPPRESS)   # the old spelling of --init_from
+    parser.add_argument("--out_dir", default="", help="where to write the int8 ckpt.pt (default: <init_from>-<mode>)")
+    parser.add_argument("--mode", default="w8a8", choices=MODES,
+                        help="w8a8: int8 weights and per-token int8 activations; w8: int8 weights only")
+    parser.add_argument("--report", action="store_true", help="then compare every variant (fp32, bf16, w8a8, w8)")
+    parser.add_argument("--eval_tokens", type=int, default=32768, help="--report: validation tokens to score (0: skip)")
+    parser.add_argument("--block_size", type=int, default=0, help="--report: evaluation window (default: the model's, <= 512)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--data_dir", default="", help="--report: folder with val.bin (default: the training data)")
+    parser.add_argument("--decode_tokens", type=int, default=32, help="--report: tokens to time per variant (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    init_from = args.init_from or args.ckpt_dir
+    if not init_from:
+        parser.error("give the float model to quantize: --init_from=<out_dir>")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, source = load_float_source(init_from)
+    int8_file = int8_path(init_from, args.out_dir, args.mode)
+    if int8_file.resolve() == checkpoint_file(init_from).resolve():
+        raise SystemExit("--out_dir would overwrite the float checkpoint: choose another folder")
+    qmodel = quantize_model(copy.deepcopy(model) if args.report else model, args.mode)
+    save_checkpoint(quantized_checkpoint(qmodel, source, args.mode), int8_file)
+    print(f"wrote {int8_file} ({args.mode})")
+    if args.report:
+        report(model, source, args)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 Generate text from a trained MobileLLM: our checkpoints, int8 checkpoints from quantize.py, or Meta's
 released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo id).
 
+  python sample.py                                     # from what `python train.py` made (its default out_dir)
   python sample.py --init_from out-shakespeare-char --start "ROMEO:"
   python sample.py --init_from facebook/MobileLLM-125M --start "The capital of France is" --temperature 0
   python sample.py --init_from out --start FILE:prompt.txt --num_samples 3 --top_k 50 --top_p 0.9
-  python sample.py --init_from mobilellm-125m --benchmark --dtype float16 --compile  # decode speed, random weights
+  python sample.py --init_from mobilellm-125m --benchmark --dtype fp16 --compile  # decode speed, random weights
   python sample.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --chat --start "What is a llama?"
   python sample.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --interactive --system "Answer briefly."
 
@@ -28,21 +29,21 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from loader import load_model_and_tokenizer
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype
 from tokenizer import render_chat
+from train import TrainConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   # inductor: see compile_decode_step
 
 
 def compile_decode_step(model):
     """torch.compile the one-token decode step (static shapes: compiled once per cache length); the
     prompt's prefill stays eager, so a new prompt length costs no recompilation. On CPU, two inductor
-    options (README):
+    options (measured in docs/decoding.md):
     - decompose_mm_pass: one token makes every linear a matrix-vector product. Inductor then writes it as
-      its own fused multiply-and-sum loop instead of calling the BLAS kernel, which streams the weights
-      1.3x (fp16) to 2x (fp32) faster on this AVX2 CPU. Only matrices up to 2048 wide: not the LM head.
-    - cpp_wrapper: the step's hundreds of small kernels are launched from C++, not Python (about +10%)."""
+      its own fused multiply-and-sum loop instead of calling the BLAS kernel, which can stream the weights
+      faster (experiments/decode_gemv.py times both). Only matrices up to 2048 wide: not the LM head.
+    - cpp_wrapper: the step's hundreds of small kernels are launched from C++, not Python."""
     cpu = model.norm.weight.device.type == "cpu"
     options = {"cpp_wrapper": True, **MATRIX_VECTOR_LOOPS} if cpu else {}
     eager = model.forward
@@ -52,6 +53,13 @@ def compile_decode_step(model):
         return (compiled if idx.size(1) == 1 else eager)(idx, targets, input_pos)
 
     model.forward = forward
+
+
+def check_default_run(init_from):
+    """The default --init_from is train.py's default out_dir: say how to make it when it is missing."""
+    if init_from == TrainConfig.out_dir and not Path(init_from).exists():
+        raise SystemExit(f"error: no {init_from}/ here: run `python train.py` first, "
+                         "or name a model with --init_from")
 
 
 def read_prompt(start):
@@ -167,8 +175,9 @@ def chat(model, tokenizer, args, generator):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", required=True,
-                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name")
+    p.add_argument("--init_from", default=TrainConfig.out_dir,
+                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name "
+                        "(default: train.py's default out_dir)")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--chat", action="store_true",
                    help="--start is the user's message in the model's chat template; print the assistant's reply")
@@ -182,9 +191,9 @@ def main(argv=None):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="weights are converted to this dtype (float16/bfloat16 halve the bytes read per token; "
-                        "on this AVX2 CPU float16 or bfloat16 with --compile decodes fastest)")
+    p.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES,
+                   help="weights are converted to this dtype (fp16/bf16 halve the bytes read per token; "
+                        "which decodes fastest depends on the CPU: see docs/decoding.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--meta_ls_cache", action="store_true",
                    help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
@@ -202,11 +211,12 @@ def main(argv=None):
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
 
+    check_default_run(args.init_from)
     try:
         model, tokenizer = load_model_and_tokenizer(args.init_from, args.device, args.meta_ls_cache)
     except (CheckpointError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
-    model.to(dtype=DTYPES[args.dtype])
+    model.to(dtype=torch_dtype(args.dtype))
     if args.compile:
         compile_decode_step(model)
     generator = torch.Generator(args.device).manual_seed(args.seed)
@@ -221,12 +231,19 @@ def main(argv=None):
     if args.interactive:
         return chat(model, tokenizer, args, generator)
     ids = prompt_ids(tokenizer, args, model.config.block_size)
+    report(len(ids) * args.num_samples, *timed_samples(model, ids, args, generator, tokenizer))
+
+
+def timed_samples(model, ids, args, generator, tokenizer=None):
+    """--num_samples samples after the same prompt (streamed, each followed by a separator line, when a
+    tokenizer is given). Returns (prefill s, decoded tokens, decode s), summed over the samples."""
     prefill_s = decode_s = decoded = 0
     for _ in range(args.num_samples):
         _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator, tokenizer, echo=not args.chat)
         prefill_s, decode_s, decoded = prefill_s + t_prefill, decode_s + t_decode, decoded + steps
-        print("\n---------------")
-    report(len(ids) * args.num_samples, prefill_s, decoded, decode_s)
+        if tokenizer is not None:
+            print("\n---------------")
+    return prefill_s, decoded, decode_s
 
 
 def benchmark(model, args, generator):
@@ -234,14 +251,11 @@ def benchmark(model, args, generator):
     args.temperature = 0
     ids = torch.randint(model.config.vocab_size, (args.prompt_tokens,), generator=generator, device=args.device).tolist()
     generate_one(model, ids, args, generator)
-    prefill_s = decode_s = decoded = 0
-    for _ in range(args.num_samples):
-        _, steps, t_prefill, t_decode = generate_one(model, ids, args, generator)
-        prefill_s, decode_s, decoded = prefill_s + t_prefill, decode_s + t_decode, decoded + steps
+    timings = timed_samples(model, ids, args, generator)
     print(f"{args.init_from}: {model.num_params() / 1e6:.1f}M params, dtype {args.dtype}, "
           f"compile {args.compile}, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
-    report(args.prompt_tokens * args.num_samples, prefill_s, decoded, decode_s)
+    report(args.prompt_tokens * args.num_samples, *timings)
     if args.transformers_reference:
         benchmark_transformers(model, ids, args)
 
@@ -255,7 +269,7 @@ def benchmark_transformers(model, ids, args):
     import hf
     with tempfile.TemporaryDirectory() as tmp:
         llama = transformers.LlamaForCausalLM.from_pretrained(hf.export_hf(model, tmp)).eval()
-    llama.to(DTYPES[args.dtype])
+    llama.to(torch_dtype(args.dtype))
     idx = torch.tensor([ids])
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():

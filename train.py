@@ -2,7 +2,7 @@
 Train MobileLLM on a laptop CPU, one GPU, or many GPUs, with one script.
 
   python train.py                                   # default: deep-and-thin MobileLLM-LS on shakespeare_char
-  python train.py config/train_shakespeare_char.py --max_iters=500 --dtype=float32
+  python train.py --max_iters=500 --dtype=fp32
   python train.py --init_from=resume                # continue exactly where out_dir/ckpt.pt stopped
   python train.py config/finetune_shakespeare.py    # fine-tune a released model (SmolLM2-135M) on a CPU
   torchrun --nproc_per_node=8 train.py config/train_mobilellm_125m.py    # DDP: one process per GPU
@@ -42,9 +42,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint,
+                        save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report
-from loader import load_model_and_tokenizer
+from loader import dtype_name, load_model_and_tokenizer, torch_dtype
 from model import MobileLLM, ModelConfig
 from quantize import is_quantized
 
@@ -101,8 +102,8 @@ class TrainConfig:
                                         # activations: less memory for ~1/3 more compute, same loss and gradients
     # system
     device: str = "auto"                # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    dtype: str = "auto"                 # "bfloat16" (autocast, fp32 master weights), "float32", or "auto":
-                                        # bfloat16 where the hardware has it (CUDA, CPUs with AVX-512 BF16/AMX)
+    dtype: str = "auto"                 # "bf16" (autocast, fp32 master weights), "fp32", or "auto": bf16
+                                        # where the hardware has it (CUDA, CPUs with AVX-512 BF16/AMX)
     compile: bool = False               # torch.compile the model (the uncompiled one is what gets saved)
     seed: int = 1337
     peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
@@ -122,10 +123,8 @@ class TrainError(RuntimeError):
 def check_config(cfg):
     """Type-check every field (as the command line does) and the values that must agree with each other."""
     apply_settings(type(cfg)(), asdict(cfg), type(cfg).__name__)
-    choices = {"dtype": ("auto", "float32", "bfloat16")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    if dtype_name(cfg.dtype) not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"dtype must be one of ('auto', 'fp32', 'bf16'), got {cfg.dtype!r}")
     for name in ("max_iters", "eval_iters", "eval_interval", "log_interval", "batch_size",
                  "gradient_accumulation_steps"):
         if getattr(cfg, name) < (0 if name == "max_iters" else 1):
@@ -152,18 +151,19 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
-    """"auto": bf16 only where it is native. CPUs without AVX-512 BF16/AMX emulate it ~100x slower than fp32."""
+    """The short dtype name (fp32, bf16) to train in. "auto": bf16 only where it is native; CPUs without
+    AVX-512 BF16/AMX emulate it, far slower than fp32 (see docs/training.md)."""
     if name != "auto":
-        return name
+        return dtype_name(name)
     if torch.device(device).type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-        else "float32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+        else "fp32"
 
 
 def autocast_context(device, dtype):
-    """bf16 autocast on CPU and CUDA (weights and optimizer stay fp32); nothing for float32."""
-    if dtype == "float32":
+    """bf16 autocast on CPU and CUDA (weights and optimizer stay fp32); nothing for fp32."""
+    if dtype_name(dtype) == "fp32":
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
@@ -289,8 +289,8 @@ def measure_peak_flops(device, dtype, n=1024, reps=8):
         for key, flops in GPU_BF16_PEAK.items():
             if key in name:
                 return flops
-    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    a = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
+    b = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
     for _ in range(2):
         a @ b
     synchronize(device)
@@ -673,6 +673,8 @@ def run(cfg, set_keys, rank, world, device, stop):
             save("interrupted")
             raise KeyboardInterrupt(f"stopped at iteration {iter_num}; resume with --init_from=resume")
     bar.close()
+    if (out_dir / CKPT_NAME).is_file():
+        say(f"sample from it: python sample.py --init_from={out_dir}")
     return records
 
 

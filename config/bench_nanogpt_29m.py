@@ -1,5 +1,5 @@
 # The size of nanoGPT's 29.9M-parameter GPT (6 layers, dim 384, context 256, batch 8, GPT-2's 50257-token
-# vocabulary), which nanoGPT trains at about 800 tokens/s on the project's 2-core CPU (fp32):
+# vocabulary), to compare with nanoGPT's own training speed (see docs/training.md):
 #   python bench_train.py config/bench_nanogpt_29m.py
 # Same shapes in MobileLLM terms: 6 heads of 64 with full multi-head attention, no layer sharing, and a
 # SwiGLU of 1024 (3 x 384 x 1024 weights, the same as GPT's 4x GELU MLP): 29.9M parameters.

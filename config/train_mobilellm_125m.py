@@ -34,7 +34,7 @@ eps = 1e-8
 grad_clip = 1.0
 
 # system
-dtype = "bfloat16"
+dtype = "bf16"
 compile = True
 eval_interval = 2000
 eval_iters = 100

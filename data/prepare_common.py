@@ -1,5 +1,6 @@
 """
-What every data/<name>/prepare.py shares: getting the text (download, cached copy or --input PATH),
+What every data/<name>/prepare.py shares: getting the text (--input PATH, the tiny shakespeare copy
+that ships in data/, or a download),
 encoding it with a progress bar, and writing the files train.py reads:
   train.bin, val.bin   token ids as uint16, back to back (documents joined as in the text)
   meta.json            {"tokenizer": <spec from tokenizer.py>, "vocab_size": N}
@@ -16,7 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))   # tokenizer.py lives at the repo root
+TINY_SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare.txt"   # karpathy/char-rnn's input.txt, public domain
+sys.path.insert(0, str(REPO_ROOT))   # tokenizer.py and checkpoint.py live at the repo root
+from checkpoint import atomic_write  # noqa: E402
 from tokenizer import tiktoken_tokenizer  # noqa: E402
 
 TOKENIZER_HELP = ("gpt2 (OpenAI's GPT-2 BPE), or a model whose tokenizer to use, anything train.py's --init_from "
@@ -25,21 +28,19 @@ TOKENIZER_HELP = ("gpt2 (OpenAI's GPT-2 BPE), or a model whose tokenizer to use,
 
 def download(url, dest):
     """Fetch url into dest (atomically, with a progress bar); one clear message when it fails."""
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
+    def fetch(tmp):
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {Path(dest).name}") as bar:
                 while chunk := response.read(1 << 16):
                     f.write(chunk)
                     bar.update(len(chunk))
-        tmp.replace(dest)
+
+    try:
+        return atomic_write(dest, fetch)
     except OSError as e:   # URLError, timeouts and HTTP errors are all OSErrors
-        tmp.unlink(missing_ok=True)
         raise SystemExit(f"could not download {url} ({e}). Offline? Get the file elsewhere and pass it "
                          f"with --input PATH") from e
-    return dest
 
 
 def read_text(path):
@@ -49,13 +50,9 @@ def read_text(path):
     return path.read_text(encoding="utf-8")
 
 
-def text_from_source(input_path, url, cache_file):
-    """The text of --input PATH if given, else cache_file (downloading url into it when missing)."""
-    if input_path:
-        return read_text(input_path)
-    if not Path(cache_file).is_file():
-        download(url, cache_file)
-    return read_text(cache_file)
+def shakespeare_text(input_path=None):
+    """The text of --input PATH if given, else tiny shakespeare as it ships in data/ (no download)."""
+    return read_text(input_path or TINY_SHAKESPEARE)
 
 
 def source_tokenizer(source):

@@ -7,7 +7,7 @@ and experiments/results/<study>.png (validation loss curves and final loss per m
 
   python experiments/ablations.py --study swiglu              # one study: 6-8 runs of 300 iterations
   python experiments/ablations.py --study all                 # all five, one after the other
-  python experiments/ablations.py --study all --quick         # all five, tiny models (~20 s of CPU)
+  python experiments/ablations.py --study all --quick         # all five, tiny models (for tests)
   python experiments/ablations.py --study layer_sharing --cpu_lock /tmp/nml-cpu.lock
   python experiments/ablations.py --markdown                  # the README's tables from the results
 
@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # model.py and train.py live at the repo root
+from checkpoint import atomic_write  # noqa: E402
 from model import MobileLLM, ModelConfig, config_from_preset  # noqa: E402
 
 STUDIES = ("swiglu", "depth", "embedding_sharing", "gqa", "layer_sharing")
@@ -56,13 +57,13 @@ BASE = {
     "full": dict(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=176),
     "quick": dict(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=44),
 }
-# Training settings (train.py's TrainConfig names). float32: for these tiny matrices bf16 autocast was
-# slower, not faster (30 iterations of the dim-64 base model on one thread: 126 s bf16, 21 s fp32).
+# Training settings (train.py's TrainConfig names). fp32: for these tiny matrices bf16 autocast is
+# slower, not faster (see docs/experiments.md).
 TRAIN = {
     "full": dict(max_iters=300, eval_interval=60, eval_iters=10, batch_size=16, block_size=64,
-                 learning_rate=2e-3, warmup_iters=20, min_lr=2e-4, dtype="float32"),
+                 learning_rate=2e-3, warmup_iters=20, min_lr=2e-4, dtype="fp32"),
     "quick": dict(max_iters=4, eval_interval=4, eval_iters=1, batch_size=2, block_size=16,
-                  learning_rate=2e-3, warmup_iters=1, min_lr=2e-4, dtype="float32"),
+                  learning_rate=2e-3, warmup_iters=1, min_lr=2e-4, dtype="fp32"),
 }
 ALL_THREADS = torch.get_num_threads()   # decode timing uses every core (it runs alone, under the exclusive lock)
 SEEDS = {"full": (0, 1), "quick": (0, 1)}
@@ -248,22 +249,12 @@ def summarize(runs, variants):
 
 # --- decode latency (layer sharing, the paper's Table 7) ---------------------------------------
 
-@torch.no_grad()
 def decode_ms_per_token(cfg, n_tokens, repeats, prompt_len=8):
-    """Greedy one-token decode steps through the KV cache, batch 1, fp32: best of repeats, in ms/token.
-    Weights are random: speed does not depend on their values."""
+    """Greedy one-token decode steps through the KV cache, batch 1, fp32: median of repeats, in ms/token
+    (bench_mobile.eager_decode_ms). Weights are random: speed does not depend on their values."""
+    from bench_mobile import eager_decode_ms
     torch.manual_seed(0)
-    model = MobileLLM(ModelConfig(**cfg)).eval()
-    prompt = torch.randint(cfg["vocab_size"], (1, prompt_len))
-    best = math.inf
-    for _ in range(repeats):
-        steps = model.generate_tokens(prompt, n_tokens + 1, temperature=0)
-        next(steps)                                   # prefill and the first token are not timed
-        t0 = time.perf_counter()
-        for _ in steps:
-            pass
-        best = min(best, (time.perf_counter() - t0) * 1000 / n_tokens)
-    return best
+    return eager_decode_ms(MobileLLM(ModelConfig(**cfg)).eval(), prompt_len, n_tokens, repeats)
 
 
 def latency_models(base, quick):
@@ -302,9 +293,7 @@ def measure_latency(base, quick):
 
 def write_json(obj, path):
     """Atomic: a killed run leaves the previous file, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def plot(result, path):
@@ -487,8 +476,8 @@ def main(argv=None):
     parser.add_argument("--cpu_lock", help="flock file: shared while training, exclusive while timing")
     parser.add_argument("--max_iters", type=int, help="override the study's training length")
     parser.add_argument("--data_root", default=str(DATA_DIR), help="folder holding the prepared datasets")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: on "
-                        "a shared, busy CPU one thread per tiny run is many times faster than two)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: one per "
+                        "tiny run; docs/experiments.md says why)")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown(args.out_dir or RESULTS_DIR))

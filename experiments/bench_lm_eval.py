@@ -23,7 +23,7 @@ from lm_eval.tasks import TaskManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # eval.py and the adapter live at the repo root
 import eval as ev  # noqa: E402
 import lm_eval_adapter  # noqa: E402
-from loader import load_model_and_tokenizer  # noqa: E402
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype  # noqa: E402
 
 PIQA_TASK = Path(__file__).resolve().parents[1] / "lm_eval_tasks" / "piqa_local.yaml"
 
@@ -39,7 +39,7 @@ def time_eval_py(args):
     model, tokenizer = load_model_and_tokenizer(args.init_from, device=args.device)
     examples = ev.build_examples("piqa", ev.read_jsonl(args.data)[:args.limit], args.data)
     t0 = time.perf_counter()
-    r = ev.evaluate(model, tokenizer, "piqa", examples, args.batch_size, args.device, getattr(torch, args.dtype))
+    r = ev.evaluate(model, tokenizer, "piqa", examples, args.batch_size, args.device, torch_dtype(args.dtype))
     return r["n"], time.perf_counter() - t0, r["acc"], r["acc_norm"]
 
 
@@ -59,9 +59,9 @@ def main():
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=lm_eval_adapter.DTYPES, help="autocast dtype")
+    parser.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES, help="autocast dtype")
     args = parser.parse_args()
-    autocast = None if args.dtype == "float32" else args.dtype
+    autocast = None if args.dtype == "fp32" else str(torch_dtype(args.dtype)).removeprefix("torch.")
     runs = {
         "eval.py": lambda: time_eval_py(args),
         "lm-eval nanomobilellm": lambda: time_lm_eval(lm_eval_adapter.NanoMobileLLM(

@@ -4,28 +4,28 @@ this host, so that bench_mobile.py's tables have a reference measured on the sam
 
 MobileLLM is LLaMA-shaped (RMSNorm, rotary attention with grouped KV heads, SwiGLU, tied embedding), so
 it is written as a GGUF file of llama.cpp's LLaMA architecture (gguf_file.export_gguf), quantized with
-llama.cpp's llama-quantize and timed with its llama-bench: a --prompt-len prompt, and --new-tokens
-generated after a prompt of that length (llama-bench's pp and tg tests, the latter at depth --prompt-len).
+llama.cpp's llama-quantize and timed with its llama-bench: a --prompt_len prompt, and --new_tokens
+generated after a prompt of that length (llama-bench's pp and tg tests, the latter at depth --prompt_len).
 llama.cpp has no layer sharing: a layer-shared model is written with each block once per application
 (an LS-125M GGUF is a 60-layer file). The file has no vocabulary (tokenizer "no_vocab": llama.cpp makes
-vocab_size dummy tokens): llama-bench and --check-logits feed token ids, never text.
+vocab_size dummy tokens): llama-bench and --check_logits feed token ids, never text.
 
---check-logits proves the file is our model: it feeds a random --prompt-len token sequence through
-llama.cpp (through the llama-cpp-python bindings, loaded on the same build when --llama-cpp holds its
+--check_logits proves the file is our model: it feeds a random --prompt_len token sequence through
+llama.cpp (through the llama-cpp-python bindings, loaded on the same build when --llama_cpp holds its
 libllama.so) and reports, for every position, how far llama.cpp's logits are from model.py's (largest
 |difference|) and how often both pick the same next token.
 
-  python experiments/llama_cpp_reference.py --llama-cpp ~/llama.cpp/build/bin --preset mobilellm-125m
-  python experiments/llama_cpp_reference.py --llama-cpp BIN --compare mobilellm-125m,mobilellm-125m:n_layers=60 \
+  python experiments/llama_cpp_reference.py --llama_cpp ~/llama.cpp/build/bin --init_from mobilellm-125m
+  python experiments/llama_cpp_reference.py --llama_cpp BIN --compare mobilellm-125m,mobilellm-125m:n_layers=60 \
       --quant Q8_0 --threads 2
-  python experiments/llama_cpp_reference.py --llama-cpp BIN --ckpt out-shakespeare --quant F32,Q8_0 --check-logits
+  python experiments/llama_cpp_reference.py --llama_cpp BIN --init_from out-shakespeare --quant F32,Q8_0 --check_logits
 
 Getting llama.cpp (a CPU build). The README's figures used the llama.cpp vendored in llama-cpp-python 0.3.36,
-whose Python bindings then match the build exactly (--check-logits needs them; they are plain Python):
+whose Python bindings then match the build exactly (--check_logits needs them; they are plain Python):
   pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
   cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON
   cmake --build build -j --target llama-bench llama-quantize      # BIN is then build/bin (with libllama.so)
-  pip install diskcache jinja2 && export PYTHONPATH=$PWD/../..     # the bindings, for --check-logits
+  pip install diskcache jinja2 && export PYTHONPATH=$PWD/../..     # the bindings, for --check_logits
 """
 import argparse
 import json
@@ -37,7 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
-from bench_mobile import BenchError, check_tokens, load_source, logit_agreement, source_hash  # noqa: E402
+from bench_mobile import BenchError, check_tokens, logit_agreement  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
+from configurator import accept_old_flags  # noqa: E402
+from export import ExportError, load_source, source_hash  # noqa: E402
 from gguf_file import GGUFFormatError, export_gguf  # noqa: E402
 
 QUANTS = ("F32", "F16", "Q8_0", "Q4_0")       # llama-quantize's names
@@ -46,7 +49,7 @@ QUANTS = ("F32", "F16", "Q8_0", "Q4_0")       # llama-quantize's names
 def llama_tool(bin_dir, name):
     path = Path(bin_dir).expanduser() / name
     if not path.is_file():
-        raise BenchError(f"{path} not found: --llama-cpp is llama.cpp's build/bin (see this file's docstring)")
+        raise BenchError(f"{path} not found: --llama_cpp is llama.cpp's build/bin (see this file's docstring)")
     return str(path)
 
 
@@ -61,9 +64,8 @@ def gguf_files(model, quants, bin_dir, out_dir):
     for quant in quants:
         paths[quant] = f32 if quant == "F32" else out_dir / f"{source_hash(model)}-{quant}.gguf"
         if not paths[quant].is_file():
-            tmp = paths[quant].with_name(f".{paths[quant].name}.tmp{os.getpid()}")
-            run_tool([llama_tool(bin_dir, "llama-quantize"), str(f32), str(tmp), quant])
-            tmp.replace(paths[quant])
+            quantize = [llama_tool(bin_dir, "llama-quantize"), str(f32)]
+            atomic_write(paths[quant], lambda tmp: run_tool(quantize + [str(tmp), quant]))
     return paths
 
 
@@ -98,51 +100,56 @@ def llama_cpp_logits(bin_dir, path, tokens, threads):
     try:
         import llama_cpp
     except ImportError as e:
-        raise BenchError(f"--check-logits needs llama-cpp-python's bindings ({e}); see this file's docstring")
+        raise BenchError(f"--check_logits needs llama-cpp-python's bindings ({e}); see this file's docstring")
     llm = llama_cpp.Llama(str(path), n_ctx=len(tokens), logits_all=True, n_threads=threads, verbose=False)
     llm.eval(tokens)
     return torch.from_numpy(llm.scores[:len(tokens)].copy())
 
 
+OLD_FLAGS = {"--llama-cpp": "--llama_cpp", "--prompt-len": "--prompt_len", "--new-tokens": "--new_tokens",
+             "--out-dir": "--out_dir", "--check-logits": "--check_logits", "--ckpt": "--init_from",
+             "--preset": "--init_from"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llama-cpp", required=True, help="folder with llama-bench and llama-quantize")
-    p.add_argument("--preset", default="mobilellm-125m", help="model preset (random weights), e.g. mobilellm-125m")
-    p.add_argument("--compare", default="", help="comma-separated presets, one table")
-    p.add_argument("--ckpt", default="", help="our checkpoint instead of a preset")
+    p.add_argument("--llama_cpp", required=True, help="folder with llama-bench and llama-quantize")
+    p.add_argument("--init_from", default="mobilellm-125m",
+                   help="preset[:field=value+...] (random weights), our checkpoint, or an HF dir (as export.py)")
+    p.add_argument("--compare", default="", help="comma-separated --init_from values, one table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", default="F32,F16,Q8_0,Q4_0", help=f"comma-separated, from {QUANTS}")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--out-dir", default="out-llamacpp", help="where the GGUF files are kept")
-    p.add_argument("--check-logits", action="store_true",
+    p.add_argument("--out_dir", default="out-llamacpp", help="where the GGUF files are kept")
+    p.add_argument("--check_logits", action="store_true",
                    help="also compare llama.cpp's logits with model.py's (needs llama-cpp-python)")
-    args = p.parse_args(argv)
+    args = p.parse_args(accept_old_flags(argv, OLD_FLAGS))
     quants = args.quant.split(",")
     if bad := [q for q in quants if q not in QUANTS]:
         p.error(f"--quant: unknown {bad}; choose from {QUANTS}")
-    specs = args.compare.split(",") if args.compare else [args.preset]
+    sources = args.compare.split(",") if args.compare else [args.init_from]
     check = " max abs logit difference to model.py | same next token |" if args.check_logits else ""
     print(f"| model | llama.cpp | file MB | prefill {args.prompt_len} tok/s | decode tok/s |{check}")
     print("|---|---|---|---|---|" + "---|---|" * bool(check))
     try:
-        for spec in specs:
+        for source in sources:
             with torch.no_grad():
-                model = load_source(argparse.Namespace(ckpt=args.ckpt, preset=spec, seed=args.seed)).eval()
+                model = load_source(source, args.seed).eval()
                 tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed)
                 reference = model(tokens[None])[0][0] if args.check_logits else None          # (T, V)
             for quant, path in gguf_files(model, quants, args.llama_cpp, args.out_dir).items():
                 s = bench(args.llama_cpp, path, args.threads, args.prompt_len, args.new_tokens, args.runs)
-                row = f"| {args.ckpt or spec} | {quant} | {path.stat().st_size / 2**20:.0f} | {s['prefill']:.0f} | "
+                row = f"| {source} | {quant} | {path.stat().st_size / 2**20:.0f} | {s['prefill']:.0f} | "
                 row += f"{s['decode']:.1f} |"
                 if args.check_logits:
                     theirs = llama_cpp_logits(args.llama_cpp, path, tokens.tolist(), args.threads)
                     diff, same = logit_agreement(theirs, reference)
                     row += f" {diff:.2g} | {same:.0%} |"
                 print(row, flush=True)
-    except (BenchError, GGUFFormatError) as e:
+    except (ExportError, GGUFFormatError) as e:        # BenchError is an ExportError
         sys.exit(f"error: {e}")
 
 

@@ -1,130 +1,17 @@
-"""bench_mobile.py on a tiny layer-shared model: exported programs agree with eager PyTorch, the Android
-path issues the right adb commands (a fake adb runs the runner locally), and errors are clear."""
+"""bench_mobile.py: the Android path issues the right adb commands (a fake adb runs the runner locally),
+the host table times programs and eager PyTorch, its bounds count the right bytes, and errors are clear."""
 import os
 import stat
 import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import bench_mobile as bm
+import export
+from test_export import MAX_SEQ_LEN, TINY_LS, load_method, pte_fp32, tiny  # noqa: F401  (fixtures)
 
 pytest.importorskip("executorch.exir")
-
-TINY_LS = "mobilellm-micro-ls:n_layers=1+dim=32+n_heads=2+n_kv_heads=1+ffn_dim=64+vocab_size=64+block_size=64"
-MAX_SEQ_LEN = 32
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return bm.preset_model(TINY_LS, seed=0)
-
-
-@pytest.fixture(scope="module")
-def pte_fp32(tiny, tmp_path_factory):
-    """One fp32 program (block-shared lowering) for every test that needs one: lowering takes seconds."""
-    data, info = bm.export_pte(tiny, "fp32", MAX_SEQ_LEN, share_blocks=True)
-    path = tmp_path_factory.mktemp("pte") / "tiny_fp32.pte"
-    path.write_bytes(data)
-    return path, info
-
-
-def load_method(path):
-    from executorch.runtime import Runtime
-    return Runtime.get().load_program(Path(path)).load_method("forward")
-
-
-def eager_steps(model, steps):
-    """Last-token logits of model.py's own cached forward for each (tokens, input_pos) step."""
-    model.setup_cache(1, MAX_SEQ_LEN)
-    with torch.no_grad():
-        out = [model(tokens, input_pos=pos)[0][:, -1] for tokens, pos in steps]
-    model.clear_cache()
-    return out
-
-
-STEPS = [(torch.tensor([[3, 17, 42, 5, 9]]), torch.arange(5)), (torch.tensor([[11]]), torch.tensor([5])),
-         (torch.tensor([[60]]), torch.tensor([6]))]
-
-
-def test_pte_fp32_matches_eager_and_shares_block_delegates(tiny, pte_fp32):
-    path, info = pte_fp32
-    method = load_method(path)
-    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
-        out = method.execute([tokens, pos])[0]
-        assert out.shape == ref.shape
-        assert (out - ref).abs().max().item() < 1e-4
-    # one block applied twice: the two applications' front and back halves are separate lowerings of the
-    # same computation; the shared program keeps one delegate per half
-    assert info["delegates"] <= info["delegate_calls"] - 2
-    V, C = tiny.tok_embeddings.weight.shape
-    assert ("FLOAT", (V, C)) in program_constants(Path(path).read_bytes())   # fp32: the exact float table
-
-
-def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
-    method = load_method(pte_fp32[0])
-    prompt = torch.tensor([[1, 2, 3, 4]])
-    expected = tiny.generate(prompt, 12, temperature=0)[0, 4:].tolist()
-    logits = method.execute([prompt, torch.arange(4)])[0]
-    tokens = []
-    for pos in range(4, 16):
-        tokens.append(int(logits.argmax(-1)))
-        logits = method.execute([torch.tensor([[tokens[-1]]]), torch.tensor([pos])])[0]
-    assert tokens == expected
-
-
-def program_constants(data):
-    """(dtype name, shape) of every tensor stored in the program itself (outside the delegates)."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-    values = deserialize_pte_binary(data).program.execution_plan[0].values
-    return [(v.val.scalar_type.name, tuple(v.val.sizes)) for v in values
-            if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx > 0]
-
-
-@pytest.mark.parametrize("dtype, tolerance", [("int8", 0.05), ("8da4w", 0.15)])
-def test_pte_quantized_close_to_eager(tiny, dtype, tolerance):
-    """W8A8 (per-channel int8 weights) and 8da4w (int4 weights in groups of 32), both with per-token int8
-    activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched.
-    The embedding table outside the delegates is int8 (a float scale per row), not a float copy."""
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    data, info = bm.export_pte(tiny, dtype, MAX_SEQ_LEN)
-    # one delegate per half (front, back) of each block application, + the int8 embedding's scaling and
-    # the head; a shared block's two applications run the same two delegates
-    assert info["delegate_calls"] == 2 * len(tiny.schedule) + 2
-    assert info["delegates"] == 2 * tiny.config.n_layers + 2
-    V, C = tiny.tok_embeddings.weight.shape
-    constants = program_constants(data)
-    assert ("CHAR", (V, C)) in constants and ("FLOAT", (V, 1)) in constants and ("FLOAT", (V, C)) not in constants
-    assert tiny.output.weight is tiny.tok_embeddings.weight                     # still tied
-    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
-    from executorch.runtime import Runtime
-    method = Runtime.get().load_program(data).load_method("forward")
-    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
-        err = (method.execute([tokens, pos])[0] - ref).abs().max().item()
-        assert 0 < err <= tolerance * ref.abs().max().item()      # quantized (not exact), yet close
-
-
-def test_cached_pte_reuses_the_program(tiny, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(bm, "export_pte", lambda *a: calls.append(a) or (b"program", {"delegates": 1}))
-    first = bm.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
-    again = bm.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
-    other = bm.cached_pte(tiny, "int8", MAX_SEQ_LEN, cache_dir=tmp_path)
-    assert first == again != other and len(calls) == 2 and first.read_bytes() == b"program"
-
-
-def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
-    from torch.jit.mobile import _load_for_lite_interpreter
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = bm.export_ptl(tiny, tmp_path / "tiny.ptl", MAX_SEQ_LEN)
-    assert len([w for w in caught if "optimize_for_mobile" in str(w.message)]) <= 1
-    lite = _load_for_lite_interpreter(str(path))
-    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
-        assert (lite(tokens, pos) - ref).abs().max().item() < 1e-5
-
 
 # --- Android, with a fake adb that runs everything on this machine ----------------------------------
 
@@ -218,33 +105,43 @@ def test_android_errors(fake_adb, tmp_path, monkeypatch):
         bm.android_rows({}, runner, "C", 1, 1)
 
 
-def test_missing_executorch_is_one_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "executorch.exir", None)
-    with pytest.raises(bm.BenchError, match="pip install -r requirements-extra.txt"):
-        bm.require_executorch()
-
-
 def test_cli_rejects_bad_input(capsys):
     with pytest.raises(SystemExit, match="--dtype 'fp16'"):
-        bm.main(["--preset", TINY_LS, "--dtype", "fp16", "--device", "none"])
-    with pytest.raises(SystemExit, match="must fit in --max-seq-len"):
-        bm.main(["--preset", TINY_LS, "--prompt-len", "300"])
+        bm.main(["--init_from", TINY_LS, "--dtype", "fp16", "--device", "none"])
+    with pytest.raises(SystemExit, match="must fit in --max_seq_len"):
+        bm.main(["--init_from", TINY_LS, "--prompt_len=300"])
     with pytest.raises(SystemExit, match="unknown preset"):
-        bm.main(["--preset", "mobilellm-9t", "--device", "none"])
+        bm.main(["--init_from", "mobilellm-9t:n_layers=2", "--device", "none"])
+    with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t"):
+        bm.main(["--init_from", "mobilellm-9t", "--device", "none"])
+    with pytest.raises(SystemExit, match="use it with --device host"):
+        bm.main(["--init_from", TINY_LS, "--device", "none", "--kernel_bound"])
+    for wrong in (["--device", "none"], ["--format", "ptl"]):
+        with pytest.raises(SystemExit, match="--check_logits runs the .pte programs on this host"):
+            bm.main(["--init_from", TINY_LS, "--check_logits"] + wrong)
+
+
+def test_old_flag_spellings_still_work(capsys):
+    """--prompt-len, --ckpt, --preset, ... from older command lines: the same options under their old names."""
+    with pytest.raises(SystemExit, match=r"--prompt_len \+ --new_tokens \(302\) must fit in --max_seq_len \(30\)"):
+        bm.main(["--preset", TINY_LS, "--prompt-len", "300", "--new-tokens=2", "--max-seq-len", "30"])
+    with pytest.raises(SystemExit, match="no checkpoint at nowhere"):
+        bm.main(["--ckpt", "nowhere", "--device", "none"])
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--preset", TINY_LS, "--device", "none", "--kernel-bound"])
-    for wrong in (["--device", "none"], ["--format", "ptl"]):
-        with pytest.raises(SystemExit, match="--check-logits runs the .pte programs on this host"):
-            bm.main(["--preset", TINY_LS, "--check-logits"] + wrong)
+    with pytest.raises(SystemExit):
+        bm.main(["--help"])
+    usage = capsys.readouterr().out
+    assert "--prompt_len" in usage and "--prompt-len" not in usage and "--ckpt" not in usage
 
 
 def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     path, info = pte_fp32                                          # the same program main() would export
-    monkeypatch.setattr(bm, "export_pte", lambda *args: (path.read_bytes(), info))
+    monkeypatch.setattr(export, "export_pte", lambda *args: (path.read_bytes(), info))
     monkeypatch.setattr(bm, "in_fresh_process", lambda fn, *args: fn(*args))   # spawning is tested above
-    bm.main(["--preset", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
-             "--prompt-len", "4", "--new-tokens", "2", "--runs", "1", "--max-seq-len", str(MAX_SEQ_LEN),
-             "--cache-dir", str(tmp_path), "--kernel-bound", "--kernel-mb", "0.1", "--check-logits"])
+    bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
+             "--prompt_len", "4", "--new_tokens", "2", "--runs", "1", "--max_seq_len", str(MAX_SEQ_LEN),
+             "--cache_dir", str(tmp_path), "--kernel_bound", "--kernel_mb", "0.1", "--check_logits"])
     out = capsys.readouterr().out
     assert "XNNPACK fp32 matrix-vector products stream" in out
     head, _, pte_row, eager_row = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
@@ -263,18 +160,6 @@ def test_logit_agreement_measures_the_difference_and_the_chosen_tokens():
     assert error == pytest.approx(0.75) and same == 0.5                  # row 0 now picks token 2
     tokens = bm.check_tokens(50, 6, seed=3)
     assert torch.equal(tokens, bm.check_tokens(50, 6, seed=3)) and not torch.equal(tokens, bm.check_tokens(50, 6, 4))
-
-
-def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
-    from checkpoint import model_checkpoint, save_checkpoint
-    from quantize import quantize_model
-    float_model = bm.preset_model(TINY_LS, seed=1)
-    qmodel = quantize_model(bm.preset_model(TINY_LS, seed=1), "w8a8")
-    save_checkpoint(model_checkpoint(qmodel, {"kind": "char"}, quantization="w8a8"), tmp_path / "ckpt.pt")
-    model = bm.load_source(bm.argparse.Namespace(ckpt=str(tmp_path), preset="", seed=0))
-    assert model.output.weight is model.tok_embeddings.weight                  # still tied, not untied
-    w, ref = model.layers[0].feed_forward.w1.weight, float_model.layers[0].feed_forward.w1.weight
-    assert 0 < (w - ref).abs().max() <= ref.abs().amax(dim=1).max() / 127      # int8 rounding, no more
 
 
 def test_peak_memory_of_a_fresh_process_is_its_own():

@@ -83,13 +83,29 @@ def test_fineweb_tokenize_and_shard_on_local_documents(shared_dir, tmp_path):
         "".join(eot + d for d in docs)
 
 
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])
+def test_shakespeare_prepares_offline_from_the_copy_in_data(name, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    prepare = load_prepare(name)
+    monkeypatch.setattr(sys.modules["prepare_common"], "download", offline)
+    prepare.prepare(None, tmp_path)
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()
+    assert len(text) == 1_115_394
+    assert decode_split(tmp_path, "train") + decode_split(tmp_path, "val") == text
+
+
 def test_offline_download_fails_with_one_clear_message(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(SystemExit, match="could not download https://.*input.txt.*--input PATH"):
-        load_prepare("shakespeare_char").prepare(None, tmp_path)
+    load_prepare("gutenberg")                                       # puts data/ (prepare_common) on sys.path
+    from prepare_common import download
+    with pytest.raises(SystemExit, match="could not download https://example.org/x.txt.*--input PATH"):
+        download("https://example.org/x.txt", tmp_path / "x.txt")
     assert list(tmp_path.iterdir()) == []                  # no partial download left behind
 
 

@@ -136,9 +136,11 @@ def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
     save_checkpoint(model_checkpoint(model, tok.spec), tmp_path / "ckpt")
     out = tmp_path / "results.json"
     results = ev.main(["--init_from", str(tmp_path / "ckpt"), "--tasks", "piqa", "--data", str(piqa),
-                       "--limit", "24", "--batch_size", "8", "--dtype", "float32", "--device", "cpu",
+                       "--limit", "24", "--batch_size", "8", "--dtype", "fp32", "--device", "cpu",
                        "--out", str(out)])
-    r = json.loads(out.read_text())["results"]["piqa"]
+    report = json.loads(out.read_text())
+    r = report["results"]["piqa"]
+    assert report["dtype"] == "fp32"
     assert r == pytest.approx(results["piqa"], nan_ok=True)
     docs = ev.read_jsonl(piqa)[:24]
     expected_skipped = sum("1" in d["goal"] + d["sol1"] + d["sol2"] for d in docs)

@@ -159,9 +159,9 @@ def test_decode_gemv_times_three_ways_to_run_the_same_products(capsys):
     from experiments import decode_gemv
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    results = decode_gemv.main(["--dtypes", "float32,float16", "--dim", "32", "--out_dim", "48",
+    results = decode_gemv.main(["--dtypes", "fp32,float16", "--dim", "32", "--out_dim", "48",
                                 "--mb", "0.02", "--rounds", "2"])          # 3 fp32 and 7 fp16 matrices
-    assert set(results) == {"float32", "float16"}
+    assert set(results) == {"fp32", "fp16"}                      # torch names are aliases
     assert all(v > 0 for gbs in results.values() for v in gbs.values())
     n = round(0.02 * 2**20 / (32 * 48 * 4)) + round(0.02 * 2**20 / (32 * 48 * 2))
     assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] == n   # only the decomposed variant
@@ -225,9 +225,10 @@ def test_llama_cpp_reference_reads_llama_bench_json_and_names_a_missing_build(tm
     assert ref.parse_bench_json(json.dumps(sample)) == {"prefill": 812.5, "decode": 151.25}
     with pytest.raises(ref.BenchError, match="llama-quantize not found"):
         ref.llama_tool(tmp_path, "llama-quantize")
-    with pytest.raises(SystemExit):
-        ref.main(["--llama-cpp", str(tmp_path), "--quant", "Q9"])
-    assert "unknown ['Q9']" in capsys.readouterr().err
+    for flag in ("--llama_cpp", "--llama-cpp"):                       # the old spelling still works
+        with pytest.raises(SystemExit):
+            ref.main([flag, str(tmp_path), "--quant", "Q9"])
+        assert "unknown ['Q9']" in capsys.readouterr().err
 
 
 def test_check_logits_says_what_it_needs_without_llama_cpp_bindings(tmp_path, monkeypatch):

@@ -160,17 +160,23 @@ def test_int8_checkpoint_round_trips_generates_text_and_is_a_quarter_of_fp32(tmp
         load_model(tmp_path)
 
 
-def test_command_line_writes_the_checkpoint_and_reports_every_variant(tmp_path, capsys):
+def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked(tmp_path, capsys):
     src = float_checkpoint(tmp_path, tiny_model())
-    main([str(src), "--eval_tokens=64", "--block_size=16", "--decode_tokens=2"])
-    report = capsys.readouterr().out
-    for variant in ("| fp32 |", "| bf16 |", "| w8a8 |", "| w8 |", "| w8a8 fake-quant |"):
-        assert variant in report
-    assert (tmp_path / "src-w8a8" / "ckpt.pt").is_file()
+    main(["--init_from", str(src)])
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'src-w8a8' / 'ckpt.pt'} (w8a8)\n"     # no report
     model, ckpt = load_quantized(tmp_path / "src-w8a8")
     assert "optimizer" not in ckpt and ckpt["train_config"]["dataset"] == "test"
+    main([str(src), "--mode=w8", "--report", "--eval_tokens=64", "--block_size=16", "--decode_tokens=2"])
+    report = capsys.readouterr().out                                   # the old positional form still works
+    for variant in ("| fp32 |", "| bf16 |", "| w8a8 |", "| w8 |", "| w8a8 fake-quant |"):
+        assert variant in report
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in report.splitlines()
+            if line.startswith("| ") and "variant" not in line}
+    assert all(float(cells[0]) > 0 and float(cells[-1]) > 0 for cells in rows.values())   # loss, tokens/s
+    assert float(rows["w8a8"][4].strip().rstrip("x")) < 0.5                                     # size vs fp32
+    assert (tmp_path / "src-w8" / "ckpt.pt").is_file()
     with pytest.raises(CheckpointError, match="already quantized"):
-        main([str(tmp_path / "src-w8a8"), "--out_dir", str(tmp_path / "again")])
+        main(["--init_from", str(tmp_path / "src-w8a8"), "--out_dir", str(tmp_path / "again")])
 
 
 def test_load_quantized_refuses_float_and_foreign_checkpoints(tmp_path):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import loader
 import sample
-from checkpoint import model_checkpoint, save_checkpoint
+from checkpoint import load_model, model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig, apply_rope
 from tokenizer import Tokenizer, char_tokenizer, load_tokenizer, render_chat, tokenizers_tokenizer
 
@@ -74,7 +74,7 @@ def test_prompt_longer_than_context_is_cropped_with_a_warning(trained_ckpt, caps
 
 def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys):
     quantize = pytest.importorskip("quantize")
-    model, ckpt = quantize.load_float_model(trained_ckpt)
+    model, ckpt = load_model(trained_ckpt)
     int8 = quantize.quantize_model(model, "w8")
     save_checkpoint(quantize.quantized_checkpoint(int8, ckpt, "w8"), tmp_path)
     out, _ = run(["--init_from", str(tmp_path), "--start", "abc", "--temperature", "0", "--max_new_tokens", "5"], capsys)
@@ -85,7 +85,7 @@ def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys
 def test_a_checkpoint_file_is_read_once(trained_ckpt, tmp_path, monkeypatch, int8):
     if int8:
         quantize = pytest.importorskip("quantize")
-        model, ckpt = quantize.load_float_model(trained_ckpt)
+        model, ckpt = load_model(trained_ckpt)
         save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path)
     reads, real_load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
@@ -103,6 +103,29 @@ def test_generation_stops_at_end_of_text():
     new, steps, _, _ = sample.generate_one(model, [1, 2, 3], args, None, tok, out=open("/dev/null", "w"))
     assert new == greedy[:greedy.index(eos)] and steps == len(new)
     assert model.caches is None
+
+
+def test_no_arguments_samples_from_the_default_training_run(trained_ckpt, tmp_path, monkeypatch, capsys):
+    from train import TrainConfig
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"no {TrainConfig.out_dir}/ here: run `python train.py` first"):
+        sample.main([])
+    (tmp_path / TrainConfig.out_dir).mkdir()
+    (tmp_path / TrainConfig.out_dir / "ckpt.pt").write_bytes((trained_ckpt / "ckpt.pt").read_bytes())
+    out, _ = run(["--start", "abc", "--temperature", "0", "--max_new_tokens", "5"], capsys)
+    assert out.startswith("abcdefgh")
+    out, err = run([], capsys)
+    assert out.startswith("\n") and out.count("---------------") == 1 and "(199 tokens)" in err
+
+
+def test_one_set_of_dtype_names_with_torchs_names_as_aliases(capsys):
+    assert [loader.torch_dtype(n) for n in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")] == \
+        [torch.float32, torch.bfloat16, torch.float16] * 2
+    with pytest.raises(ValueError, match="unknown dtype 'half': choose from fp32, bf16, fp16"):
+        loader.torch_dtype("half")
+    with pytest.raises(SystemExit):
+        sample.main(["--init_from", "mobilellm-micro", "--benchmark", "--dtype", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
@@ -124,7 +147,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
 def test_benchmark_runs_on_a_preset(capsys):
     out, err = run(["--init_from", "mobilellm-micro", "--benchmark", "--prompt_tokens", "8", "--max_new_tokens", "6",
                     "--dtype", "bfloat16"], capsys)
-    assert "dtype bfloat16" in out and "(5 tokens)" in err
+    assert "dtype bf16" in out and "(5 tokens)" in err                  # torch's name is an alias of bf16
 
 
 def test_compiled_decode_step_decodes_like_eager():

@@ -52,7 +52,7 @@ def data_dir(tmp_path_factory):
 def tiny(data_dir, out_dir, **overrides):
     settings = dict(data_dir=str(data_dir), out_dir=str(out_dir), n_layers=2, dim=32, n_heads=4, n_kv_heads=2,
                     ffn_dim=64, block_size=32, batch_size=4, eval_iters=2, eval_interval=10, max_iters=20,
-                    learning_rate=3e-3, warmup_iters=2, dtype="float32", quiet=True)
+                    learning_rate=3e-3, warmup_iters=2, dtype="fp32", quiet=True)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -66,6 +66,11 @@ def test_a_few_steps_lower_the_loss_and_write_the_log(data_dir, tmp_path):
     model, ckpt = checkpoint.load_model(tmp_path)        # weights_only=True loading of everything we store
     assert ckpt["iter_num"] == 30 and ckpt["tokenizer"]["kind"] == "char"
     assert ckpt["data_state"]["iter_num"] == 30 and "torch" in ckpt["rng"] and ckpt["optimizer"]["state"]
+
+
+def test_training_ends_by_printing_the_command_that_samples_from_it(data_dir, tmp_path, capsys):
+    train(tiny(data_dir, tmp_path, max_iters=10, quiet=False, peak_flops=1.0))
+    assert capsys.readouterr().out.splitlines()[-1] == f"sample from it: python sample.py --init_from={tmp_path}"
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
@@ -175,7 +180,7 @@ def test_paper_configs_hold_the_paper_recipe(name, layers, dim, depth, params):
         assert MobileLLM(config).num_params() == params
     assert (config.n_layers, config.dim, config.depth, cfg.block_size) == (layers, dim, depth, 2048)
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
-    assert cfg.warmup_iters == 1000 and cfg.max_iters == 480_000 and cfg.dtype == "bfloat16"
+    assert cfg.warmup_iters == 1000 and cfg.max_iters == 480_000 and cfg.dtype == "bf16"
     assert cfg.min_lr == pytest.approx(cfg.learning_rate / 10)
     paper_tokens = 32 * 32 * 2048                       # 32 GPUs x 32 sequences x 2048 tokens at lr 2e-3
     assert cfg.learning_rate == pytest.approx(2e-3 * cfg.batch_size * cfg.block_size
@@ -188,6 +193,7 @@ def test_paper_configs_hold_the_paper_recipe(name, layers, dim, depth, params):
     (["--learning_rate=True"], "'learning_rate' must be float"),
     (["--compile=1"], "'compile' must be bool"),
     (["--max_iters"], "must look like --key=value"),
+    (["--max_iters", "--compile=True"], "'--max_iters' must look like --key=value"),
 ])
 def test_bad_overrides_are_clear_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -199,6 +205,8 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
     config_file.write_text("import math\nbatch_size = 3\nlearning_rate = 1\nmin_lr = None\nout_dir = 'o'\n")
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size=5", "--out_dir=2024"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (5, 1.0, "2024")
+    cfg = configure(TrainConfig(), [str(config_file), "--batch_size", "6", "--out_dir", "2025"])   # --key value
+    assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (6, 1.0, "2025")
     config_file.write_text("batch_sise = 3\n")
     with pytest.raises(ConfigError, match="'batch_sise' in config file"):
         configure(TrainConfig(), [str(config_file)])
@@ -206,7 +214,7 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
 
 def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="dtype must be one of"):
-        train(tiny(data_dir, tmp_path, dtype="float16"))
+        train(tiny(data_dir, tmp_path, dtype="fp16"))
     with pytest.raises(ConfigError, match="bad model settings: dim .* divisible by n_heads"):
         train(tiny(data_dir, tmp_path, dim=30))
     with pytest.raises(TrainError, match="not prepared.*prepare.py"):
@@ -225,8 +233,9 @@ def test_command_line_reports_errors_in_one_line():
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_it():
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert train_module.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
-    assert train_module.resolve_dtype("bfloat16", "cpu") == "bfloat16"      # asked for: never silently ignored
+    assert train_module.resolve_dtype("auto", "cpu") == ("bf16" if native else "fp32")
+    assert train_module.resolve_dtype("bf16", "cpu") == "bf16"              # asked for: never silently ignored
+    assert train_module.resolve_dtype("bfloat16", "cpu") == "bf16"          # torch's name is an alias
 
 
 def test_flops_count_shared_blocks_once_per_application():

@@ -2,8 +2,8 @@
 Tiny shakespeare with OpenAI's GPT-2 BPE (tiktoken): 50257 tokens in the vocabulary, ~300k training tokens.
 Or with the tokenizer of a model to fine-tune, into a folder of its own (--out_dir is then required).
 
-  python data/shakespeare/prepare.py                       # downloads input.txt (karpathy/char-rnn)
-  python data/shakespeare/prepare.py --input PATH          # or use a local copy of it
+  python data/shakespeare/prepare.py                       # data/tinyshakespeare.txt, shipped with the repo
+  python data/shakespeare/prepare.py --input PATH          # or any other text file
   python data/shakespeare/prepare.py --tokenizer=../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \
       --out_dir=data/shakespeare_smollm2                   # then: train.py --dataset=shakespeare_smollm2
 --tokenizer takes what train.py's --init_from takes: our checkpoint, a Hugging Face dir or hub id, a .gguf file.
@@ -14,20 +14,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import (TOKENIZER_HELP, output_dir, source_tokenizer, split_text, text_from_source,  # noqa: E402
+from prepare_common import (TOKENIZER_HELP, output_dir, shakespeare_text, source_tokenizer, split_text,  # noqa: E402
                             write_dataset)
-
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def prepare(input_path=None, out_dir=Path(__file__).parent, tokenizer="gpt2"):
-    text = text_from_source(input_path, URL, Path(out_dir) / "input.txt")
+    text = shakespeare_text(input_path)
     write_dataset(out_dir, source_tokenizer(tokenizer), *split_text(text))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", help="local copy of tinyshakespeare's input.txt (no download)")
+    parser.add_argument("--input", help="another text file (default: data/tinyshakespeare.txt)")
     parser.add_argument("--tokenizer", default="gpt2", help=TOKENIZER_HELP)
     parser.add_argument("--out_dir", help="where to write the .bin files (default: this folder, for gpt2)")
     args = parser.parse_args()

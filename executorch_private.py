@@ -1,0 +1,44 @@
+"""
+Every use of ExecuTorch's private internals, in one place. Checked against executorch 1.4.0 (the version
+requirements-extra.txt pins, built for torch 2.13.0). ExecuTorch may rename or reshape any of these in a
+release without notice; each function says what it reaches into, why nothing public does the job, and what
+breaks if it changes. After upgrading ExecuTorch, run tests/test_export.py and tests/test_bench_mobile.py:
+they exercise every function here.
+"""
+
+
+def emitted_program(manager):
+    """The emitted executorch.exir.schema.Program of an ExecutorchProgramManager, which export.py edits in
+    place (share_identical_delegates). Reaches into: manager._emitter_output (there is no public access to
+    the program before it is serialized). If it changes: AttributeError when exporting a shared lowering."""
+    return manager._emitter_output.program
+
+
+def reserialize(manager):
+    """Serialize the manager's (edited) emitted program again, so manager.buffer returns the edited
+    program. Reaches into: executorch.exir._serialize._serialize.serialize_for_executorch and the manager's
+    _emitter_output, _data_serializer, _named_data, _pte_data, _tensor_data and _buffer fields (the
+    manager serializes once, in its constructor). If it changes: an ImportError or AttributeError, or,
+    silently, manager.buffer still holding the unedited program (tests/test_export.py then finds one
+    delegate per call site instead of one per shared block)."""
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir._serialize._serialize import serialize_for_executorch
+    manager._pte_data, manager._tensor_data = serialize_for_executorch(
+        manager._emitter_output, ExecutorchBackendConfig(), manager._data_serializer, manager._named_data)
+    manager._buffer = None
+
+
+def reset_threadpool(threads):
+    """Set the number of threads the Python runtime's CPU kernels (XNNPACK) use; the runtime has no
+    public setting for it. Reaches into: executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool.
+    If it changes: an ImportError when timing on the host (bench_mobile.py)."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    _unsafe_reset_threadpool(threads)
+
+
+def deserialized_program(data):
+    """The executorch.exir.schema.Program inside .pte bytes (to inspect what a program stores). Reaches
+    into: executorch.exir._serialize._program.deserialize_pte_binary. If it changes: an ImportError in
+    the tests that inspect programs."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    return deserialize_pte_binary(data).program

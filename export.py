@@ -1,0 +1,491 @@
+"""
+Make a phone program from a MobileLLM: an ExecuTorch .pte with the XNNPACK delegate (fp32, the paper's
+int8 W8A8, or 8da4w) or a TorchScript lite-interpreter .ptl. bench_mobile.py times what this makes.
+
+  python export.py --init_from out-shakespeare-char --dtype int8 --out model.pte   # our checkpoint -> .pte
+  python export.py --init_from out-quant --dtype int8 --out model.pte              # an int8 checkpoint (below)
+  python export.py --init_from mobilellm-125m-ls:n_layers=2 --dtype 8da4w           # a preset, random weights
+  python export.py --init_from facebook/MobileLLM-125M --format ptl --out model.ptl # lite interpreter
+
+In Python: `path = export.cached_pte(model, "int8", max_seq_len=256)` (exported once per weights and
+options, kept in out-mobile/cache/), or `data, info = export.export_pte(model, "int8")` for the bytes.
+--init_from takes what loader.py loads, or a preset with overrides, `NAME[:field=value+...]` (random
+weights, seed --seed). An int8 checkpoint from quantize.py is dequantized to its float-equivalent weights
+and re-quantized by ExecuTorch's XNNPACK int8 flow, which makes the same per-channel symmetric int8 weights.
+
+How the program is built (the ideas, top to bottom):
+  * ExportLLM: a thin forward over a MobileLLM's own modules (no weight is copied): KV cache laid out
+    (B, T, H_kv, D), one buffer pair per block *application*, written by ExecuTorch's llama::update_cache and
+    read by llama::custom_sdpa (the portable index_copy_/SDPA kernels are slow). RMSNorm, RoPE and reshapes
+    are written so that XNNPACK takes all of them (rotate-half as a DxD matmul, the mean of squares as a
+    4-D mean, views with one inferred dim): XNNPACK runs all between the cache ops.
+  * Shared blocks (MobileLLM-LS): ExecuTorch copies a weight used by two delegates into each, and every
+    delegate packs its weights at init, so an LS model packs (and streams from DRAM) every shared weight
+    twice. We make the delegates the block applications' halves (block_partitioner), so both applications
+    of a block lower to byte-identical delegates, then point both DelegateCalls at ONE delegate
+    (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
+    ExecuTorch has no public way to do this: the edit goes through executorch_private.py.
+  * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
+    8da4w = the same activations with 4-bit weights in groups of 32 (torchao), half the bytes again.
+    Both look tokens up in an int8 copy of the tied embedding (a scale per row): the lookup is not an
+    XNNPACK op, so the table is stored apart from the head's packed weights, but in 1 byte, not 4.
+"""
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, atomic_write
+from executorch_private import emitted_program, reserialize
+from loader import dtype_name, load_model_and_tokenizer
+from model import PRESETS, MobileLLM, config_from_preset
+
+EXPORT_VERSION = {"fp32": 1, "int8": 2, "8da4w": 2}   # bump a dtype's when its programs change (cache key)
+CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
+PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
+GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
+
+
+class ExportError(Exception):
+    """Bad input or a missing tool, with one message saying what to do."""
+
+
+def require_executorch():
+    try:
+        import executorch.exir  # noqa: F401
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama.*
+    except ImportError as e:
+        raise ExportError(f"ExecuTorch is not installed ({e}): pip install -r requirements-extra.txt "
+                          "(executorch==1.4.0 matches torch 2.13.0)") from e
+
+
+# --- the model source ---------------------------------------------------------------------------------
+
+def parse_model_spec(spec):
+    """'mobilellm-125m:n_layers=60+share=none' -> (preset, overrides); values are ints where they parse.
+    Fields are separated by '+' (or ',' outside --compare, whose list is comma-separated)."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, re.split(r"[+,]", rest)):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ExportError(f"bad override {item!r} in {spec!r}: use preset:field=value+field=value")
+        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, overrides
+
+
+def preset_model(spec, seed=0):
+    name, overrides = parse_model_spec(spec)
+    try:
+        config = config_from_preset(name, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"--init_from {spec!r}: {e}") from e
+    torch.manual_seed(seed)
+    return MobileLLM(config).eval()
+
+
+def dequantized(qmodel):
+    """An int8 model (quantize.py) as the float model its int8 weights stand for (w = q * scale), ready
+    for ExecuTorch's own int8 flow, which makes the same per-channel symmetric int8 weights again. The
+    tied embedding/head stays one tensor."""
+    from quantize import Int8Embedding, Int8Linear, dequantize_per_channel
+    model = MobileLLM(qmodel.config).eval()
+    float_state = {}
+    for name, module in qmodel.named_modules():
+        if isinstance(module, (Int8Linear, Int8Embedding)):
+            float_state[f"{name}.weight"] = dequantize_per_channel(module.qweight, module.scale)
+    state = {k: v for k, v in qmodel.state_dict().items() if not k.endswith((".qweight", ".scale"))}
+    model.load_state_dict({**state, **float_state})
+    return model
+
+
+def load_source(init_from, seed=0):
+    """The float MobileLLM to export: a preset with overrides (random weights, seeded), or anything
+    loader.load_model_and_tokenizer reads (our checkpoints, HF dirs, ...); an int8 model is dequantized."""
+    from quantize import is_quantized
+    name = init_from.partition(":")[0]
+    if not Path(init_from).exists() and (name in PRESETS or ":" in init_from):
+        return preset_model(init_from, seed)
+    try:
+        model = load_model_and_tokenizer(init_from)[0]
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        raise ExportError(f"--init_from {init_from!r}: {e}") from e
+    return dequantized(model) if is_quantized(model) else model
+
+
+def tensor_bytes(tensor):
+    return tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def source_hash(model):
+    """Hash of config + weights: the cache key of an exported program."""
+    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor_bytes(tensor))
+    return h.hexdigest()[:16]
+
+
+# --- the export-friendly forward ---------------------------------------------------------------------
+
+def rms_norm(norm, x):
+    """model.RMSNorm's math, written so XNNPACK takes it: the mean of squares as a 4-D mean over the
+    innermost dims (XNNPACK's only mean). x: (1, T, C)."""
+    ms = (x * x).view(1, -1, 1, x.size(-1)).mean((2, 3), keepdim=True).view(1, -1, 1)    # (1, T, 1)
+    return x * torch.rsqrt(ms + norm.eps) * norm.weight
+
+
+def rotate_half_matrix(head_dim):
+    """R with x @ R.T == cat(-x2, x1): model.apply_rope's rotate-half as a (D, D) matmul (XNNPACK has no
+    slicing of dynamic-length tensors, but a tiny linear costs nothing)."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half), torch.arange(half) + half] = -1.0
+    r[torch.arange(half) + half, torch.arange(half)] = 1.0
+    return r
+
+
+def piece(name, on=True):
+    """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
+    import torch.fx.traceback as fx_traceback
+    return fx_traceback.annotate({"piece": name}) if on else contextlib.nullcontext()
+
+
+class ExportLLM(nn.Module):
+    """forward(tokens (1, T), input_pos (T,) = start..start+T-1) -> logits of the last token (1, V), with a
+    static KV cache inside. Holds the MobileLLM itself: its weights are exported as they are."""
+
+    def __init__(self, model, max_seq_len, mark_pieces=False, int8_embedding=False):
+        super().__init__()
+        c = model.config
+        if max_seq_len > c.block_size:
+            raise ExportError(f"max_seq_len ({max_seq_len}) exceeds the model's block_size ({c.block_size})")
+        self.model, self.max_seq_len, self.mark_pieces = model, max_seq_len, mark_pieces
+        self.int8_embedding = int8_embedding
+        if int8_embedding:              # quantize.py's int8 embedding: symmetric per row, as the int8 head
+            from quantize import quantize_per_channel
+            table, scale = quantize_per_channel(model.tok_embeddings.weight.detach())       # (V, C), (V,)
+            self.register_buffer("embedding_int8", table, persistent=False)
+            self.register_buffer("embedding_scale", scale[:, None], persistent=False)        # (V, 1)
+        self.register_buffer("rotate_half", rotate_half_matrix(c.head_dim), persistent=False)
+        shape = (1, max_seq_len, c.n_kv_heads, c.head_dim)                                  # (B, L, H_kv, D)
+        for i in range(len(model.schedule)):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def embed(self, tokens):                                                        # (1, T) -> (1, T, C)
+        if not self.int8_embedding:
+            return self.model.tok_embeddings(tokens)
+        return F.embedding(tokens, self.embedding_int8).float() * F.embedding(tokens, self.embedding_scale)
+
+    def rope(self, x, cos, sin):                                       # x: (1, T, H, D); cos, sin: (T, 1, D)
+        return x * cos + F.linear(x, self.rotate_half) * sin
+
+    def forward(self, tokens, input_pos):
+        m, c = self.model, self.model.config
+        T = tokens.size(1)
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + T <= self.max_seq_len)
+        cos, sin = m.rope_cos.narrow(0, start, T), m.rope_sin.narrow(0, start, T)          # (T, D/2)
+        cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
+        with piece("embed", self.mark_pieces):    # its own piece: block 0's front stays like a second one's
+            x = self.embed(tokens)                                                          # (1, T, C)
+        for i, b in enumerate(m.schedule):
+            block, attn = m.layers[b], m.layers[b].attention
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            with piece(f"front{i}", self.mark_pieces):
+                h = rms_norm(block.attention_norm, x)
+                q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)     # (1, T, H, D)
+                k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)  # (1, T, H_kv, D)
+                v = attn.wv(h).view(1, -1, c.n_kv_heads, c.head_dim)                        # (1, T, H_kv, D)
+            torch.ops.llama.update_cache(k, k_cache, start)
+            torch.ops.llama.update_cache(v, v_cache, start)
+            y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)      # (1, T, H, D)
+            with piece(f"back{i}", self.mark_pieces):
+                x = x + attn.wo(y.view(1, -1, c.dim))
+                x = x + block.feed_forward(rms_norm(block.ffn_norm, x))                     # (1, T, C)
+        return m.output(rms_norm(m.norm, x[:, -1:, :])).view(1, -1)                         # (1, V)
+
+
+# --- lowering: XNNPACK partitions cut per block application, identical delegates shared -------------
+
+def node_pieces(graph):
+    """piece label of every node: its own annotation, else its first labelled user's (quantize/dequantize
+    nodes and weights inherit from the linear that uses them), else ''."""
+    pieces = {}
+    for node in reversed(graph.nodes):
+        own = (node.meta.get("custom") or {}).get("piece")
+        inherited = next((pieces[u] for u in node.users if pieces.get(u)), "")
+        pieces[node] = own or inherited
+    return pieces
+
+
+def block_partitioner(**kwargs):
+    """XnnpackPartitioner whose delegates are the pieces: the front and the back of each block application,
+    one delegate each. XNNPACK's own partitions are cut where a piece ends, and the partitions of one
+    piece are merged (int8 alone would make 4 per block application: each dynamically quantized linear
+    is grouped with its activation-quantization nodes, and the groups land in separate partitions)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from torch.fx.passes.infra.partitioner import Partition
+
+    class BlockPartitioner(XnnpackPartitioner):
+        def generate_partitions(self, ep):
+            graph = ep.graph_module.graph
+            pieces, groups = node_pieces(graph), {}
+            order = {node: i for i, node in enumerate(graph.nodes)}
+            for i, partition in enumerate(super().generate_partitions(ep)):
+                for node in partition.nodes:
+                    node.meta.pop("debug_handle", None)                   # per-node ids would differ
+                    groups.setdefault(pieces[node] or i, []).append(node)  # per piece (unlabelled: as is)
+            return [Partition(id=i, nodes=sorted(nodes, key=order.get))  # graph order: same in every copy
+                    for i, nodes in enumerate(groups.values())]
+
+    return BlockPartitioner(**kwargs)
+
+
+def delegate_signature(lowered):
+    """What a lowered XNNPACK module computes, independent of how it was serialized or ordered: a hash
+    per output, built from its op and its arguments' hashes, down to the runtime inputs (by position) and
+    the constants (by their data). Two call sites whose delegates have the same output hashes (in any
+    order) can run the same delegate. Returns the list of output hashes, in output order."""
+    ep = lowered.original_module
+    sig = ep.graph_signature
+    data = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    values = {**ep.state_dict, **ep.constants}
+    hashes, n_inputs = {}, 0
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in data:
+            text = "const " + hashlib.sha256(tensor_bytes(values[data[node.name]])).hexdigest()
+        elif node.op == "placeholder":
+            text, n_inputs = f"input {n_inputs}", n_inputs + 1
+        else:
+            args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: hashes[a])
+            text = f"{node.op} {node.target} {args}"
+        hashes[node] = hashlib.sha256(text.encode()).hexdigest()
+    outputs = next(n for n in ep.graph.nodes if n.op == "output").args[0]
+    return [hashes[o] for o in outputs]
+
+
+def share_identical_delegates(manager):
+    """Make call sites of identical delegates share ONE delegate, then re-serialize. The emitter gives
+    every call site its own delegate, which the runtime initializes (packs weights) separately, so an
+    LS model would pack and stream each shared weight twice. ExecuTorch 1.4 has no public way to say this
+    (the emitter only dedups identical blobs; the XNNPACK backend's weight cache, which shares packed weights
+    between delegates, is a C++ backend option the Python runtime cannot set), so this edits the emitted
+    program through executorch_private.py. Returns (delegates before, after)."""
+    from executorch.exir.schema import DelegateCall
+    gm = manager.exported_program().graph_module
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
+    program = emitted_program(manager)
+    plan = program.execution_plan[0]
+    if len(calls) != len(plan.delegates):
+        raise ExportError(f"{len(calls)} delegate calls in the graph but {len(plan.delegates)} delegates emitted")
+    first, keep, remap, outputs = {}, [], {}, []
+    for i, node in enumerate(calls):
+        outputs.append(delegate_signature(getattr(gm, node.args[0].target)))
+        key = tuple(sorted(outputs[i]))
+        if key not in first:
+            first[key] = (len(keep), i)
+            keep.append(plan.delegates[i])
+        remap[i] = first[key]
+    for chain in plan.chains:
+        for instruction in chain.instructions:
+            call = instruction.instr_args
+            if isinstance(call, DelegateCall):
+                new_index, owner = remap[call.delegate_index]
+                mine, theirs = outputs[call.delegate_index], outputs[owner]
+                n_in = len(call.args) - len(mine)                       # args = inputs, then outputs
+                by_hash = dict(zip(mine, call.args[n_in:]))             # the owner may order them differently
+                call.args = call.args[:n_in] + [by_hash[h] for h in theirs]
+                call.delegate_index = new_index
+    blobs = {}                                          # drop the blobs no delegate uses any more
+    for d in keep:
+        d.processed.index = blobs.setdefault(d.processed.index, len(blobs))
+    program.backend_delegate_data = [program.backend_delegate_data[i] for i in blobs]
+    before, plan.delegates = len(plan.delegates), keep
+    reserialize(manager)
+    return before, len(keep)
+
+
+def quantize_int8(module, example, dynamic_shapes):
+    """The paper's W8A8 through ExecuTorch's own flow: per-channel symmetric int8 weights, dynamic
+    per-token int8 activations (XNNPACKQuantizer + pt2e). Returns the quantized graph module."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                                is_dynamic=True))
+    graph = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False).module()
+    graph = prepare_pt2e(graph, quantizer)
+    graph(*example)                                            # dynamic quantization needs no calibration
+    return convert_pt2e(graph)
+
+
+def quantize_8da4w(model):
+    """8-bit dynamic per-token activations, 4-bit weights in groups of GROUP_SIZE input channels (torchao's
+    Int8DynamicActivationIntxWeightConfig, which XNNPACK runs as a 4-bit GEMM), in place. Linears whose
+    input width is not a multiple of GROUP_SIZE stay fp32."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.utils import unwrap_tensor_subclass
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                           weight_granularity=PerGroup(GROUP_SIZE)),
+              filter_fn=lambda m, _: isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
+    return unwrap_tensor_subclass(model)
+
+
+def untied_copy(model):
+    """A copy whose LM head has its own weight: 8da4w makes the head int4 while the embedding table
+    stays float (the source model stays tied and untouched)."""
+    model = copy.deepcopy(model)
+    model.output.weight = nn.Parameter(model.output.weight.detach().clone())
+    return model
+
+
+@torch.no_grad()
+def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_len=None):
+    """Lower a MobileLLM to an ExecuTorch program (bytes) with the XNNPACK delegate and a static KV cache.
+    share_blocks: cut delegates per block application and share identical ones (see the top); False is
+    the naive lowering. static_len: a fixed token count instead of a dynamic 1..max_seq_len-1 (for runners
+    that fill the inputs themselves). Returns (bytes, info dict)."""
+    require_executorch()
+    if dtype not in PROGRAM_DTYPES:
+        raise ExportError(f"dtype must be one of {PROGRAM_DTYPES}, got {dtype!r}")
+    if dtype == "8da4w":
+        model = quantize_8da4w(untied_copy(model))
+    module = ExportLLM(model, max_seq_len, mark_pieces=share_blocks, int8_embedding=dtype != "fp32").eval()
+    T = static_len or 2
+    example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T))
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+    return lower(module, example, None if static_len else ({1: seq}, {0: seq}), dtype, share_blocks)
+
+
+@torch.no_grad()
+def lower(module, example, dynamic_shapes, dtype, share_blocks):
+    """torch.export `module` (int8: quantized on the way), lower it to XNNPACK (share_blocks: delegates cut
+    at its pieces, identical ones shared) and emit the program. Returns (bytes, info dict)."""
+    import torch.fx.traceback as fx_traceback
+    from executorch.exir import to_edge_transform_and_lower
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fx_traceback.preserve_node_meta():                # keeps the piece labels on the nodes
+            if dtype == "int8":
+                module = quantize_int8(module, example, dynamic_shapes)
+            ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+        partitioner = block_partitioner() if share_blocks else None
+        if partitioner is None:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            partitioner = XnnpackPartitioner()
+        manager = to_edge_transform_and_lower(ep, partitioner=[partitioner]).to_executorch()
+    delegates = len(emitted_program(manager).execution_plan[0].delegates)
+    shared = share_identical_delegates(manager)[1] if share_blocks else delegates
+    info = dict(delegate_calls=delegates, delegates=shared, export_s=round(time.perf_counter() - t0, 1))
+    return manager.buffer, info
+
+
+def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):
+    """export_pte, cached on disk by (config + weights, dtype, options, EXPORT_VERSION): LS-125M int8
+    takes minutes to lower. Returns the .pte path."""
+    key = hashlib.sha256(json.dumps([source_hash(model), dtype, max_seq_len, share_blocks, static_len,
+                                     EXPORT_VERSION[dtype], torch.__version__]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{key}.pte"
+    if not path.is_file():
+        tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; a 125M "
+                   f"model takes minutes, see docs/mobile.md)")
+        data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))     # a killed export never leaves half a program
+        path.with_suffix(".json").write_text(json.dumps(info))
+    return path
+
+
+# --- TorchScript lite interpreter (.ptl) ------------------------------------------------------------
+
+class LiteForward(nn.Module):
+    """forward(tokens (1, T), input_pos (T,)) -> last-token logits (1, V) through model.py's own KV cache."""
+
+    def __init__(self, model, max_seq_len):
+        super().__init__()
+        self.model = model
+        model.setup_cache(1, max_seq_len)
+
+    def forward(self, tokens, input_pos):
+        return self.model(tokens, input_pos=input_pos)[0][:, -1]
+
+
+@torch.no_grad()
+def export_ptl(model, path, max_seq_len=256):
+    """TorchScript for PyTorch Mobile's lite interpreter. TorchScript is deprecated; this is the legacy
+    path (ExecuTorch replaces it). optimize_for_mobile needs a torch built with XNNPACK for TorchScript."""
+    from torch.utils.mobile_optimizer import optimize_for_mobile
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                     # torch.jit deprecation notices
+        scripted = torch.jit.trace(LiteForward(copy.deepcopy(model), max_seq_len).eval(), example)
+    try:
+        scripted = optimize_for_mobile(scripted)
+    except RuntimeError as e:
+        if "XNNPACK" not in str(e):
+            raise
+        warnings.warn("optimize_for_mobile needs XNNPACK for TorchScript, which this torch build lacks: "
+                      "the .ptl is saved unoptimized", stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                      # "Lite Interpreter is deprecated" (see README)
+        scripted._save_for_lite_interpreter(str(path))
+    return Path(path)
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+def write_program(model, fmt, dtype, out, max_seq_len, share_blocks=True, cache_dir=CACHE_DIR):
+    """Export model as a .pte (through the cache) or a .ptl and copy it to out (when given). Returns its path."""
+    if fmt == "ptl":
+        return export_ptl(model, out or "model.ptl", max_seq_len)
+    path = cached_pte(model, dtype, max_seq_len, share_blocks, None, cache_dir)
+    if out:
+        shutil.copyfile(path, out)
+        return Path(out)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", default="mobilellm-125m",
+                   help="our checkpoint (an int8 one is dequantized), an HF dir or repo id, or preset[:field=value+...]")
+    p.add_argument("--dtype", default="fp32", type=dtype_name, choices=PROGRAM_DTYPES,
+                   help="fp32, int8 (W8A8: dynamic per-token activations) or 8da4w (int4 weights, groups of 32)")
+    p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ExecuTorch or lite interpreter (fp32)")
+    p.add_argument("--out", default="", help="copy the program here (default: leave it in --cache_dir)")
+    p.add_argument("--max_seq_len", type=int, default=256, help="static KV cache length in the program")
+    p.add_argument("--lowering", default="shared", choices=("shared", "naive"),
+                   help="shared: identical block delegates shared (MobileLLM-LS); naive: ExecuTorch's own")
+    p.add_argument("--cache_dir", default=str(CACHE_DIR))
+    p.add_argument("--seed", type=int, default=0, help="for a preset's random weights")
+    args = p.parse_args(argv)
+    try:
+        if args.format == "pte":
+            require_executorch()
+        model = load_source(args.init_from, args.seed)
+        path = write_program(model, args.format, args.dtype, args.out, args.max_seq_len, args.lowering == "shared",
+                             args.cache_dir)
+    except ExportError as e:
+        sys.exit(f"export.py: {e}")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""export.py on a tiny layer-shared model: exported programs agree with eager PyTorch, layer-shared
+blocks share their delegates, the export cache reuses programs, and errors are clear."""
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import export as ex
+from executorch_private import deserialized_program
+
+pytest.importorskip("executorch.exir")
+
+TINY_LS = "mobilellm-micro-ls:n_layers=1+dim=32+n_heads=2+n_kv_heads=1+ffn_dim=64+vocab_size=64+block_size=64"
+MAX_SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ex.preset_model(TINY_LS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pte_fp32(tiny, tmp_path_factory):
+    """One fp32 program (block-shared lowering) for every test that needs one: lowering takes seconds."""
+    data, info = ex.export_pte(tiny, "fp32", MAX_SEQ_LEN, share_blocks=True)
+    path = tmp_path_factory.mktemp("pte") / "tiny_fp32.pte"
+    path.write_bytes(data)
+    return path, info
+
+
+def load_method(path):
+    from executorch.runtime import Runtime
+    return Runtime.get().load_program(Path(path)).load_method("forward")
+
+
+def eager_steps(model, steps):
+    """Last-token logits of model.py's own cached forward for each (tokens, input_pos) step."""
+    model.setup_cache(1, MAX_SEQ_LEN)
+    with torch.no_grad():
+        out = [model(tokens, input_pos=pos)[0][:, -1] for tokens, pos in steps]
+    model.clear_cache()
+    return out
+
+
+STEPS = [(torch.tensor([[3, 17, 42, 5, 9]]), torch.arange(5)), (torch.tensor([[11]]), torch.tensor([5])),
+         (torch.tensor([[60]]), torch.tensor([6]))]
+
+
+def test_pte_fp32_matches_eager_and_shares_block_delegates(tiny, pte_fp32):
+    path, info = pte_fp32
+    method = load_method(path)
+    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+        out = method.execute([tokens, pos])[0]
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() < 1e-4
+    # one block applied twice: the two applications' front and back halves are separate lowerings of the
+    # same computation; the shared program keeps one delegate per half
+    assert info["delegates"] <= info["delegate_calls"] - 2
+    V, C = tiny.tok_embeddings.weight.shape
+    assert ("FLOAT", (V, C)) in program_constants(Path(path).read_bytes())   # fp32: the exact float table
+
+
+def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
+    method = load_method(pte_fp32[0])
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    expected = tiny.generate(prompt, 12, temperature=0)[0, 4:].tolist()
+    logits = method.execute([prompt, torch.arange(4)])[0]
+    tokens = []
+    for pos in range(4, 16):
+        tokens.append(int(logits.argmax(-1)))
+        logits = method.execute([torch.tensor([[tokens[-1]]]), torch.tensor([pos])])[0]
+    assert tokens == expected
+
+
+def program_constants(data):
+    """(dtype name, shape) of every tensor stored in the program itself (outside the delegates)."""
+    values = deserialized_program(data).execution_plan[0].values
+    return [(v.val.scalar_type.name, tuple(v.val.sizes)) for v in values
+            if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx > 0]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("int8", 0.05), ("8da4w", 0.15)])
+def test_pte_quantized_close_to_eager(tiny, dtype, tolerance):
+    """W8A8 (per-channel int8 weights) and 8da4w (int4 weights in groups of 32), both with per-token int8
+    activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched.
+    The embedding table outside the delegates is int8 (a float scale per row), not a float copy."""
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    data, info = ex.export_pte(tiny, dtype, MAX_SEQ_LEN)
+    # one delegate per half (front, back) of each block application, + the int8 embedding's scaling and
+    # the head; a shared block's two applications run the same two delegates
+    assert info["delegate_calls"] == 2 * len(tiny.schedule) + 2
+    assert info["delegates"] == 2 * tiny.config.n_layers + 2
+    V, C = tiny.tok_embeddings.weight.shape
+    constants = program_constants(data)
+    assert ("CHAR", (V, C)) in constants and ("FLOAT", (V, 1)) in constants and ("FLOAT", (V, C)) not in constants
+    assert tiny.output.weight is tiny.tok_embeddings.weight                     # still tied
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    from executorch.runtime import Runtime
+    method = Runtime.get().load_program(data).load_method("forward")
+    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+        err = (method.execute([tokens, pos])[0] - ref).abs().max().item()
+        assert 0 < err <= tolerance * ref.abs().max().item()      # quantized (not exact), yet close
+
+
+def test_cached_pte_reuses_the_program(tiny, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ex, "export_pte", lambda *a: calls.append(a) or (b"program", {"delegates": 1}))
+    first = ex.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
+    again = ex.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
+    other = ex.cached_pte(tiny, "int8", MAX_SEQ_LEN, cache_dir=tmp_path)
+    assert first == again != other and len(calls) == 2 and first.read_bytes() == b"program"
+
+
+def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
+    from torch.jit.mobile import _load_for_lite_interpreter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = ex.export_ptl(tiny, tmp_path / "tiny.ptl", MAX_SEQ_LEN)
+    assert len([w for w in caught if "optimize_for_mobile" in str(w.message)]) <= 1
+    lite = _load_for_lite_interpreter(str(path))
+    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+        assert (lite(tokens, pos) - ref).abs().max().item() < 1e-5
+
+
+def test_missing_executorch_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch.exir", None)
+    with pytest.raises(ex.ExportError, match="pip install -r requirements-extra.txt"):
+        ex.require_executorch()
+
+
+def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
+    from checkpoint import model_checkpoint, save_checkpoint
+    from quantize import quantize_model
+    float_model = ex.preset_model(TINY_LS, seed=1)
+    qmodel = quantize_model(ex.preset_model(TINY_LS, seed=1), "w8a8")
+    save_checkpoint(model_checkpoint(qmodel, {"kind": "char", "chars": "ab"}, quantization="w8a8"), tmp_path / "ckpt.pt")
+    model = ex.load_source(str(tmp_path))
+    assert model.output.weight is model.tok_embeddings.weight                  # still tied, not untied
+    w, ref = model.layers[0].feed_forward.w1.weight, float_model.layers[0].feed_forward.w1.weight
+    assert 0 < (w - ref).abs().max() <= ref.abs().amax(dim=1).max() / 127      # int8 rounding, no more
+
+
+
+
+def test_command_line_writes_a_program_that_computes_the_model(tiny, tmp_path, capsys):
+    out = tmp_path / "tiny.pte"
+    ex.main(["--init_from", TINY_LS, "--max_seq_len", str(MAX_SEQ_LEN), "--out", str(out),
+             "--cache_dir", str(tmp_path / "cache")])
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.pte"))) == 1                        # exported through the cache
+    method = load_method(out)
+    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+        assert (method.execute([tokens, pos])[0] - ref).abs().max().item() < 1e-4
+    with pytest.raises(SystemExit, match="export.py: .*unknown preset"):
+        ex.main(["--init_from", "mobilellm-9t:n_layers=1", "--cache_dir", str(tmp_path / "cache")])
