@@ -54,15 +54,27 @@ def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
     return model.eval(), tokenizer
 
 
-def _load(init_from, device):
+def source_kind(init_from):
+    """What --init_from names: "preset", "gguf", "hf" (a local dir or a hub repo id) or "checkpoint" (ours)."""
     path = Path(init_from)
     if init_from in PRESETS and not path.exists():
+        return "preset"
+    if path.suffix == ".gguf":
+        return "gguf"
+    if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
+        return "hf"
+    return "checkpoint"
+
+
+def _load(init_from, device):
+    kind, path = source_kind(init_from), Path(init_from)
+    if kind == "preset":
         torch.manual_seed(0)
         return MobileLLM(config_from_preset(init_from)).to(device), None
-    if path.suffix == ".gguf":
+    if kind == "gguf":
         import gguf_file
         return gguf_file.load_gguf(path, device)
-    if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
+    if kind == "hf":
         import hf
         return hf.load_hf(init_from, device)
     ckpt = load_checkpoint(path)      # read once; the loaders below rebuild the model from this dict

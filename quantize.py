@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
-from loader import load_model_and_tokenizer
+from loader import load_model_and_tokenizer, source_kind
 from model import MobileLLM, config_from_dict
 
 MODES = ("w8a8", "w8")
@@ -256,7 +256,7 @@ def load_float_source(init_from):
     if tokenizer is None:
         raise CheckpointError(f"{init_from} is a preset (random weights, no tokenizer): give a trained model")
     source = {"tokenizer": tokenizer.spec}
-    if checkpoint_file(init_from).is_file():
+    if source_kind(init_from) == "checkpoint":
         ckpt = load_checkpoint(init_from, mmap=True)
         source.update({k: ckpt[k] for k in TRAINING_RECORD if k in ckpt})
     return model, source

@@ -188,7 +188,7 @@ def test_data_of_another_tokenizer_is_refused_with_the_command_to_prepare_it(sou
 
 def test_sources_that_cannot_be_fine_tuned_are_refused(source, data_dir, tmp_path):
     quantize = pytest.importorskip("quantize")
-    model, ckpt = quantize.load_float_model(source)
+    model, ckpt = quantize.load_float_source(source)
     checkpoint.save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"),
                                tmp_path / "int8")
     with pytest.raises(TrainError, match="is an int8 checkpoint.*fine-tune the float model"):
