@@ -61,7 +61,7 @@ class TrainConfig:
     data_dir: str = ""                  # folder with train.bin, val.bin, meta.json; "" = data/<dataset>
     init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt), or a model source to fine-tune:
                                         # our checkpoint, an HF dir or hub id, a .gguf file (see loader.py)
-    eval_interval: int = 250
+    eval_interval: int = 500            # iterations between evals (each costs ~13 training steps at the default)
     eval_iters: int = 20
     log_interval: int = 10              # iterations between progress-bar updates of loss, tokens/s, MFU
     always_save_checkpoint: bool = False  # False: save only when val loss improves (and on Ctrl-C)
@@ -85,8 +85,9 @@ class TrainConfig:
     max_iters: int = 2000
     batch_size: int = 16                # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, summed over all processes
-    optimizer: str = "adamw"            # "adamw" for every parameter, or "muon": torch.optim.Muon for the 2-D
-                                        # matrices inside the blocks, AdamW for embeddings and norms
+    optimizer: str = "muon"             # "muon": Muon (optim.py) for the 2-D matrices inside the blocks, AdamW for
+                                        # embeddings and norms (the quick default: docs/quickstart.md); "adamw"
+                                        # for every parameter (the paper's configs, fine-tuning)
     learning_rate: float = 3e-3         # peak AdamW learning rate
     muon_lr: float = 0.02               # peak Muon learning rate (optimizer="muon"), on the same schedule
     min_lr: Optional[float] = None      # None: 10% of learning_rate (the paper's cosine floor); Muon's floor
@@ -550,7 +551,7 @@ def resume_state(ckpt, out_dir, optimizer, device):
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:
         raise ConfigError(f"resume: the checkpoint's optimizer state does not fit the parameters trained now "
-                          f"(set optimizer, freeze_embedding and train_blocks as the run did): {e}") from e
+                          f"(set freeze_embedding and train_blocks as the run did, and the same optimizer): {e}") from e
     restore_rng_state(ckpt["rng"], device)
     log_file = Path(out_dir) / "log.jsonl"
     history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
