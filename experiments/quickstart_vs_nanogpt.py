@@ -5,8 +5,8 @@ machine, one after the other: validation loss against wall-clock time, start-up 
   python experiments/quickstart_vs_nanogpt.py --nanogpt /path/to/nanoGPT                # 10 minutes each
   python experiments/quickstart_vs_nanogpt.py --nanogpt ../nanoGPT --minutes 3 --max_iters=600
 
-Anything after the options (--key=value) goes to our train.py. nanoGPT runs its README's CPU command with
-max_iters = lr_decay_iters = --nanogpt_iters. Each run is stopped at the time limit if it has not finished.
+Any other --key=value goes to our train.py (its out_dir is <out_dir>/ours). nanoGPT runs its README's CPU
+command with max_iters = lr_decay_iters = --nanogpt_iters. Each run is stopped at the time limit if it has not finished.
 Both datasets are prepared before the clocks start (nanoGPT's from a copy of --input, as it would download).
 Prints a table of each run's latest val loss at every minute, writes <out_dir>/quickstart_vs_nanogpt.json
 (commands, machine, every eval with its time) and .png (val loss against wall time; needs matplotlib).
@@ -123,7 +123,8 @@ def prepare(nanogpt, input_file):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)     # a train.py key is never taken for one of these
     parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
     parser.add_argument("--minutes", type=int, default=10, help="wall time of each run")
     parser.add_argument("--nanogpt_iters", type=int, default=6300, help="nanoGPT's max_iters = lr_decay_iters")
