@@ -82,7 +82,7 @@ class TrainConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # optimization: AdamW (or Muon for the blocks' matrices), linear warmup, then decay to min_lr, gradient clipping
-    max_iters: int = 2000
+    max_iters: int = 1900                # the quick default: ~9.5 minutes on 2 CPU cores (docs/quickstart.md)
     batch_size: int = 16                # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, summed over all processes
     optimizer: str = "muon"             # "muon": Muon (optim.py) for the 2-D matrices inside the blocks, AdamW for
