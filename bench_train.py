@@ -1,23 +1,29 @@
 """
-Training throughput of train.py's step (forward, backward, gradient clipping, AdamW) on random tokens:
+Training throughput of train.py's step (forward, backward, gradient clipping, optimizer) on random tokens:
 tokens/s and MFU, fp32 against bf16 autocast, measured side by side in one run.
 
   python bench_train.py                                  # train.py's default model and batch
   python bench_train.py config/bench_nanogpt_29m.py      # nanoGPT's 29.9M GPT size (6 x 384, ctx 256, batch 8)
   python bench_train.py --dim=256 --iters=20 --compile=True
+  python bench_train.py --dtypes=float32 --compare="optimizer='adamw';optimizer='muon'" --rounds=5
+
+--compare="a;b;..." times settings against each other instead (each a comma-separated list of key=value,
+on top of the others), in alternating rounds in the first dtype, so that a busy machine slows all alike:
+tokens/s (median of the rounds) and the ratio to the first.
 
 Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup and dtypes. MFU is
 relative to the device's peak in each dtype: the datasheet bf16 number on known GPUs, else a large matmul in
 that dtype measured here first. On CPUs without AVX-512 BF16/AMX, bf16 is emulated and very slow: use
 --iters=1 --warmup=0 there (or --dtypes=fp32).
 """
+import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, parse_value, apply_settings, configure
 from loader import dtype_name
 from model import MobileLLM
 from train import (TrainConfig, autocast_context, build_optimizer, check_config, flops_per_token,
@@ -30,6 +36,8 @@ class BenchConfig(TrainConfig):
     iters: int = 10                      # timed iterations per dtype
     warmup: int = 3                      # untimed iterations first (allocator, compile)
     dtypes: str = "fp32,bf16"
+    compare: str = ""                    # "key=value,...;key=value,...": settings timed against each other
+    rounds: int = 5                      # --compare: alternating rounds of iters iterations per setting
 
 
 def tokens_per_second(cfg, dtype, device):
@@ -54,12 +62,44 @@ def tokens_per_second(cfg, dtype, device):
     return cfg.iters * cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size / seconds, model
 
 
+def parse_compare(cfg):
+    """The settings of --compare: [(label, cfg with that variant applied), ...]."""
+    variants = []
+    for label in cfg.compare.split(";"):
+        pairs = [item.split("=", 1) for item in label.split(",")]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ConfigError(f"--compare variant {label!r} is not a comma-separated list of key=value")
+        settings = {key.strip(): parse_value(value) for key, value in pairs}
+        variant = apply_settings(cfg, settings, f"--compare variant {label!r}")
+        check_config(variant)
+        variants.append((label, variant))
+    return variants
+
+
+def compare(cfg, device):
+    """tokens/s of each --compare variant, timed in alternating rounds. Returns {label: median tokens/s}."""
+    dtype = dtype_name(cfg.dtypes.split(",")[0])
+    variants = parse_compare(cfg)
+    rates = {label: [] for label, _ in variants}
+    for _ in range(cfg.rounds):
+        for label, variant in variants:
+            rates[label].append(tokens_per_second(variant, dtype, device)[0])
+    medians = {label: statistics.median(r) for label, r in rates.items()}
+    first = next(iter(medians.values()))
+    for label, rate in medians.items():
+        spread = f"{min(rates[label]):,.0f}-{max(rates[label]):,.0f}"
+        print(f"{label}: {rate:10,.0f} tokens/s (rounds {spread})  {rate / first:.3f}x the first")
+    return medians
+
+
 def main(cfg):
     check_config(cfg)
     device = resolve_device(cfg.device)
     flops = flops_per_token(model_config(cfg, cfg.vocab_size), cfg.block_size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {cfg.batch_size} "
           f"x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
+    if cfg.compare:
+        return compare(cfg, device)
     results = {}
     for dtype in map(dtype_name, cfg.dtypes.split(",")):
         peak = cfg.peak_flops or measure_peak_flops(device, dtype)

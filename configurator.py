@@ -41,7 +41,7 @@ def _check_type(key, value, annotation):
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def _parse_value(text):
+def parse_value(text):
     """--key=value: a python literal (3, 1e-3, True, None, 'x'), else the bare text as a string."""
     try:
         return ast.literal_eval(text)
@@ -96,7 +96,7 @@ def configure_and_report(config, argv):
     for arg in _joined(argv):
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
-            value = _parse_value(text)
+            value = parse_value(text)
             if _field_types(type(config)).get(key) is str and not isinstance(value, str):
                 value = text                     # --out_dir=2024 is the folder "2024", not an int
             settings, source = {key: value}, f"override {arg!r}"

@@ -47,6 +47,7 @@ from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkp
 from configurator import ConfigError, apply_settings, configure_and_report
 from loader import dtype_name, load_model_and_tokenizer, torch_dtype
 from model import MobileLLM, ModelConfig
+from optim import Float32Muon, OptimizerPair
 from quantize import is_quantized
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -61,7 +62,7 @@ class TrainConfig:
     data_dir: str = ""                  # folder with train.bin, val.bin, meta.json; "" = data/<dataset>
     init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt), or a model source to fine-tune:
                                         # our checkpoint, an HF dir or hub id, a .gguf file (see loader.py)
-    eval_interval: int = 250
+    eval_interval: int = 500            # iterations between evals (each costs ~13 training steps at the default)
     eval_iters: int = 20
     log_interval: int = 10              # iterations between progress-bar updates of loss, tokens/s, MFU
     always_save_checkpoint: bool = False  # False: save only when val loss improves (and on Ctrl-C)
@@ -81,13 +82,21 @@ class TrainConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # optimization: AdamW, linear warmup, cosine decay to min_lr, gradient clipping
-    max_iters: int = 2000
+    # optimization: AdamW (or Muon for the blocks' matrices), linear warmup, then decay to min_lr, gradient clipping
+    max_iters: int = 1900                # the quick default: ~9.5 minutes on 2 CPU cores (docs/quickstart.md)
     batch_size: int = 16                # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, summed over all processes
-    learning_rate: float = 3e-3
-    min_lr: Optional[float] = None      # None: 10% of learning_rate (the paper's cosine floor)
+    optimizer: str = "muon"             # "muon": Muon (optim.py) for the 2-D matrices inside the blocks, AdamW for
+                                        # embeddings and norms (the quick default: docs/quickstart.md); "adamw"
+                                        # for every parameter (the paper's configs, fine-tuning)
+    learning_rate: float = 3e-3         # peak AdamW learning rate
+    muon_lr: float = 0.02               # peak Muon learning rate (optimizer="muon"), on the same schedule
+    min_lr: Optional[float] = None      # None: 10% of learning_rate (the paper's cosine floor); Muon's floor
+                                        # is the same fraction of muon_lr
     warmup_iters: int = 100
+    lr_schedule: str = "cosine"         # after warmup: "cosine" decay to min_lr, or "wsd" (warmup-stable-decay):
+                                        # the peak until the last cooldown_frac of lr_decay_iters, then linear
+    cooldown_frac: float = 0.2          # "wsd": the fraction of lr_decay_iters spent decaying to min_lr
     lr_decay_iters: Optional[int] = None  # None: max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -123,14 +132,19 @@ class TrainError(RuntimeError):
 def check_config(cfg):
     """Type-check every field (as the command line does) and the values that must agree with each other."""
     apply_settings(type(cfg)(), asdict(cfg), type(cfg).__name__)
-    if dtype_name(cfg.dtype) not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"dtype must be one of ('auto', 'fp32', 'bf16'), got {cfg.dtype!r}")
+    choices = {"dtype": ("auto", "fp32", "bf16"), "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd")}
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if (dtype_name(value) if name == "dtype" else value) not in allowed:
+            raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
     for name in ("max_iters", "eval_iters", "eval_interval", "log_interval", "batch_size",
                  "gradient_accumulation_steps"):
         if getattr(cfg, name) < (0 if name == "max_iters" else 1):
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.train_blocks < 0:
         raise ConfigError(f"train_blocks must be 0 (all) or positive, got {cfg.train_blocks}")
+    if not 0 < cfg.cooldown_frac <= 1:
+        raise ConfigError(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
 
 
 def model_config(cfg, vocab_size):
@@ -169,13 +183,18 @@ def autocast_context(device, dtype):
 
 
 def lr_at(cfg, it):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup to learning_rate, then decay to min_lr at lr_decay_iters ("cosine" all the way, or
+    "wsd": constant until the last cooldown_frac of it, then linear), then min_lr."""
     min_lr = cfg.learning_rate / 10 if cfg.min_lr is None else cfg.min_lr
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= decay_iters:
         return min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = decay_iters - cfg.cooldown_frac * decay_iters
+        progress = max(0.0, (it - cooldown_start) / (decay_iters - cooldown_start))
+        return cfg.learning_rate - progress * (cfg.learning_rate - min_lr)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
 
@@ -258,14 +277,33 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1
 # model, optimizer, speed
 
 
-def build_optimizer(model, cfg, device):
+def adamw(params, cfg, device):
     """AdamW; weight decay on matrices only (not norms); the fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused or None)
+
+
+def muon_and_adamw(model, params, cfg, device):
+    """Muon for the blocks' 2-D matrices, AdamW for the rest (embeddings, norms). Muon's groups carry
+    lr_scale = muon_lr / learning_rate, so that one schedule drives both."""
+    in_blocks = {id(p) for p in model.layers.parameters()}
+    matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
+    rest = [p for p in params if not (p.dim() == 2 and id(p) in in_blocks)]
+    muon = Float32Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    for group in muon.param_groups:
+        group["lr_scale"] = cfg.muon_lr / cfg.learning_rate
+    return OptimizerPair(adamw(rest, cfg, device), muon)
+
+
+def build_optimizer(model, cfg, device):
+    """The optimizer of cfg.optimizer over the trained (requires_grad) parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        return muon_and_adamw(model, params, cfg, device)
+    return adamw(params, cfg, device)
 
 
 def flops_per_token(config, seq_len):
@@ -500,7 +538,7 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
     if math.isfinite(train_loss) and math.isfinite(grad_norm):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.step()
     else:
         train_loss = math.nan
@@ -513,9 +551,9 @@ def resume_state(ckpt, out_dir, optimizer, device):
     Returns (iter_num, best val loss, elapsed seconds so far, eval history from log.jsonl)."""
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
         raise ConfigError(f"resume: the checkpoint's optimizer state does not fit the parameters trained now "
-                          f"(set freeze_embedding and train_blocks as the run did): {e}") from e
+                          f"(set freeze_embedding and train_blocks as the run did, and the same optimizer): {e}") from e
     restore_rng_state(ckpt["rng"], device)
     log_file = Path(out_dir) / "log.jsonl"
     history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []

@@ -13,3 +13,4 @@ share = "none"
 block_size = 256
 batch_size = 8
 gradient_accumulation_steps = 1
+optimizer = "adamw"     # nanoGPT's

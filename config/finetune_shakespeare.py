@@ -24,6 +24,7 @@ log_interval = 1
 always_save_checkpoint = True
 
 # a short warmup, then a gentle decay: a pretrained model needs a small, nearly constant lr
+optimizer = "adamw"     # not train.py's default Muon, whose large steps suit training from scratch
 learning_rate = 1e-4
 min_lr = 5e-5
 warmup_iters = 5

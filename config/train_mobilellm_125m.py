@@ -20,6 +20,7 @@ share = "none"
 block_size = 2048
 
 # optimization: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1, 1000 warmup steps, cosine to 10%, clip 1.0
+optimizer = "adamw"     # the paper's; train.py's quick default uses Muon
 batch_size = 32
 gradient_accumulation_steps = 32
 max_iters = 480_000

@@ -61,9 +61,9 @@ BASE = {
 # slower, not faster (see docs/experiments.md).
 TRAIN = {
     "full": dict(max_iters=300, eval_interval=60, eval_iters=10, batch_size=16, block_size=64,
-                 learning_rate=2e-3, warmup_iters=20, min_lr=2e-4, dtype="fp32"),
+                 learning_rate=2e-3, warmup_iters=20, min_lr=2e-4, dtype="fp32", optimizer="adamw"),
     "quick": dict(max_iters=4, eval_interval=4, eval_iters=1, batch_size=2, block_size=16,
-                  learning_rate=2e-3, warmup_iters=1, min_lr=2e-4, dtype="fp32"),
+                  learning_rate=2e-3, warmup_iters=1, min_lr=2e-4, dtype="fp32", optimizer="adamw"),
 }
 ALL_THREADS = torch.get_num_threads()   # decode timing uses every core (it runs alone, under the exclusive lock)
 SEEDS = {"full": (0, 1), "quick": (0, 1)}

@@ -74,7 +74,7 @@ def data_dir(source, tmp_path_factory):
 def finetune(source, data_dir, out_dir, **overrides):
     settings = dict(init_from=str(source), data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4,
                     eval_iters=2, eval_interval=10, max_iters=20, learning_rate=3e-3, warmup_iters=2,
-                    dtype="float32", quiet=True)
+                    dtype="float32", quiet=True, optimizer="adamw")        # as config/finetune_shakespeare.py
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -265,3 +265,4 @@ def test_finetune_config_takes_the_model_settings_from_the_model():
     assert set(MODEL_FIELDS) & set_keys == {"block_size"}             # the model's shape is the GGUF's
     assert cfg.init_from.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and cfg.dataset == "shakespeare_smollm2"
     assert cfg.freeze_embedding and cfg.always_save_checkpoint and cfg.eval_interval < cfg.max_iters
+    assert cfg.optimizer == "adamw"

@@ -65,7 +65,8 @@ def test_a_few_steps_lower_the_loss_and_write_the_log(data_dir, tmp_path):
     assert lines[-1]["iter"] == 30 and lines[-1]["tokens"] == 30 * 4 * 32
     model, ckpt = checkpoint.load_model(tmp_path)        # weights_only=True loading of everything we store
     assert ckpt["iter_num"] == 30 and ckpt["tokenizer"]["kind"] == "char"
-    assert ckpt["data_state"]["iter_num"] == 30 and "torch" in ckpt["rng"] and ckpt["optimizer"]["state"]
+    assert ckpt["data_state"]["iter_num"] == 30 and "torch" in ckpt["rng"]
+    assert ckpt["optimizer"]["first"]["state"] and ckpt["optimizer"]["second"]["state"]      # AdamW's and Muon's
 
 
 def test_training_ends_by_printing_the_command_that_samples_from_it(data_dir, tmp_path, capsys):
@@ -73,8 +74,9 @@ def test_training_ends_by_printing_the_command_that_samples_from_it(data_dir, tm
     assert capsys.readouterr().out.splitlines()[-1] == f"sample from it: python sample.py --init_from={tmp_path}"
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
-    common = dict(lr_decay_iters=20, gradient_accumulation_steps=2, always_save_checkpoint=True)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
+    common = dict(lr_decay_iters=20, gradient_accumulation_steps=2, always_save_checkpoint=True, optimizer=optimizer)
     straight = train(tiny(data_dir, tmp_path / "a", max_iters=20, **common))
     train(tiny(data_dir, tmp_path / "b", max_iters=10, **common))
     resumed = train(tiny(data_dir, tmp_path / "b", max_iters=20, init_from="resume", **common))
@@ -87,8 +89,10 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     assert log == [0, 10, 20]                            # no duplicate eval at the resume point
 
 
-def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
-    common = dict(max_iters=6, eval_interval=6, gradient_accumulation_steps=2, always_save_checkpoint=True)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path, optimizer):
+    common = dict(max_iters=6, eval_interval=6, gradient_accumulation_steps=2, always_save_checkpoint=True,
+                  optimizer=optimizer)
     single = train(tiny(data_dir, tmp_path / "one", **common))
     args = [f"--{k}={v}" for k, v in vars(tiny(data_dir, tmp_path / "two", **common)).items()
             if v != getattr(TrainConfig(), k)]
@@ -160,11 +164,43 @@ def test_lr_warms_up_then_decays_by_cosine_to_ten_percent():
     assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_cooldown():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, lr_schedule="wsd", cooldown_frac=0.2)
+    lrs = [lr_at(cfg, it) for it in range(120)]
+    assert lrs[0] < lrs[9] < lrs[10] == lrs[88] == 1e-3
+    assert lrs[99] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[88:110], lrs[89:111]))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(data_dir, tmp_path):
+    model = MobileLLM(model_config(TrainConfig(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64), 65))
+    optimizer = train_module.build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3,
+                                                                muon_lr=0.02), "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for g in optimizer.second.param_groups for p in g["params"]]
+    adamw = [names[id(p)] for g in optimizer.first.param_groups for p in g["params"]]
+    assert sorted(muon + adamw) == sorted(names.values())
+    assert len(muon) == 2 * 7 and all(n.startswith("layers.") and n.endswith("weight") and "norm" not in n for n in muon)
+    assert "tok_embeddings.weight" in adamw and "norm.weight" in adamw
+    assert {g["lr_scale"] for g in optimizer.second.param_groups} == {20.0}
+    train(tiny(data_dir, tmp_path, max_iters=4, eval_interval=4, optimizer="muon", always_save_checkpoint=True))
+    with pytest.raises(ConfigError, match="optimizer state does not fit.*the same optimizer"):
+        train(tiny(data_dir, tmp_path, max_iters=8, eval_interval=4, init_from="resume", optimizer="adamw"))
+
+
+def test_muon_learns_at_least_as_fast_as_adamw_on_tiny_data(data_dir, tmp_path):
+    adamw = train(tiny(data_dir, tmp_path / "adamw", max_iters=30, eval_interval=30))
+    muon = train(tiny(data_dir, tmp_path / "muon", max_iters=30, eval_interval=30, optimizer="muon"))
+    assert muon[-1]["val_loss"] < adamw[0]["val_loss"] - 0.5
+    assert muon[-1]["val_loss"] < adamw[-1]["val_loss"] + 0.05
+
+
 def test_default_config_is_a_deep_and_thin_mobilellm_ls():
     cfg = configure(TrainConfig(), [])
     config = model_config(cfg, vocab_size=65)
     assert cfg.dataset == "shakespeare_char" and cfg.dtype == "auto" and cfg.device == "auto"
     assert config.share == "immediate" and config.depth == 2 * config.n_layers
+    assert cfg.optimizer == "muon" and cfg.lr_schedule == "cosine"
     assert config.dim <= 256 and config.n_kv_heads < config.n_heads    # thin, grouped-query attention
     with torch.device("meta"):
         assert MobileLLM(config).num_params() > 0
@@ -181,6 +217,7 @@ def test_paper_configs_hold_the_paper_recipe(name, layers, dim, depth, params):
     assert (config.n_layers, config.dim, config.depth, cfg.block_size) == (layers, dim, depth, 2048)
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
     assert cfg.warmup_iters == 1000 and cfg.max_iters == 480_000 and cfg.dtype == "bf16"
+    assert cfg.optimizer == "adamw" and cfg.lr_schedule == "cosine"
     assert cfg.min_lr == pytest.approx(cfg.learning_rate / 10)
     paper_tokens = 32 * 32 * 2048                       # 32 GPUs x 32 sequences x 2048 tokens at lr 2e-3
     assert cfg.learning_rate == pytest.approx(2e-3 * cfg.batch_size * cfg.block_size
@@ -215,6 +252,12 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
 def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="dtype must be one of"):
         train(tiny(data_dir, tmp_path, dtype="fp16"))
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        train(tiny(data_dir, tmp_path, optimizer="sgd"))
+    with pytest.raises(ConfigError, match="lr_schedule must be one of"):
+        train(tiny(data_dir, tmp_path, lr_schedule="linear"))
+    with pytest.raises(ConfigError, match="cooldown_frac must be in"):
+        train(tiny(data_dir, tmp_path, lr_schedule="wsd", cooldown_frac=0))
     with pytest.raises(ConfigError, match="bad model settings: dim .* divisible by n_heads"):
         train(tiny(data_dir, tmp_path, dim=30))
     with pytest.raises(TrainError, match="not prepared.*prepare.py"):

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+import bench_train
+from configurator import ConfigError, configure
+
+TINY = ["--n_layers=1", "--dim=16", "--n_heads=2", "--n_kv_heads=1", "--ffn_dim=32", "--block_size=8",
+        "--batch_size=2", "--iters=1", "--warmup=0", "--peak_flops=1e9"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reports_tokens_per_second_and_mfu_per_dtype(capsys):
+    results = bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtypes=fp32"]))
+    assert list(results) == ["fp32"] and results["fp32"] > 0
+    out = capsys.readouterr().out
+    assert "tokens/s  MFU" in out and "of 1 GFLOP/s" in out
+
+
+def test_compare_times_each_variant_in_alternating_rounds(capsys, monkeypatch):
+    order = []
+    timed = bench_train.tokens_per_second
+
+    def record(cfg, dtype, device):
+        order.append((cfg.optimizer, cfg.muon_lr, dtype))
+        return timed(cfg, dtype, device)
+
+    monkeypatch.setattr(bench_train, "tokens_per_second", record)
+    cfg = configure(bench_train.BenchConfig(), TINY + ["--dtypes=fp32", "--rounds=2", "--muon_lr=0.02",
+                                                       "--compare=optimizer=adamw;optimizer=muon,muon_lr=0.05"])
+    medians = bench_train.main(cfg)
+    assert order == [("adamw", 0.02, "fp32"), ("muon", 0.05, "fp32")] * 2
+    assert list(medians) == ["optimizer=adamw", "optimizer=muon,muon_lr=0.05"]
+    assert "1.000x the first" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("compare, message", [("optimizer", "not a comma-separated list of key=value"),
+                                              ("bogus=1", "unknown config key"),
+                                              ("optimizer=sgd", "optimizer must be one of")])
+def test_bad_compare_variants_are_clear_errors(compare, message):
+    with pytest.raises(ConfigError, match=message):
+        bench_train.main(configure(bench_train.BenchConfig(), TINY + [f"--compare={compare}"]))
