@@ -8,16 +8,16 @@
 # training window (block_size, below the model's 8192). The Q4_1 GGUF is dequantized to float when loaded, so
 # training starts from those dequantized weights; online, init_from = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # starts from the original float weights (prepare the data with that --tokenizer and another --out_dir).
-# Sized for ~15 minutes on 2 quiet CPU cores by FLOP count (not timed): one step (4 x 256 tokens; the embedding
-# and the first 15 blocks frozen, so backward only runs through the last 15) costs ~0.6 TFLOP, ~10 s at an
-# effective 60 GFLOP/s; each of the 7 evals runs 2 x 2 forward batches (~1.2 TFLOP).
+# Sized for a clear drop within ~10 minutes on 2 CPU cores (docs/finetune.md has the measured run): one step
+# (4 x 256 tokens; the embedding and the first 15 blocks frozen, so backward only runs through the last 15)
+# costs ~0.6 TFLOP; each of the 5 evals runs 2 x 2 forward batches.
 init_from = "../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 out_dir = "out-finetune-shakespeare"
 dataset = "shakespeare_smollm2"
 
 block_size = 256
 batch_size = 4
-max_iters = 60
+max_iters = 40
 eval_interval = 10
 eval_iters = 2
 log_interval = 1

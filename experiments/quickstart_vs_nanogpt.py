@@ -7,7 +7,7 @@ machine, one after the other: validation loss against wall-clock time, start-up 
 
 Any other --key=value goes to our train.py (its out_dir is <out_dir>/ours). nanoGPT runs its README's CPU
 command with max_iters = lr_decay_iters = --nanogpt_iters. Each run is stopped at the time limit if it has not finished.
-Both datasets are prepared before the clocks start (nanoGPT's from a copy of --input, as it would download).
+Both datasets are prepared before the clocks start (nanoGPT's from a copy of --input instead of its download).
 Prints a table of each run's latest val loss at every minute, writes <out_dir>/quickstart_vs_nanogpt.json
 (commands, machine, every eval with its time) and .png (val loss against wall time; needs matplotlib).
 """
@@ -128,7 +128,8 @@ def main(argv=None):
     parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
     parser.add_argument("--minutes", type=int, default=10, help="wall time of each run")
     parser.add_argument("--nanogpt_iters", type=int, default=6300, help="nanoGPT's max_iters = lr_decay_iters")
-    parser.add_argument("--input", type=Path, default=None, help="tiny shakespeare input.txt, for offline machines")
+    parser.add_argument("--input", type=Path, default=REPO / "data" / "tinyshakespeare.txt",
+                        help="the text both train on (default: the tiny shakespeare that ships in data/)")
     parser.add_argument("--out_dir", type=Path, default=REPO / "out-quickstart-vs-nanogpt")
     args, ours_args = parser.parse_known_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def from_dataclass(config, argv):
     raise Got({"flags": flags, "positional": None})
 
 argparse.ArgumentParser.parse_known_args = from_parser
-configurator.configure = from_dataclass
+configurator.configure = configurator.configure_and_report = from_dataclass
 found = {}
 for script in sys.argv[2:]:
     sys.argv = [script]
