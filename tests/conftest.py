@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # ../shared beside the project root holds local copies of the data and tokenizer files
 # (the machines that run the tests have no internet).
@@ -44,3 +45,12 @@ def chat_tokenizer():
     bpe.train_from_iterator(["hello there", "how are you?", "fine thanks", "user", "assistant", "system",
                              "the quick brown fox jumps over the lazy dog"] * 4, trainer)
     return tokenizers_tokenizer(bpe.to_str(), bos="<|endoftext|>", eos="<|im_end|>", chat_template=CHATML_TEMPLATE)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

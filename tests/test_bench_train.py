@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 import bench_train
 from configurator import ConfigError, configure
@@ -8,12 +7,7 @@ TINY = ["--n_layers=1", "--dim=16", "--n_heads=2", "--n_kv_heads=1", "--ffn_dim=
         "--batch_size=2", "--iters=1", "--warmup=0", "--peak_flops=1e9"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def test_reports_tokens_per_second_and_mfu_per_dtype(capsys):

@@ -44,12 +44,7 @@ def tiny_model(vocab_size, **kw):
     return MobileLLM(ModelConfig(**{**base, **kw}))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")
