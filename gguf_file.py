@@ -448,12 +448,15 @@ def vocab_metadata(tokenizer, n_vocab):
 
 
 def _add_metadata(writer, meta):
-    """Write {key: value} with GGUF's types: bool, uint32 for ints, string, array (of int32, float32 or string)."""
+    """Write {key: value} with GGUF's types: bool, uint32 for ints, float32, string, array (of int32, float32 or
+    string)."""
     for key, value in meta.items():
         if isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, int):
             writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
         elif isinstance(value, str):
             writer.add_string(key, value)
         else:

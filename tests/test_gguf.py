@@ -104,17 +104,7 @@ def write_llama_gguf(path, model, qtype=Q.F32, arch="llama", keys=None, tensors=
     writer.add_head_count_kv(c.n_kv_heads)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
-    for key, value in {**(vocab or {"tokenizer.ggml.model": "no_vocab"}), **(keys or {})}.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+    gguf_file._add_metadata(writer, {**(vocab or {"tokenizer.ggml.model": "no_vocab"}), **(keys or {})})
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     arrays = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
     if not c.tie_embeddings:
