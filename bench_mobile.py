@@ -303,14 +303,20 @@ def parse_runner_ms(output):
     return float(match.group(2)) / int(match.group(1))
 
 
+def android_target(runner, serial):
+    """(runner path, device serial) for a run on a phone; one clear error for a missing runner, adb or device."""
+    build = "build ExecuTorch's executor_runner for arm64 with XNNPACK (docs/on-device.md)"
+    if not runner:
+        raise BenchError(f"--device android needs --runner: {build}")
+    if not Path(runner).is_file():
+        raise BenchError(f"runner {str(runner)!r} not found: {build} and pass it with --runner")
+    return Path(runner), android_device(serial)
+
+
 def android_rows(programs, runner, serial, runs, threads):
     """Push the runner and each program ({label: path}), time `runs` executions of each, clean up.
     Returns {label: ms per execution}."""
-    runner = Path(runner or "")
-    if not runner.is_file():
-        raise BenchError(f"runner {str(runner)!r} not found: build ExecuTorch's executor_runner for arm64 "
-                         "with XNNPACK and pass it with --runner (README: On-device speed)")
-    serial = android_device(serial)
+    runner, serial = android_target(runner, serial)
     remote_runner = f"{REMOTE_DIR}/{runner.name}"
     results = {}
     try:
@@ -463,6 +469,8 @@ def run(args):
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB)")
         return
     require_executorch()
+    if args.device == "android":
+        android_target(args.runner, args.serial)        # before any export: fail in seconds, not after minutes
     rows, programs, kernel_gbs = [], {}, {}
     for source in tqdm(sources, desc="export", disable=len(sources) < 2):
         model = checked_source(args, source)

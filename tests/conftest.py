@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -54,3 +55,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- one tiny layer-shared model and its fp32 program for the export and bench_mobile tests -------------
+
+TINY_LS = "mobilellm-micro-ls:n_layers=1+dim=32+n_heads=2+n_kv_heads=1+ffn_dim=64+vocab_size=64+block_size=64"
+MAX_SEQ_LEN = 32
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    import export
+    return export.preset_model(TINY_LS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("export_cache")
+
+
+@pytest.fixture(scope="session")
+def pte_fp32(tiny, export_cache):
+    """One fp32 program (block-shared lowering) for every test that needs one, exported once through the
+    cache that export.py's command line uses (lowering takes seconds). Returns (path, info)."""
+    pytest.importorskip("executorch.exir")
+    import export
+    path = export.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=export_cache)
+    return path, json.loads(path.with_suffix(".json").read_text())

@@ -9,7 +9,8 @@ import torch
 
 import bench_mobile as bm
 import export
-from test_export import MAX_SEQ_LEN, TINY_LS, load_method, pte_fp32, tiny  # noqa: F401  (fixtures)
+from conftest import MAX_SEQ_LEN, TINY_LS
+from test_export import load_method
 
 pytest.importorskip("executorch.exir")
 
@@ -75,8 +76,8 @@ def test_android_pushes_runs_parses_and_cleans_up(fake_adb, pte_fp32, tmp_path):
     remote = bm.REMOTE_DIR
     assert calls[0] == "devices"
     assert f"-s emulator-5554 push {runner} {remote}/executor_runner" in calls
-    assert f"-s emulator-5554 push {pte_fp32[0]} {remote}/tiny_fp32.pte" in calls
-    assert (f"-s emulator-5554 shell {remote}/executor_runner --model_path={remote}/tiny_fp32.pte "
+    assert f"-s emulator-5554 push {pte_fp32[0]} {remote}/{pte_fp32[0].name}" in calls
+    assert (f"-s emulator-5554 shell {remote}/executor_runner --model_path={remote}/{pte_fp32[0].name} "
             "--num_executions=3 --cpu_threads=1") in calls
     assert calls[-1] == f"-s emulator-5554 shell rm -rf {remote}"
     assert not (tmp_path / "device" / "nanomobilellm").exists()
@@ -103,6 +104,21 @@ def test_android_errors(fake_adb, tmp_path, monkeypatch):
         bm.android_rows({}, runner, "", 1, 1)
     with pytest.raises(bm.BenchError, match="'C' is not connected"):
         bm.android_rows({}, runner, "C", 1, 1)
+
+
+def test_android_run_checks_adb_device_and_runner_before_any_export(fake_adb, tmp_path, monkeypatch):
+    """A missing adb, device or runner is reported in seconds, not after a multi-minute export."""
+    monkeypatch.setattr(export, "export_pte", lambda *a: pytest.fail("exported before checking the phone"))
+    runner = write_script(tmp_path / "executor_runner", FAKE_RUNNER)
+    args = ["--init_from", TINY_LS, "--device", "android", "--cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match="bench_mobile.py: --device android needs --runner"):
+        bm.main(args)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="adb is not on PATH"):
+        bm.main(args + ["--runner", str(runner)])
+    fake_adb(devices="")
+    with pytest.raises(SystemExit, match="no Android device"):
+        bm.main(args + ["--runner", str(runner)])
 
 
 def test_cli_rejects_bad_input(capsys):
