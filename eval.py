@@ -310,9 +310,10 @@ def stderr(p, n):
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
 
 
-def evaluate(model, tokenizer, name, examples, batch_size=16, device="cpu", dtype=torch.float32):
+def evaluate(model, tokenizer, name, examples, batch_size=16, device="cpu", dtype=torch.float32, outcomes=None):
     """Score a task's examples; returns its metrics. Examples the tokenizer cannot encode (a char-level vocabulary
-    lacks digits, say) are skipped and counted."""
+    lacks digits, say) are skipped and counted. outcomes: a list to append each scored example's
+    (acc, acc_norm) to, 1 or 0 (to compare runners example by example)."""
     requests, kept, skipped = [], [], 0
     for ex in examples:
         try:
@@ -332,8 +333,11 @@ def evaluate(model, tokenizer, name, examples, batch_size=16, device="cpu", dtyp
     for ex in kept:
         ll = lls[i:i + len(ex.continuations)]
         i += len(ex.continuations)
-        correct += argmax(ll) == ex.label
-        correct_norm += argmax([v / max(length, 1) for v, length in zip(ll, ex.norm_lengths)]) == ex.label
+        right = int(argmax(ll) == ex.label)
+        right_norm = int(argmax([v / max(length, 1) for v, length in zip(ll, ex.norm_lengths)]) == ex.label)
+        correct, correct_norm = correct + right, correct_norm + right_norm
+        if outcomes is not None:
+            outcomes.append((right, right_norm))
     n = len(kept)
     result = dict(n=n, skipped=skipped, acc=correct / n, acc_stderr=stderr(correct / n, n))
     if "acc_norm" in TASKS[name].metrics:

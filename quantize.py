@@ -317,29 +317,33 @@ def serialized_bytes(obj):
     return buffer.tell()
 
 
-def variants(model):
-    """Every variant the report compares, made from the float model (left as it is)."""
-    out = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
-    for mode in MODES:
-        out[mode] = quantize_model(copy.deepcopy(model), mode)
-    out["w8a8 fake-quant"] = set_simulate(quantize_model(copy.deepcopy(model), "w8a8"), True)
-    return out
+VARIANTS = ("fp32", "bf16", "w8a8", "w8", "w8a8-fake")   # w8a8-fake: W8A8's rounding, float matmuls (set_simulate)
+
+
+def variants(model, names=VARIANTS):
+    """The variants the report compares (fp32, the reference, always first), made from the float model (left
+    as it is)."""
+    make = {"fp32": lambda: model, "bf16": lambda: copy.deepcopy(model).to(torch.bfloat16),
+            "w8a8": lambda: quantize_model(copy.deepcopy(model), "w8a8"),
+            "w8": lambda: quantize_model(copy.deepcopy(model), "w8"),
+            "w8a8-fake": lambda: set_simulate(quantize_model(copy.deepcopy(model), "w8a8"), True)}
+    return {name: make[name]() for name in dict.fromkeys(("fp32", *names))}
 
 
 def sizes_on_disk(models, source):
     """Bytes of each variant's checkpoint (for fp32 and bf16: the weights alone)."""
-    sizes = {name: serialized_bytes(model_checkpoint(models[name], source["tokenizer"])) for name in ("fp32", "bf16")}
-    for mode in MODES:
-        sizes[mode] = serialized_bytes(quantized_checkpoint(models[mode], source, mode))
-    sizes["w8a8 fake-quant"] = sizes["w8a8"]
-    return sizes
+    def size(name, m):
+        if name in ("fp32", "bf16"):
+            return serialized_bytes(model_checkpoint(m, source["tokenizer"]))
+        return serialized_bytes(quantized_checkpoint(m, source, name.removesuffix("-fake")))
+    return {name: size(name, m) for name, m in models.items()}
 
 
 def report(model, source, args):
-    """Loss, perplexity, size and decoding speed of fp32, bf16, W8A8, weight-only int8 and fake-quant
-    W8A8, on the same validation tokens, as one markdown table."""
+    """Loss, perplexity, size and decoding speed of fp32 and the --variants (bf16, W8A8, weight-only int8,
+    fake-quant W8A8), on the same validation tokens, as one markdown table."""
     from bench_mobile import eager_decode_ms
-    models = variants(model)
+    models = variants(model, args.variants.split(","))
     sizes, losses, speeds = sizes_on_disk(models, source), {}, {}
     if args.eval_tokens:
         tokens = validation_tokens(source.get("train_config"), model.config.vocab_size, args.eval_tokens + 1,
@@ -375,6 +379,13 @@ def int8_path(init_from, out_dir, mode):
     return Path(f"{base}-{mode}" if source.exists() else f"out-{source.name}-{mode}") / CKPT_NAME
 
 
+def variant_names(text):
+    names = [n for n in text.split(",") if n]
+    if unknown := [n for n in names if n not in VARIANTS]:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    return ",".join(names)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,6 +396,9 @@ def main(argv=None):
     parser.add_argument("--mode", default="w8a8", choices=MODES,
                         help="w8a8: int8 weights and per-token int8 activations; w8: int8 weights only")
     parser.add_argument("--report", action="store_true", help="then compare every variant (fp32, bf16, w8a8, w8)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), type=variant_names,
+                        help=f"--report: which of {', '.join(VARIANTS)} (fp32 always; on CPUs without AVX-512, bf16 "
+                             "is emulated and the int8 matmul slow: w8a8-fake gives w8a8's numbers)")
     parser.add_argument("--eval_tokens", type=int, default=32768, help="--report: validation tokens to score (0: skip)")
     parser.add_argument("--block_size", type=int, default=0, help="--report: evaluation window (default: the model's, <= 512)")
     parser.add_argument("--batch_size", type=int, default=8)

@@ -46,7 +46,7 @@ from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkp
                         save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report
 from loader import dtype_name, load_model_and_tokenizer, torch_dtype
-from model import MobileLLM, ModelConfig
+from model import MobileLLM, ModelConfig, block_schedule
 from optim import Float32Muon, OptimizerPair
 from quantize import is_quantized
 
@@ -83,7 +83,7 @@ class TrainConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # optimization: AdamW (or Muon for the blocks' matrices), linear warmup, then decay to min_lr, gradient clipping
-    max_iters: int = 1900                # the quick default: ~9.5 minutes on 2 CPU cores (docs/quickstart.md)
+    max_iters: int = 1500               # the quick default: 7-10 minutes on 2 CPU cores (docs/quickstart.md)
     batch_size: int = 16                # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, summed over all processes
     optimizer: str = "muon"             # "muon": Muon (optim.py) for the 2-D matrices inside the blocks, AdamW for
@@ -306,14 +306,24 @@ def build_optimizer(model, cfg, device):
     return adamw(params, cfg, device)
 
 
-def flops_per_token(config, seq_len):
-    """Training FLOPs per token (forward + backward = 6 per weight use, nanoGPT/PaLM style). A shared
-    block costs compute every time it is applied, so it counts once per application."""
+def flops_per_token(config, seq_len, frozen_blocks=(), frozen_embedding=False):
+    """Training FLOPs per token, nanoGPT/PaLM style: each weight use costs 2 forward, 2 for the gradient of
+    its input and 2 for its own gradient. A shared block costs compute every time it is applied, so it counts
+    once per application. Fine-tuning: frozen weights (the unique blocks frozen_blocks, the embedding and head)
+    skip their own gradient, and no backward at all runs below the first trainable weight."""
     c = config
     attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    ffn = c.dim * c.ffn_dim * (3 if c.ffn_type == "swiglu" else 2)
-    weights_used = c.depth * (attn + ffn) + c.vocab_size * c.dim        # blocks + output head
-    return 6 * weights_used + 12 * c.depth * c.dim * seq_len             # + attention scores and values
+    block = attn + c.dim * c.ffn_dim * (3 if c.ffn_type == "swiglu" else 2)   # weights used per application
+    scores = 4 * c.dim * seq_len                       # attention scores and values, forward
+    flops, below = 0, not frozen_embedding             # below: a trainable weight under this point
+    for b in block_schedule(c):
+        trains = b not in frozen_blocks
+        flops += 2 * block + scores
+        if below or trains:
+            flops += 2 * block + 2 * scores + (2 * block if trains else 0)
+        below = below or trains
+    head = c.vocab_size * c.dim                        # the output head (the embedding lookup costs none)
+    return flops + 2 * head + (2 * head if below else 0) + (0 if frozen_embedding else 2 * head)
 
 
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -642,7 +652,8 @@ def run(cfg, set_keys, rank, world, device, stop):
     train_model = DDP(eval_model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else eval_model
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    flops_per_iter = flops_per_token(config, cfg.block_size) * tokens_per_iter
+    frozen_blocks = range(config.n_layers - cfg.train_blocks) if cfg.train_blocks else ()
+    flops_per_iter = flops_per_token(config, cfg.block_size, frozen_blocks, cfg.freeze_embedding) * tokens_per_iter
     peak_flops = cfg.peak_flops or (measure_peak_flops(device, cfg.dtype) if master and not cfg.quiet else 0.0)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{model.num_params():,} parameters, {trained:,} trained ({config.n_layers} blocks applied {config.depth} "

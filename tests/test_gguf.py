@@ -9,6 +9,7 @@ gguf = pytest.importorskip("gguf")
 
 import gguf_file  # noqa: E402
 from checkpoint import model_checkpoint, save_checkpoint  # noqa: E402
+from conftest import SHARED  # noqa: E402
 from gguf_file import GGUFFormatError, export_gguf, load_gguf  # noqa: E402
 from loader import load_model_and_tokenizer  # noqa: E402
 from model import MobileLLM, ModelConfig, block_schedule  # noqa: E402
@@ -395,12 +396,18 @@ def test_tokenizers_other_than_byte_level_bpe_are_refused_on_export(tmp_path):
 
 # --- the real model -----------------------------------------------------------------------------------------
 
-def test_smollm2_q4_1_loads_tokenizes_and_answers(shared_dir):
-    path = shared_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real SmolLM2-135M-Instruct from ../shared/models, loaded once: (model, tokenizer)."""
+    path = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         pytest.skip(f"{path} is not there")
+    return load_model_and_tokenizer(str(path))
+
+
+def test_smollm2_q4_1_loads_tokenizes_and_answers(smollm2):
     jinja2 = pytest.importorskip("jinja2")
-    model, tok = load_model_and_tokenizer(str(path))
+    model, tok = smollm2
     c = model.config
     assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
     assert c.tie_embeddings and c.rope_theta == 100000.0 and model.num_params() == 134_515_008
@@ -417,6 +424,26 @@ def test_smollm2_q4_1_loads_tokenizes_and_answers(shared_dir):
         if "Paris" in answer:
             break
     assert "Paris" in answer, answer
+
+
+def test_smollm2_greedy_text_equals_transformers_on_its_hf_export(smollm2, tmp_path):
+    """The same weights through hf.py's export and transformers' own Llama: same ids, logits, greedy text."""
+    transformers = pytest.importorskip("transformers")
+    from hf import export_hf
+    model, tok = smollm2
+    export_hf(model, tmp_path, tok)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt)
+    assert hf_tok(prompt)["input_ids"] == ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+        theirs = hf_model(torch.tensor([ids])).logits
+        assert (ours - theirs).abs().max() < 1e-3
+        text = model.generate(torch.tensor([ids]), 24, temperature=0)[0].tolist()
+        hf_text = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0].tolist()
+    assert tok.decode(text) == hf_tok.decode(hf_text), (tok.decode(text), hf_tok.decode(hf_text))
 
 
 # --- llama.cpp itself, where llama-cpp-python's bindings import -------------------------------------------

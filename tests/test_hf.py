@@ -205,6 +205,23 @@ def test_export_refuses_a_tokenizer_without_hf_files(tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
 
 
+def test_command_line_exports_a_checkpoint_and_refuses_an_int8_one(tmp_path, chat_tokenizer, capsys):
+    from checkpoint import model_checkpoint, save_checkpoint
+    from quantize import quantize_model
+    model = tiny_model(vocab_size=320)
+    save_checkpoint(model_checkpoint(model, chat_tokenizer.spec), tmp_path / "ckpt" / "ckpt.pt")
+    hf.main(["--init_from", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+    assert "and the tokenizer's files" in capsys.readouterr().out
+    back, tokenizer = hf.load_hf(tmp_path / "hf")
+    idx = torch.randint(320, (1, 12))
+    assert torch.equal(model(idx)[0], back(idx)[0]) and tokenizer.encode(TEXT) == chat_tokenizer.encode(TEXT)
+    qmodel = quantize_model(tiny_model(vocab_size=320), "w8a8")
+    save_checkpoint(model_checkpoint(qmodel, chat_tokenizer.spec, quantization="w8a8"), tmp_path / "q" / "ckpt.pt")
+    with pytest.raises(SystemExit, match="hf.py: .* is an int8 checkpoint"):
+        hf.main(["--init_from", str(tmp_path / "q"), "--out", str(tmp_path / "hf_q")])
+    assert not (tmp_path / "hf_q").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(hidden_act="gelu"), "hidden_act"), (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(attention_bias=True), "attention_bias"), (dict(model_type="gpt2"), "model_type"),

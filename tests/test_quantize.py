@@ -168,13 +168,19 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked
     assert "optimizer" not in ckpt and ckpt["train_config"]["dataset"] == "test"
     main([str(src), "--mode=w8", "--report", "--eval_tokens=64", "--block_size=16", "--decode_tokens=2"])
     report = capsys.readouterr().out                                   # the old positional form still works
-    for variant in ("| fp32 |", "| bf16 |", "| w8a8 |", "| w8 |", "| w8a8 fake-quant |"):
+    for variant in ("| fp32 |", "| bf16 |", "| w8a8 |", "| w8 |", "| w8a8-fake |"):
         assert variant in report
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in report.splitlines()
             if line.startswith("| ") and "variant" not in line}
     assert all(float(cells[0]) > 0 and float(cells[-1]) > 0 for cells in rows.values())   # loss, tokens/s
     assert float(rows["w8a8"][4].strip().rstrip("x")) < 0.5                                     # size vs fp32
     assert (tmp_path / "src-w8" / "ckpt.pt").is_file()
+    main([str(src), "--report", "--variants=w8a8-fake", "--eval_tokens=64", "--block_size=16", "--decode_tokens=0"])
+    names = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert names == ["variant", "fp32", "w8a8-fake"]                   # fp32, the reference, and what was asked
+    with pytest.raises(SystemExit):
+        main([str(src), "--report", "--variants=fp16"])
+    assert "unknown variant(s) fp16" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="already quantized"):
         main(["--init_from", str(tmp_path / "src-w8a8"), "--out_dir", str(tmp_path / "again")])
 

@@ -275,6 +275,19 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it():
     assert train_module.resolve_dtype("bfloat16", "cpu") == "bf16"          # torch's name is an alias
 
 
+def test_flops_of_a_fine_tune_leave_out_the_gradients_frozen_weights_do_not_need():
+    c = model_config(TrainConfig(share="none", n_layers=2), vocab_size=65)
+    block = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim
+    scores, head = 4 * c.dim * 128, 65 * c.dim
+    full = train_module.flops_per_token(c, 128)
+    assert full == 2 * (6 * block + 3 * scores) + 6 * head
+    # block 0 and the embedding frozen: block 0 runs forward only, block 1 fully, the head without its own gradient
+    assert train_module.flops_per_token(c, 128, frozen_blocks=[0], frozen_embedding=True) == (
+        (2 * block + scores) + (6 * block + 3 * scores) + 4 * head)
+    # only the embedding trains: every block passes gradients down, none computes its own
+    assert train_module.flops_per_token(c, 128, frozen_blocks=[0, 1]) == 2 * (4 * block + 3 * scores) + 6 * head
+
+
 def test_flops_count_shared_blocks_once_per_application():
     base = model_config(TrainConfig(share="none"), vocab_size=65)
     shared = model_config(TrainConfig(share="immediate"), vocab_size=65)
