@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype
+from quantize import set_simulate
 
 
 class EvalError(Exception):
@@ -383,6 +384,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16", type=dtype_name, choices=DTYPES,
                         help="autocast dtype of the forward (log-probs are always summed in fp32)")
+    parser.add_argument("--simulate_int8", action="store_true",
+                        help="an int8 checkpoint's W8A8 products in float on the int8 values (quantize.py's fake-quant "
+                             "path: the same rounding, scores equal up to float error), for CPUs whose int8 matmul "
+                             "is slow (docs/quantization.md)")
     parser.add_argument("--out", default="out-eval/results.json", help="where the JSON results go")
     args = parser.parse_args(argv)
     try:
@@ -403,6 +408,8 @@ def main(argv=None):
     if tokenizer is None:
         sys.exit(f"eval.py: {args.init_from} has no tokenizer (a preset name gives random weights only): "
                  "give a checkpoint or a Hugging Face model")
+    if args.simulate_int8:
+        set_simulate(model, True)
     dtype = torch_dtype(args.dtype)
     results = {name: evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
                for name in tasks}
@@ -415,7 +422,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(init_from=str(args.init_from), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                  limit=args.limit, torch=torch.__version__, results=results,
+                  limit=args.limit, simulate_int8=args.simulate_int8, torch=torch.__version__, results=results,
                   paper={paper_name: paper} if paper else None)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results written to {out}")

@@ -8,7 +8,7 @@ Run as a script, this registers the model as `nanomobilellm` and hands its argum
 (`lm-eval run --model nanomobilellm ...`), so every lm-eval flag works (--output_path, --log_samples, --tasks with
 any task lm-eval knows, which then downloads its data; lm_eval_tasks/ holds offline ones). model_args: init_from
 (required) and dtype (fp32, the default, bf16 or fp16: the autocast dtype of the forward; log-probs are
-summed in float32), device and batch_size, which may instead be lm-eval's --device and --batch_size flags
+summed in float32), simulate_int8 (True: as eval.py --simulate_int8), device and batch_size, which may instead be lm-eval's --device and --batch_size flags
 (model_args win; lm-eval's CLI asks for cuda:0 by default: without CUDA that means the CPU). From Python, after
 `import lm_eval_adapter`: lm_eval.simple_evaluate(model="nanomobilellm", model_args=dict(init_from=..., device=...,
 dtype=..., batch_size=...), tasks=[...]).
@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import eval as ev
 from loader import load_model_and_tokenizer, torch_dtype
+from quantize import set_simulate
 
 log = logging.getLogger(__name__)
 MAX_GEN_TOKS = 256   # the harness's default when a task does not say
@@ -78,12 +79,13 @@ def cut_at_stop(text, until):
 class NanoMobileLLM(TemplateLM):
     """An lm-eval model answering requests with load_model_and_tokenizer(init_from)."""
 
-    def __init__(self, init_from, device=None, dtype="fp32", batch_size=16):
+    def __init__(self, init_from, device=None, dtype="fp32", batch_size=16, simulate_int8=False):
         super().__init__()
         self.dtype = torch_dtype(dtype)
         self.batch_size = parse_batch_size(batch_size)
         self._device = pick_device(device)
         self.model, self.tokenizer = load_model_and_tokenizer(str(init_from), device=self._device)
+        set_simulate(self.model, str(simulate_int8).lower() == "true")          # eval.py --simulate_int8
         if self.tokenizer is None:
             raise ValueError(f"{init_from} has no tokenizer (a preset name gives random weights only): give a "
                              "checkpoint or a Hugging Face model")

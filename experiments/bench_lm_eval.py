@@ -5,7 +5,7 @@ lm_eval_adapter.py). For all three runners the model must be a Hugging Face dir 
 load (`python hf.py --init_from=model.gguf --out=out-hf` writes one); lm-eval's hf backend needs accelerate.
 
   python experiments/bench_lm_eval.py --init_from=out-hf --data=../shared/data/piqa/valid.jsonl
-  python experiments/bench_lm_eval.py --init_from=out-w8a8 --data=../shared/data/piqa/valid.jsonl --runners=eval.py,nanomobilellm
+  python experiments/bench_lm_eval.py --init_from=out-w8a8 --data=../shared/data/piqa/valid.jsonl --runners=eval.py,nanomobilellm --simulate_int8
 
 Every runner scores the first --limit examples (default: all) at the same batch size, device and autocast dtype;
 the time is the whole evaluation (building and tokenizing requests, scoring, metrics) after the model is loaded.
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # eval.py and the
 import eval as ev  # noqa: E402
 import lm_eval_adapter  # noqa: E402
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype  # noqa: E402
+from quantize import set_simulate  # noqa: E402
 
 PIQA_TASK = Path(__file__).resolve().parents[1] / "lm_eval_tasks" / "piqa_local.yaml"
 
@@ -41,6 +42,7 @@ def time_eval_py(args):
     """-> (seconds, acc, acc_norm, [(acc, acc_norm) of each example])"""
     model, tokenizer = load_model_and_tokenizer(args.init_from, device=args.device)
     examples = ev.build_examples("piqa", ev.read_jsonl(args.data)[:args.limit], args.data)
+    set_simulate(model, args.simulate_int8)
     outcomes = []
     t0 = time.perf_counter()
     r = ev.evaluate(model, tokenizer, "piqa", examples, args.batch_size, args.device, torch_dtype(args.dtype), outcomes)
@@ -68,13 +70,14 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES, help="autocast dtype")
+    parser.add_argument("--simulate_int8", action="store_true", help="as eval.py --simulate_int8 (eval.py, nanomobilellm)")
     parser.add_argument("--runners", default="eval.py,nanomobilellm,hf", help="eval.py (always first), nanomobilellm, hf")
     args = parser.parse_args()
     autocast = None if args.dtype == "fp32" else str(torch_dtype(args.dtype)).removeprefix("torch.")
     runs = {
         "eval.py": lambda: time_eval_py(args),
         "nanomobilellm": lambda: time_lm_eval(lm_eval_adapter.NanoMobileLLM(
-            args.init_from, args.device, args.dtype, args.batch_size), args),
+            args.init_from, args.device, args.dtype, args.batch_size, args.simulate_int8), args),
         "hf": lambda: time_lm_eval(HFLM(pretrained=args.init_from, device=args.device, dtype="float32",
                                         mixed_precision_dtype=autocast, batch_size=args.batch_size), args),
     }

@@ -216,3 +216,18 @@ def test_the_paper_row_is_found_from_the_model_name():
     table = ev.markdown_table({"piqa": dict(n=10, acc=0.5, acc_stderr=0.1, acc_norm=0.6, acc_norm_stderr=0.1)},
                               *ev.paper_row("facebook/MobileLLM-125M"))
     assert table.splitlines()[-1] == "| piqa | 10 | 50.0 ± 10.0 | 60.0 ± 10.0 | 65.3 |"
+
+
+def test_simulate_int8_scores_a_w8a8_checkpoint_without_int8_matmuls(shared_dir, tmp_path, monkeypatch):
+    piqa = shared_dir / "data" / "piqa" / "valid.jsonl"
+    tok = char_tokenizer("".join(sorted(set(piqa.read_text(encoding="utf-8")))))
+    model = tiny_model(tok.vocab_size, block_size=128)
+    qmodel = quantize.quantize_model(model, "w8a8")
+    save_checkpoint(quantize.quantized_checkpoint(qmodel, model_checkpoint(model, tok.spec), "w8a8"), tmp_path / "q")
+    args = ["--init_from", str(tmp_path / "q"), "--tasks", "piqa", "--data", str(piqa), "--limit", "16",
+            "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    real = ev.main(args)["piqa"]
+    monkeypatch.setattr(quantize, "int_mm", lambda *a: pytest.fail("an int8 matmul ran"))
+    simulated = ev.main(args + ["--simulate_int8"])["piqa"]
+    assert (simulated["acc"], simulated["acc_norm"]) == (real["acc"], real["acc_norm"])
+    assert json.loads((tmp_path / "r.json").read_text())["simulate_int8"] is True
