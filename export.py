@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from executorch_private import emitted_program, reserialize
+from executorch_private import emitted_program, reserialize, xnnpack_preprocess_once
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 
@@ -257,12 +257,11 @@ def block_partitioner(**kwargs):
     return BlockPartitioner(**kwargs)
 
 
-def delegate_signature(lowered):
-    """What a lowered XNNPACK module computes, independent of how it was serialized or ordered: a hash
-    per output, built from its op and its arguments' hashes, down to the runtime inputs (by position) and
-    the constants (by their data). Two call sites whose delegates have the same output hashes (in any
-    order) can run the same delegate. Returns the list of output hashes, in output order."""
-    ep = lowered.original_module
+def program_signature(ep):
+    """What a (partition's) exported program computes, independent of node names: a hash per output, built
+    from its op and its arguments' hashes, down to the runtime inputs (by position, shape and dtype) and the
+    constants (by their data). Two call sites whose delegates have the same output hashes (in any order) can
+    run the same delegate. Returns the list of output hashes, in output order."""
     sig = ep.graph_signature
     data = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     values = {**ep.state_dict, **ep.constants}
@@ -271,7 +270,8 @@ def delegate_signature(lowered):
         if node.op == "placeholder" and node.name in data:
             text = "const " + hashlib.sha256(tensor_bytes(values[data[node.name]])).hexdigest()
         elif node.op == "placeholder":
-            text, n_inputs = f"input {n_inputs}", n_inputs + 1
+            val = node.meta.get("val")
+            text, n_inputs = f"input {n_inputs} {getattr(val, 'shape', None)} {getattr(val, 'dtype', None)}", n_inputs + 1
         else:
             args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: hashes[a])
             text = f"{node.op} {node.target} {args}"
@@ -296,7 +296,7 @@ def share_identical_delegates(manager):
         raise ExportError(f"{len(calls)} delegate calls in the graph but {len(plan.delegates)} delegates emitted")
     first, keep, remap, outputs = {}, [], {}, []
     for i, node in enumerate(calls):
-        outputs.append(delegate_signature(getattr(gm, node.args[0].target)))
+        outputs.append(program_signature(getattr(gm, node.args[0].target).original_module))
         key = tuple(sorted(outputs[i]))
         if key not in first:
             first[key] = (len(keep), i)
@@ -387,11 +387,12 @@ def lower(module, example, dynamic_shapes, dtype, share_blocks):
             if dtype == "int8":
                 module = quantize_int8(module, example, dynamic_shapes)
             ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
-        partitioner = block_partitioner() if share_blocks else None
-        if partitioner is None:
+        if share_blocks:     # each distinct block half is lowered once, however often the model applies it
+            with xnnpack_preprocess_once(lambda program: tuple(program_signature(program))):
+                manager = to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).to_executorch()
+        else:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-            partitioner = XnnpackPartitioner()
-        manager = to_edge_transform_and_lower(ep, partitioner=[partitioner]).to_executorch()
+            manager = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     delegates = len(emitted_program(manager).execution_plan[0].delegates)
     shared = share_identical_delegates(manager)[1] if share_blocks else delegates
     info = dict(delegate_calls=delegates, delegates=shared, export_s=round(time.perf_counter() - t0, 1))
@@ -406,7 +407,7 @@ def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, ca
     path = Path(cache_dir) / f"{key}.pte"
     if not path.is_file():
         tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; a 125M "
-                   f"model takes minutes, see docs/mobile.md)")
+                   f"model takes minutes, see docs/on-device.md)")
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))     # a killed export never leaves half a program
         path.with_suffix(".json").write_text(json.dumps(info))

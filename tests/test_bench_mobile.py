@@ -36,16 +36,10 @@ elif args[0] == "shell":
 """
 
 FAKE_RUNNER = """#!{python}
-import sys, time, torch
-from executorch.runtime import Runtime
-from executorch.extension.llm.custom_ops import custom_ops  # the llama:: kernels a real runner links in
+import os, sys
 opts = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-method = Runtime.get().load_program(opts["model_path"]).load_method("forward")
-n = int(opts["num_executions"])
-t0 = time.perf_counter()
-for _ in range(n):
-    method.execute([torch.ones(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)])
-print("I 00:00:01 executor_runner.cpp:180] Model executed successfully %d time(s) in %f ms." % (n, 1e3 * (time.perf_counter() - t0)))
+assert os.path.getsize(opts["model_path"]) > 0             # the program was pushed (running it: test_export.py)
+print("I 00:00:01 executor_runner.cpp:180] Model executed successfully %s time(s) in 12.5 ms." % opts["num_executions"])
 """
 
 
@@ -71,7 +65,7 @@ def test_android_pushes_runs_parses_and_cleans_up(fake_adb, pte_fp32, tmp_path):
     log = fake_adb()
     runner = write_script(tmp_path / "executor_runner", FAKE_RUNNER)
     timings = bm.android_rows({"tiny-decode": pte_fp32[0]}, runner, "", runs=3, threads=1)
-    assert set(timings) == {"tiny-decode"} and timings["tiny-decode"] > 0
+    assert timings == {"tiny-decode": 12.5 / 3}                                # the runner's line, parsed
     calls = log.read_text().splitlines()
     remote = bm.REMOTE_DIR
     assert calls[0] == "devices"

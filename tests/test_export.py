@@ -66,16 +66,21 @@ def program_constants(data):
             if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx > 0]
 
 
-@pytest.mark.parametrize("dtype, tolerance, share", [("int8", 0.05, "immediate"), ("8da4w", 0.15, "none")])
-def test_pte_quantized_close_to_eager(tiny, dtype, tolerance, share):
+ONE_TOKEN_STEPS = [(tokens[:, i:i + 1], pos[i:i + 1]) for tokens, pos in STEPS for i in range(tokens.size(1))]
+
+
+@pytest.mark.parametrize("dtype, tolerance, share, static_len", [("int8", 0.05, "immediate", None),
+                                                                 ("8da4w", 0.15, "none", 1)])
+def test_pte_quantized_close_to_eager(tiny, dtype, tolerance, share, static_len):
     """W8A8 (per-channel int8 weights) and 8da4w (int4 weights in groups of 32), both with per-token int8
     activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched.
-    The embedding table outside the delegates is int8 (a float scale per row), not a float copy. 8da4w
-    on the block without sharing: its lowering is the slowest, and sharing is the same code as int8's."""
+    The embedding table outside the delegates is int8 (a float scale per row), not a float copy. 8da4w's
+    lowering is the slowest: it is tested on the block without sharing (sharing is the same code as int8's)
+    and one token at a time (dynamic lengths are the same code as fp32's and int8's)."""
     if share != tiny.config.share:
         tiny = ex.preset_model(f"{TINY_LS}+share={share}", seed=0)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    data, info = ex.export_pte(tiny, dtype, MAX_SEQ_LEN)
+    data, info = ex.export_pte(tiny, dtype, MAX_SEQ_LEN, static_len=static_len)
     # one delegate per half (front, back) of each block application, + the int8 embedding's scaling and
     # the head; a shared block's two applications run the same two delegates
     assert info["delegate_calls"] == 2 * len(tiny.schedule) + 2
@@ -87,7 +92,8 @@ def test_pte_quantized_close_to_eager(tiny, dtype, tolerance, share):
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     from executorch.runtime import Runtime
     method = Runtime.get().load_program(data).load_method("forward")
-    for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
+    steps = ONE_TOKEN_STEPS if static_len else STEPS
+    for (tokens, pos), ref in zip(steps, eager_steps(tiny, steps)):
         err = (method.execute([tokens, pos])[0] - ref).abs().max().item()
         assert 0 < err <= tolerance * ref.abs().max().item()      # quantized (not exact), yet close
 

@@ -83,10 +83,10 @@ def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
     assert log == [0, 10, 20]                            # no duplicate eval at the resume point
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path, optimizer):
+def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
+    """With Muon, the default (AdamW under DDP: tests/test_finetune.py's DDP test)."""
     common = dict(max_iters=6, eval_interval=6, gradient_accumulation_steps=2, always_save_checkpoint=True,
-                  optimizer=optimizer)
+                  optimizer="muon")
     single = train(tiny(data_dir, tmp_path / "one", **common))
     args = [f"--{k}={v}" for k, v in vars(tiny(data_dir, tmp_path / "two", **common)).items()
             if v != getattr(TrainConfig(), k)]
