@@ -330,15 +330,15 @@ def evaluate(model, tokenizer, name, examples, batch_size=16, device="cpu", dtyp
     t0 = time.perf_counter()
     lls = score(model, requests, batch_size, device, dtype, desc=name)
     seconds = time.perf_counter() - t0
-    correct = correct_norm = i = 0
+    scored, i = [], 0                                  # (acc, acc_norm) of each kept example, 1 or 0
     for ex in kept:
         ll = lls[i:i + len(ex.continuations)]
         i += len(ex.continuations)
-        right = int(argmax(ll) == ex.label)
-        right_norm = int(argmax([v / max(length, 1) for v, length in zip(ll, ex.norm_lengths)]) == ex.label)
-        correct, correct_norm = correct + right, correct_norm + right_norm
-        if outcomes is not None:
-            outcomes.append((right, right_norm))
+        scored.append((int(argmax(ll) == ex.label),
+                       int(argmax([v / max(length, 1) for v, length in zip(ll, ex.norm_lengths)]) == ex.label)))
+    if outcomes is not None:
+        outcomes.extend(scored)
+    correct, correct_norm = map(sum, zip(*scored))
     n = len(kept)
     result = dict(n=n, skipped=skipped, acc=correct / n, acc_stderr=stderr(correct / n, n))
     if "acc_norm" in TASKS[name].metrics:
