@@ -62,15 +62,16 @@ def tokens_per_second(cfg, dtype, device):
     return cfg.iters * cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size / seconds, model
 
 
-def parse_compare(cfg):
-    """The settings of --compare: [(label, cfg with that variant applied), ...]."""
+def parse_variants(spec, cfg, flag="--compare"):
+    """Settings to run against each other, "a;b;..." with each a comma-separated list of key=value (as
+    --compare takes them): [(label, cfg with that variant applied), ...]."""
     variants = []
-    for label in cfg.compare.split(";"):
+    for label in spec.split(";"):
         pairs = [item.split("=", 1) for item in label.split(",")]
         if any(len(pair) != 2 for pair in pairs):
-            raise ConfigError(f"--compare variant {label!r} is not a comma-separated list of key=value")
+            raise ConfigError(f"{flag} variant {label!r} is not a comma-separated list of key=value")
         settings = {key.strip(): parse_value(value) for key, value in pairs}
-        variant = apply_settings(cfg, settings, f"--compare variant {label!r}")
+        variant = apply_settings(cfg, settings, f"{flag} variant {label!r}")
         check_config(variant)
         variants.append((label, variant))
     return variants
@@ -79,7 +80,7 @@ def parse_compare(cfg):
 def compare(cfg, device):
     """tokens/s of each --compare variant, timed in alternating rounds. Returns {label: median tokens/s}."""
     dtype = dtype_name(cfg.dtypes.split(",")[0])
-    variants = parse_compare(cfg)
+    variants = parse_variants(cfg.compare, cfg)
     rates = {label: [] for label, _ in variants}
     for _ in range(cfg.rounds):
         for label, variant in variants:

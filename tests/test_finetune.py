@@ -276,3 +276,19 @@ def test_finetune_config_takes_the_model_settings_from_the_model():
     assert cfg.init_from.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and cfg.dataset == "shakespeare_smollm2"
     assert cfg.freeze_embedding and cfg.always_save_checkpoint and cfg.eval_interval < cfg.max_iters
     assert cfg.optimizer == "adamw"
+
+
+def test_finetune_options_runs_each_variant_for_the_same_time_in_its_own_process(source, data_dir, capsys):
+    from experiments import finetune_options
+    cfg = finetune_options.OptionsConfig(**{**finetune(source, data_dir, "unused").__dict__, "minutes": 0.02,
+                                             "variants": "freeze_embedding=False;freeze_embedding=True,train_blocks=1"})
+    results = finetune_options.main(cfg, {"init_from", "data_dir"})
+    full, frozen = results.values()
+    model = loader.load_model_and_tokenizer(str(source))[0]
+    assert full["trained"] == model.num_params()
+    assert frozen["trained"] == sum(p.numel() for p in model.layers[-1].parameters()) + model.norm.weight.numel()
+    for r in (full, frozen):
+        assert r["steps"] * r["s_per_step"] >= 0.5 * 60 * 0.02          # trained for the time asked (median step)
+        assert r["val_after"] < r["val_before"] and r["dtype"] == "fp32"
+        assert 0 < r["peak_training_gib"] and 0 < r["peak_loading_gib"]
+    assert capsys.readouterr().out.count("| freeze_embedding=") == 2   # one table row per variant
