@@ -24,9 +24,13 @@ What is measured:
     products is lowered the same way (GemvChain) and timed reading new weights (cold, from DRAM) and
     re-applying one pair through one shared delegate (hot, from cache, as an LS block's second application).
   * --check_logits: how far each row's logits are from model.py's fp32 forward, token by token.
+  * --val_data: each row's loss (and perplexity) on real text, the first --val_tokens of a prepared dataset's
+    validation split, fed one token at a time in windows of --max_seq_len, beside model.py's fp32 loss on the
+    same windows: what int8 and 8da4w programs cost in quality, as quantize.py --report measures eager W8A8.
 """
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -40,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import accept_old_flags
@@ -48,6 +53,7 @@ from export import (CACHE_DIR, PROGRAM_DTYPES, ExportError, cached_pte, load_sou
                     require_executorch, write_program)
 from loader import dtype_name, torch_dtype
 from model import MobileLLM
+from quantize import validation_tokens
 
 
 class BenchError(ExportError):
@@ -122,6 +128,26 @@ def logits_per_position(step, tokens):
     return torch.cat([step(tokens[i:i + 1][None], torch.tensor([i])) for i in range(len(tokens))])
 
 
+def val_windows(data_dir, n_tokens, window, vocab_size):
+    """The first n_tokens (+1) of data_dir's validation split as (W, window + 1) windows, each overlapping the
+    next by one token: inputs w[:-1], targets w[1:] (quantize.evaluate's windows)."""
+    tokens = validation_tokens(None, vocab_size, n_tokens + 1, data_dir)
+    n_windows = (len(tokens) - 1) // window
+    if n_windows < 1:
+        raise BenchError(f"{data_dir} has {len(tokens)} validation tokens: --val_data needs more than "
+                         f"--max_seq_len ({window})")
+    return tokens[: n_windows * window + 1].unfold(0, window + 1, window)
+
+
+@torch.no_grad()
+def windows_loss(step, windows):
+    """Mean next-token cross-entropy of step (as logits_per_position takes it) over (W, T + 1) windows, each
+    fed one token at a time from position 0 (the cache's old entries are past the new positions: unread)."""
+    losses = [F.cross_entropy(logits_per_position(step, w[:-1]).float(), w[1:]).item()
+              for w in tqdm(windows, desc="val windows", leave=False)]
+    return sum(losses) / len(losses)
+
+
 @torch.no_grad()
 def logit_agreement(logits, reference):
     """(largest |logit difference|, fraction of positions where both pick the same next token); (T, V) each."""
@@ -129,9 +155,10 @@ def logit_agreement(logits, reference):
             (logits.argmax(-1) == reference.argmax(-1)).float().mean().item())
 
 
-def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size, tokens=None):
+def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size, tokens=None, windows=None):
     """Time one .pte in this process (call in a fresh process: init and peak memory are then its own).
-    tokens: also return the program's logits for them (logits_per_position) under "logits"."""
+    tokens: also return the program's logits for them (logits_per_position) under "logits"; windows: its
+    loss on them (windows_loss) under "val_loss"."""
     require_executorch()
     from executorch.runtime import Runtime
     reset_threadpool(threads)
@@ -148,10 +175,20 @@ def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size, tokens
     prefill, decode = time_generation(step, prompt_len, new_tokens, runs, vocab_size)
     row = dict(load_ms=1e3 * (t1 - t0), init_ms=1e3 * (t2 - t1), prefill_ms=prefill, decode_ms=decode,
                mem_mb=peak_rss_mb() - base)
-    return row if tokens is None else dict(row, logits=logits_per_position(step, tokens))
+    return with_outputs(row, step, tokens, windows)
 
 
-def host_eager_row(source, seed, dtype, max_seq_len, prompt_len, new_tokens, runs, threads, tokens=None):
+def with_outputs(row, step, tokens, windows):
+    """row plus what --check_logits (tokens) and --val_data (windows) ask of the program or model (step)."""
+    if tokens is not None:
+        row["logits"] = logits_per_position(step, tokens)
+    if windows is not None:
+        row["val_loss"] = windows_loss(step, windows)
+    return row
+
+
+def host_eager_row(source, seed, dtype, max_seq_len, prompt_len, new_tokens, runs, threads, tokens=None,
+                   windows=None):
     """Time eager PyTorch on source (export.load_source) in dtype, like host_pte_row."""
     torch.set_num_threads(threads)
     base = rss_mb()
@@ -162,7 +199,7 @@ def host_eager_row(source, seed, dtype, max_seq_len, prompt_len, new_tokens, run
     prefill, decode = time_generation(step, prompt_len, new_tokens, runs, model.config.vocab_size)
     row = dict(load_ms=1e3 * (t1 - t0), init_ms=0.0, prefill_ms=prefill, decode_ms=decode,
                mem_mb=peak_rss_mb() - base)
-    return row if tokens is None else dict(row, logits=logits_per_position(step, tokens))
+    return with_outputs(row, step, tokens, windows)
 
 
 def in_fresh_process(fn, *args):
@@ -337,28 +374,31 @@ def android_rows(programs, runner, serial, runs, threads):
 
 # --- the table and the command line ------------------------------------------------------------------
 
-def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=False):
+def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=False, val_column=False):
     """kernel_column: add the kernel bound (rows without one, eager PyTorch, show '-'). logits_columns: add
-    each row's logit_error and same_token (--check_logits)."""
+    each row's logit_error and same_token (--check_logits). val_column: its val_loss (--val_data)."""
     head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
-            "| DRAM bound tok/s |{K} mem MB |{L}").format(
+            "| DRAM bound tok/s |{K} mem MB |{L}{V}").format(
         P=prompt_len, K=" kernel bound tok/s |" if kernel_column else "",
-        L=" max abs logit error | same next token |" if logits_columns else "")
+        L=" max abs logit error | same next token |" if logits_columns else "",
+        V=" val loss (perplexity) |" if val_column else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         file_mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "-"
         kernel = (f" {r['kernel_tok_s']:.0f} |" if "kernel_tok_s" in r else " - |") if kernel_column else ""
         logits = f" {r['logit_error']:.2g} | {r['same_token']:.0%} |" if logits_columns else ""
+        val = f" {r['val_loss']:.4f} ({math.exp(r['val_loss']):.2f}) |" if val_column else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
                      f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
                      f"{1e3 / r['decode_ms']:.1f} | {bandwidth * 1e9 / r['dram_bytes']:.0f} |{kernel} "
-                     f"{r['mem_mb']:.0f} |{logits}")
+                     f"{r['mem_mb']:.0f} |{logits}{val}")
     return "\n".join(lines)
 
 
 OLD_FLAGS = {"--prompt-len": "--prompt_len", "--new-tokens": "--new_tokens", "--max-seq-len": "--max_seq_len",
              "--kernel-bound": "--kernel_bound", "--kernel-mb": "--kernel_mb", "--check-logits": "--check_logits",
-             "--cache-dir": "--cache_dir", "--ckpt": "--init_from", "--preset": "--init_from"}
+             "--cache-dir": "--cache_dir", "--ckpt": "--init_from", "--preset": "--init_from",
+             "--val-data": "--val_data", "--val-tokens": "--val_tokens"}
 
 
 def main(argv=None):
@@ -389,6 +429,10 @@ def main(argv=None):
     p.add_argument("--check_logits", action="store_true",
                    help="also feed --prompt_len random tokens one at a time and compare each row's logits with "
                         "model.py's fp32 forward (largest difference, how often the next token is the same)")
+    p.add_argument("--val_data", default="",
+                   help="a prepared dataset folder (val.bin, in the model's tokenizer): also score each row's loss "
+                        "on its first --val_tokens tokens, in windows of --max_seq_len fed one token at a time")
+    p.add_argument("--val_tokens", type=int, default=4096)
     p.add_argument("--cache_dir", default=str(CACHE_DIR))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(accept_old_flags(argv, OLD_FLAGS))
@@ -428,16 +472,17 @@ def check_args(args):
             raise BenchError(f"--eager {d!r}: choose fp32 and/or bf16")
     if args.kernel_bound and args.device != "host":
         raise BenchError("--kernel_bound times XNNPACK's kernels on this host: use it with --device host")
-    if args.check_logits and (args.device != "host" or args.format != "pte"):
-        raise BenchError("--check_logits runs the .pte programs on this host: use it with --device host --format pte")
+    for flag, on in (("--check_logits", args.check_logits), ("--val_data", args.val_data)):
+        if on and (args.device != "host" or args.format != "pte"):
+            raise BenchError(f"{flag} runs the .pte programs on this host: use it with --device host --format pte")
     return dtypes
 
 
-def pte_row(args, model, name, dtype, lowering, path, tokens, kernel_gbs):
+def pte_row(args, model, name, dtype, lowering, path, tokens, windows, kernel_gbs):
     """One host row for a .pte: timed in a fresh process, with its DRAM (and kernel) bound."""
     config, shared = model.config, lowering == "shared"
     row = in_fresh_process(host_pte_row, str(path), args.prompt_len, args.new_tokens, args.runs, args.threads,
-                           config.vocab_size, tokens)
+                           config.vocab_size, tokens, windows)
     label = f"ExecuTorch {dtype}" + (f" ({lowering})" if config.share != "none" else "")
     cold, hot = weight_reads_per_token(config, dtype, shared)
     row = dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20, dram_bytes=cold)
@@ -451,11 +496,11 @@ def pte_row(args, model, name, dtype, lowering, path, tokens, kernel_gbs):
     return row
 
 
-def eager_rows(args, model, source, name, tokens):
+def eager_rows(args, model, source, name, tokens, windows):
     rows = []
     for dtype in [dtype_name(d) for d in args.eager.split(",") if d]:
         row = in_fresh_process(host_eager_row, source, args.seed, dtype, args.max_seq_len, args.prompt_len,
-                               args.new_tokens, args.runs, args.threads, tokens)
+                               args.new_tokens, args.runs, args.threads, tokens, windows)
         rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}",
                          dram_bytes=weight_reads_per_token(model.config, dtype, shared=True)[0]))
     return rows
@@ -478,6 +523,13 @@ def run(args):
         tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed) if args.check_logits else None
         with torch.no_grad():
             reference = model.eval()(tokens[None])[0][0] if args.check_logits else None       # (T, V)
+        windows = val_windows(args.val_data, args.val_tokens, args.max_seq_len, model.config.vocab_size) \
+            if args.val_data else None
+        if windows is not None:
+            with torch.no_grad():
+                loss = sum(model(w[None, :-1], w[None, 1:])[1].item() for w in windows) / len(windows)
+            print(f"{name}: model.py fp32 val loss {loss:.4f} (perplexity {math.exp(loss):.2f}) on "
+                  f"{windows[:, 1:].numel()} tokens of {args.val_data} in windows of {args.max_seq_len}")
         lowerings = [x for x in args.lowering.split(",") if x] if model.config.share != "none" else ["shared"]
         for dtype in dtypes:
             for lowering in lowerings:
@@ -494,10 +546,11 @@ def run(args):
                     shutil.copyfile(path, args.out)
                     print(f"wrote {args.out}")
                 if args.device == "host":
-                    row = pte_row(args, model, name, dtype, lowering, path, tokens, kernel_gbs)
+                    row = pte_row(args, model, name, dtype, lowering, path, tokens, windows, kernel_gbs)
                     rows.append(with_logit_agreement(row, reference))
         if args.device == "host":
-            rows += [with_logit_agreement(row, reference) for row in eager_rows(args, model, source, name, tokens)]
+            rows += [with_logit_agreement(row, reference)
+                     for row in eager_rows(args, model, source, name, tokens, windows)]
     if args.device == "android":
         print_android_table(programs, args)
     elif rows:
@@ -522,7 +575,7 @@ def print_host_table(rows, args):
     if args.kernel_bound:
         print("kernel bound = 1 / (cold bytes / cold GB/s + cached bytes / cached GB/s) per token")
     print()
-    print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound, args.check_logits))
+    print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound, args.check_logits, bool(args.val_data)))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """bench_mobile.py: the Android path issues the right adb commands (a fake adb runs the runner locally),
 the host table times programs and eager PyTorch, its bounds count the right bytes, and errors are clear."""
+import math
 import os
+import re
 import stat
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,8 +130,9 @@ def test_cli_rejects_bad_input(capsys):
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--init_from", TINY_LS, "--device", "none", "--kernel_bound"])
     for wrong in (["--device", "none"], ["--format", "ptl"]):
-        with pytest.raises(SystemExit, match="--check_logits runs the .pte programs on this host"):
-            bm.main(["--init_from", TINY_LS, "--check_logits"] + wrong)
+        for flag in (["--check_logits"], ["--val_data", "data/x"]):
+            with pytest.raises(SystemExit, match=f"{flag[0]} runs the .pte programs on this host"):
+                bm.main(["--init_from", TINY_LS] + flag + wrong)
 
 
 def test_old_flag_spellings_still_work(capsys):
@@ -149,19 +153,29 @@ def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     path, info = pte_fp32                                          # the same program main() would export
     monkeypatch.setattr(export, "export_pte", lambda *args: (path.read_bytes(), info))
     monkeypatch.setattr(bm, "in_fresh_process", lambda fn, *args: fn(*args))   # spawning is tested above
+    data = tmp_path / "data"                                       # a prepared dataset: 2 windows + 1 token
+    data.mkdir()
+    torch.randint(64, (2 * MAX_SEQ_LEN + 1,), generator=torch.Generator().manual_seed(0)).numpy().astype(
+        np.uint16).tofile(data / "val.bin")
     bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
              "--prompt_len", "4", "--new_tokens", "2", "--runs", "1", "--max_seq_len", str(MAX_SEQ_LEN),
-             "--cache_dir", str(tmp_path), "--kernel_bound", "--kernel_mb", "0.1", "--check_logits"])
+             "--cache_dir", str(tmp_path), "--kernel_bound", "--kernel_mb", "0.1", "--check_logits",
+             "--val_data", str(data), "--val_tokens", str(2 * MAX_SEQ_LEN)])
     out = capsys.readouterr().out
     assert "XNNPACK fp32 matrix-vector products stream" in out
+    reference = float(re.search(rf"model.py fp32 val loss ([\d.]+) .* on {2 * MAX_SEQ_LEN} tokens", out)[1])
     head, _, pte_row, eager_row = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
-    assert [c.strip() for c in head][-5:] == ["DRAM bound tok/s", "kernel bound tok/s", "mem MB",
-                                              "max abs logit error", "same next token"]
+    assert [c.strip() for c in head][-6:] == ["DRAM bound tok/s", "kernel bound tok/s", "mem MB",
+                                              "max abs logit error", "same next token", "val loss (perplexity)"]
     assert "ExecuTorch fp32 (shared)" in pte_row[1] and "eager PyTorch fp32" in eager_row[1]
-    assert float(pte_row[-4]) > 0 and eager_row[-4].strip() == "-"       # kernel bound: ExecuTorch rows only
+    assert float(pte_row[-5]) > 0 and eager_row[-5].strip() == "-"       # kernel bound: ExecuTorch rows only
     assert all(float(row[6]) > 0 for row in (pte_row, eager_row))       # decode ms/token
     for row in (pte_row, eager_row):                                    # both compute model.py's logits
-        assert float(row[-2]) < 1e-4 and row[-1].strip() == "100%"
+        assert float(row[-3]) < 1e-4 and row[-2].strip() == "100%"
+        loss, perplexity = re.fullmatch(r" ([\d.]+) \(([\d.]+)\) ", row[-1]).groups()
+        assert float(loss) == pytest.approx(reference, abs=1e-4) and float(perplexity) == pytest.approx(
+            math.exp(reference), rel=1e-3)
+    assert reference > 3                                            # random weights: about ln(64) = 4.16
 
 
 def test_logit_agreement_measures_the_difference_and_the_chosen_tokens():
