@@ -8,7 +8,9 @@ llama.cpp's llama-quantize and timed with its llama-bench: a --prompt_len prompt
 generated after a prompt of that length (llama-bench's pp and tg tests, the latter at depth --prompt_len).
 llama.cpp has no layer sharing: a layer-shared model is written with each block once per application
 (an LS-125M GGUF is a 60-layer file). The file has no vocabulary (tokenizer "no_vocab": llama.cpp makes
-vocab_size dummy tokens): llama-bench and --check_logits feed token ids, never text.
+vocab_size dummy tokens): llama-bench and --check_logits feed token ids, never text. A .gguf --init_from (a
+released model, e.g. a Q4_1 file) is also timed as it is, in a row of its own; model.py then runs its weights
+dequantized to fp32, and the quantized files are made from those.
 
 --check_logits proves the file is our model: it feeds a random --prompt_len token sequence through
 llama.cpp (through the llama-cpp-python bindings, loaded on the same build when --llama_cpp holds its
@@ -140,7 +142,10 @@ def main(argv=None):
                 model = load_source(source, args.seed).eval()
                 tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed)
                 reference = model(tokens[None])[0][0] if args.check_logits else None          # (T, V)
-            for quant, path in gguf_files(model, quants, args.llama_cpp, args.out_dir).items():
+            files = gguf_files(model, quants, args.llama_cpp, args.out_dir)
+            if source.endswith(".gguf"):                  # a released GGUF: time the file itself too
+                files = {"the file itself": Path(source), **files}
+            for quant, path in files.items():
                 s = bench(args.llama_cpp, path, args.threads, args.prompt_len, args.new_tokens, args.runs)
                 row = f"| {source} | {quant} | {path.stat().st_size / 2**20:.0f} | {s['prefill']:.0f} | "
                 row += f"{s['decode']:.1f} |"

@@ -258,3 +258,24 @@ def test_llama_cpp_computes_our_logits_from_the_gguf(tmp_path, share):
     diff, same = ref.logit_agreement(theirs, ours)
     assert theirs.shape == (24, 65) and diff < 1e-3 and same == 1.0
     assert ref.logit_agreement(theirs, wrong)[0] > 1e-2
+
+
+def test_llama_cpp_reference_times_a_released_gguf_itself_beside_the_files_made_from_it(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from experiments import llama_cpp_reference as ref
+    from tokenizer import char_tokenizer
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer("abcdefgh")
+    model = MobileLLM(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                  ffn_dim=48, block_size=64))
+    released = tmp_path / "released-Q8_0.gguf"
+    ref.export_gguf(model, tokenizer, released, tensor_type="Q8_0")
+    for quant in ("F32", "Q4_0"):                                   # what llama-quantize would write
+        (tmp_path / f"{quant}.gguf").write_bytes(b"0")
+    timed = []
+    monkeypatch.setattr(ref, "gguf_files", lambda model, quants, *a: {q: tmp_path / f"{q}.gguf" for q in quants})
+    monkeypatch.setattr(ref, "bench", lambda bin_dir, path, *a: timed.append(path) or {"prefill": 1.0, "decode": 2.0})
+    ref.main(["--llama_cpp", str(tmp_path), "--init_from", str(released), "--quant", "F32,Q4_0"])
+    assert timed == [released, tmp_path / "F32.gguf", tmp_path / "Q4_0.gguf"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {released}")]
+    assert [row.split("|")[2].strip() for row in rows] == ["the file itself", "F32", "Q4_0"]
