@@ -294,3 +294,10 @@ def test_flops_count_shared_blocks_once_per_application():
     per_block = (train_module.flops_per_token(shared, 256) - train_module.flops_per_token(base, 256))
     assert per_block > 0 and math.isclose(
         per_block, train_module.flops_per_token(base, 256) - 6 * 65 * base.dim, rel_tol=1e-9)
+
+
+def test_peak_flops_is_the_fastest_matmul_not_the_mean(monkeypatch):
+    """A rep slowed by another process must not lower the peak (MFU would pass 100%)."""
+    clock = iter([0.0, 0.5, 1.0, 1.1, 2.0, 2.3])                 # reps of 0.5 s, 0.1 s and 0.3 s
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    assert train_module.measure_peak_flops("cpu", "fp32", n=8, reps=3) == pytest.approx(2 * 8 ** 3 / 0.1)
