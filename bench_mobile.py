@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import CheckpointError
 from configurator import accept_old_flags
 from executorch_private import reset_threadpool
 from export import (CACHE_DIR, PROGRAM_DTYPES, ExportError, cached_pte, load_source, lower, piece, quantize_8da4w,
@@ -131,7 +132,10 @@ def logits_per_position(step, tokens):
 def val_windows(data_dir, n_tokens, window, vocab_size):
     """The first n_tokens (+1) of data_dir's validation split as (W, window + 1) windows, each overlapping the
     next by one token: inputs w[:-1], targets w[1:] (quantize.evaluate's windows)."""
-    tokens = validation_tokens(None, vocab_size, n_tokens + 1, data_dir)
+    try:
+        tokens = validation_tokens(None, vocab_size, n_tokens + 1, data_dir)
+    except CheckpointError as e:
+        raise BenchError(f"--val_data: {e}") from e
     n_windows = (len(tokens) - 1) // window
     if n_windows < 1:
         raise BenchError(f"{data_dir} has {len(tokens)} validation tokens: --val_data needs more than "
@@ -397,8 +401,7 @@ def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=Fals
 
 OLD_FLAGS = {"--prompt-len": "--prompt_len", "--new-tokens": "--new_tokens", "--max-seq-len": "--max_seq_len",
              "--kernel-bound": "--kernel_bound", "--kernel-mb": "--kernel_mb", "--check-logits": "--check_logits",
-             "--cache-dir": "--cache_dir", "--ckpt": "--init_from", "--preset": "--init_from",
-             "--val-data": "--val_data", "--val-tokens": "--val_tokens"}
+             "--cache-dir": "--cache_dir", "--ckpt": "--init_from", "--preset": "--init_from"}
 
 
 def main(argv=None):

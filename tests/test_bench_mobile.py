@@ -129,6 +129,9 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--init_from", "mobilellm-9t", "--device", "none"])
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--init_from", TINY_LS, "--device", "none", "--kernel_bound"])
+    with pytest.raises(SystemExit, match="--val_data: no val.bin .* in nowhere"):
+        bm.main(["--init_from", TINY_LS, "--val_data", "nowhere", "--max_seq_len", str(MAX_SEQ_LEN), "--prompt_len=4",
+                 "--new_tokens=2"])
     for wrong in (["--device", "none"], ["--format", "ptl"]):
         for flag in (["--check_logits"], ["--val_data", "data/x"]):
             with pytest.raises(SystemExit, match=f"{flag[0]} runs the .pte programs on this host"):
