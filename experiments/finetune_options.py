@@ -16,7 +16,6 @@ count), and scores val loss again. Peak resident memory is read from Linux's /pr
 worth timing only where the CPU has AVX-512 BF16 or AMX: elsewhere it is emulated, far slower than fp32.
 """
 import math
-import multiprocessing
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # train.py and bench_train.py live at the repo root
+from bench_mobile import in_fresh_process, peak_rss_mb  # noqa: E402
 from bench_train import parse_variants  # noqa: E402
 from configurator import ConfigError, configure_and_report  # noqa: E402
 from experiments.quickstart_vs_nanogpt import machine  # noqa: E402
@@ -46,15 +46,12 @@ class OptionsConfig(TrainConfig):
 
 
 def peak_rss_gib(reset=False):
-    """This process's peak resident memory so far (Linux's VmHWM) in GiB, then (reset) start the count afresh.
-    None where /proc is absent."""
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        return None
-    kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    """This process's peak resident memory so far (bench_mobile.peak_rss_mb) in GiB, then (reset) start Linux's
+    count afresh."""
+    peak = peak_rss_mb() / 1024
     if reset:
         Path("/proc/self/clear_refs").write_text("5")
-    return kib / 2**20
+    return peak
 
 
 def run_variant(cfg, set_keys, seconds):
@@ -82,10 +79,6 @@ def run_variant(cfg, set_keys, seconds):
             "peak_loading_gib": peak_loading, "peak_training_gib": peak_rss_gib()}
 
 
-def gib(value):
-    return "-" if value is None else f"{value:.2f}"
-
-
 def main(cfg, set_keys):
     check_config(cfg)
     variants = parse_variants(cfg.variants, cfg, "--variants")
@@ -96,12 +89,11 @@ def main(cfg, set_keys):
     results = {}
     for label, variant in variants:
         variant_keys = {item.split("=", 1)[0].strip() for item in label.split(",")}
-        with multiprocessing.get_context("spawn").Pool(1) as pool:     # a fresh process: its own memory peak
-            r = pool.apply(run_variant, (variant, set_keys | variant_keys, 60 * cfg.minutes))
+        r = in_fresh_process(run_variant, variant, set_keys | variant_keys, 60 * cfg.minutes)   # its own peak
         results[label] = r
         print(f"| {label} | {r['dtype']} | {r['trained'] / 1e6:.1f}M | {r['s_per_step']:.2f} | {r['steps']} | "
-              f"{r['val_before']:.3f} | {r['val_after']:.3f} | {gib(r['peak_loading_gib'])} | "
-              f"{gib(r['peak_training_gib'])} |", flush=True)
+              f"{r['val_before']:.3f} | {r['val_after']:.3f} | {r['peak_loading_gib']:.2f} | "
+              f"{r['peak_training_gib']:.2f} |", flush=True)
     return results
 
 
