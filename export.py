@@ -53,7 +53,7 @@ from executorch_private import emitted_program, reserialize, xnnpack_preprocess_
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 
-EXPORT_VERSION = {"fp32": 1, "int8": 2, "8da4w": 2}   # bump a dtype's when its programs change (cache key)
+EXPORT_VERSION = {"fp32": 2, "int8": 3, "8da4w": 3}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
@@ -164,6 +164,19 @@ def piece(name, on=True):
     return fx_traceback.annotate({"piece": name}) if on else contextlib.nullcontext()
 
 
+def unshared_applications(model):
+    """The block of each application in model.schedule, a repeated block as a copy of its weights. A
+    constant used by two delegates makes ExecuTorch's partitioner duplicate it, and every duplication
+    re-validates and recompiles the whole graph: with a copy per application no constant is shared and the
+    lowering stays linear in the depth. The program is the same: the copies lower to delegates identical to
+    the first application's, which the shared lowering then shares again (the file stores weights by hash)."""
+    seen, blocks = set(), []
+    for b in model.schedule:
+        blocks.append(copy.deepcopy(model.layers[b]) if b in seen else model.layers[b])
+        seen.add(b)
+    return blocks
+
+
 class ExportLLM(nn.Module):
     """forward(tokens (1, T), input_pos (T,) = start..start+T-1) -> logits of the last token (1, V), with a
     static KV cache inside. Holds the MobileLLM itself: its weights are exported as they are."""
@@ -180,19 +193,20 @@ class ExportLLM(nn.Module):
             table, scale = quantize_per_channel(model.tok_embeddings.weight.detach())       # (V, C), (V,)
             self.register_buffer("embedding_int8", table, persistent=False)
             self.register_buffer("embedding_scale", scale[:, None], persistent=False)        # (V, 1)
-        self.register_buffer("rotate_half", rotate_half_matrix(c.head_dim), persistent=False)
+        self.applications = nn.ModuleList(unshared_applications(model))
         shape = (1, max_seq_len, c.n_kv_heads, c.head_dim)                                  # (B, L, H_kv, D)
         for i in range(len(model.schedule)):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"rotate_half_{i}", rotate_half_matrix(c.head_dim), persistent=False)
 
     def embed(self, tokens):                                                        # (1, T) -> (1, T, C)
         if not self.int8_embedding:
             return self.model.tok_embeddings(tokens)
         return F.embedding(tokens, self.embedding_int8).float() * F.embedding(tokens, self.embedding_scale)
 
-    def rope(self, x, cos, sin):                                       # x: (1, T, H, D); cos, sin: (T, 1, D)
-        return x * cos + F.linear(x, self.rotate_half) * sin
+    def rope(self, x, cos, sin, rotate_half):                         # x: (1, T, H, D); cos, sin: (T, 1, D)
+        return x * cos + F.linear(x, rotate_half) * sin
 
     def forward(self, tokens, input_pos):
         m, c = self.model, self.model.config
@@ -204,13 +218,13 @@ class ExportLLM(nn.Module):
         cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
         with piece("embed", self.mark_pieces):    # its own piece: block 0's front stays like a second one's
             x = self.embed(tokens)                                                          # (1, T, C)
-        for i, b in enumerate(m.schedule):
-            block, attn = m.layers[b], m.layers[b].attention
+        for i, block in enumerate(self.applications):
+            attn, rotate_half = block.attention, getattr(self, f"rotate_half_{i}")
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             with piece(f"front{i}", self.mark_pieces):
                 h = rms_norm(block.attention_norm, x)
-                q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)     # (1, T, H, D)
-                k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)  # (1, T, H_kv, D)
+                q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin, rotate_half)     # (1, T, H, D)
+                k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin, rotate_half)  # (1, T, H_kv, D)
                 v = attn.wv(h).view(1, -1, c.n_kv_heads, c.head_dim)                        # (1, T, H_kv, D)
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
