@@ -269,13 +269,14 @@ class GemvChain(nn.Module):
         return x
 
 
-def gemv_chain_pte(config, dtype, mb, hot, seed=0):
-    """A GemvChain with `mb` MB of weights read per call, lowered like the models. Returns (program bytes,
-    info dict, bytes of weights read per call)."""
+def gemv_chain_pte(config, dtype, mb, hot_pairs=0, seed=0):
+    """A GemvChain with `mb` MB of weights read per call, lowered like the models. hot_pairs=k: k pairs
+    re-applied in turn (a working set of k pairs); 0: new weights for every product. Returns (program
+    bytes, info dict, bytes of weights read per call)."""
     pair_bytes = 2 * config.dim * config.ffn_dim * BYTES_PER_WEIGHT[dtype]
     n = max(2, round(mb * 2**20 / pair_bytes))
     torch.manual_seed(seed)
-    chain = GemvChain(config.dim, config.ffn_dim, n, 1 if hot else n).eval()
+    chain = GemvChain(config.dim, config.ffn_dim, n, hot_pairs or n).eval()
     if dtype == "8da4w":
         chain = quantize_8da4w(chain)
     data, info = lower(chain, (torch.randn(1, 1, config.dim),), None, dtype, share_blocks=True)
@@ -296,8 +297,8 @@ def gemv_gbs(config, dtype, threads, mb=64):
     (cold, hot) GB/s of weights: cold = new weights each time (`mb` MB of them per call), hot = one pair
     re-applied from cache. A kernel that is bandwidth-bound runs far faster hot than cold."""
     rates = []
-    for hot in (False, True):
-        data, _, nbytes = gemv_chain_pte(config, dtype, mb, hot)
+    for hot_pairs in (0, 1):
+        data, _, nbytes = gemv_chain_pte(config, dtype, mb, hot_pairs)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "gemv.pte"
             path.write_bytes(data)

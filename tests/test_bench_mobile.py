@@ -212,15 +212,15 @@ def test_weight_reads_count_each_block_application_and_which_are_cached():
     assert bm.weight_reads_per_token(repeat_all, "int8", shared=True) == (per_token + 30 * block, 0)
 
 
-@pytest.mark.parametrize("hot", [False, True])
-def test_gemv_chain_computes_its_products_and_the_hot_one_shares_one_delegate(tiny, hot, tmp_path):
+@pytest.mark.parametrize("hot_pairs", [0, 1, 2])
+def test_gemv_chain_computes_its_products_and_a_hot_one_shares_its_pairs_delegates(tiny, hot_pairs, tmp_path):
     config = tiny.config
-    data, info, nbytes = bm.gemv_chain_pte(config, "fp32", mb=0.1, hot=hot)
+    data, info, nbytes = bm.gemv_chain_pte(config, "fp32", mb=0.1, hot_pairs=hot_pairs)
     n = info["delegate_calls"]
-    assert n >= 2 and nbytes == n * 2 * config.dim * config.ffn_dim * 4
-    assert info["delegates"] == (1 if hot else n)                # the hot chain re-reads ONE packed pair
+    assert n >= 4 and nbytes == n * 2 * config.dim * config.ffn_dim * 4
+    assert info["delegates"] == (hot_pairs or n)                 # a hot chain re-reads its packed pairs
     torch.manual_seed(0)
-    chain = bm.GemvChain(config.dim, config.ffn_dim, n, 1 if hot else n).eval()
+    chain = bm.GemvChain(config.dim, config.ffn_dim, n, hot_pairs or n).eval()
     path = tmp_path / "chain.pte"
     path.write_bytes(data)
     x = torch.randn(1, 1, config.dim)

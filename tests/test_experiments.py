@@ -168,6 +168,20 @@ def test_decode_gemv_times_three_ways_to_run_the_same_products(capsys):
     assert capsys.readouterr().out.count("x |") == 2
 
 
+def test_xnnpack_cache_reuse_reports_each_working_set_it_times(capsys, monkeypatch):
+    pytest.importorskip("executorch")
+    from experiments import xnnpack_cache_reuse
+    monkeypatch.setattr(xnnpack_cache_reuse, "in_fresh_process", lambda fn, *args: fn(*args))   # no spawn
+    xnnpack_cache_reuse.main(["--init_from=mobilellm-micro:dim=32+ffn_dim=64", "--hot_pairs=2", "--mb=0.04",
+                              "--threads=1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    pair_mb = 2 * 32 * 64 * 4 / 2**20
+    assert [r[0].strip() for r in rows] == ["none (cold)", "2 pairs in turn"]
+    assert float(rows[1][1]) == pytest.approx(2 * pair_mb, abs=0.05)       # the working set it says
+    assert float(rows[0][1]) == pytest.approx(0.04, abs=pair_mb)            # cold: every product new
+    assert all(float(r[2]) > 0 for r in rows)
+
+
 def llama_cpp_rope(x, positions, theta):
     """llama.cpp's LLaMA rotary embedding, written from its definition: neighbours (x[2i], x[2i+1]) are
     rotated by position * theta^(-2i/D). x: (T, H, D)."""
