@@ -19,9 +19,10 @@ How the program is built (the ideas, top to bottom):
     read by llama::custom_sdpa (the portable index_copy_/SDPA kernels are slow). RMSNorm, RoPE and reshapes
     are written so that XNNPACK takes all of them (rotate-half as a DxD matmul, the mean of squares as a
     4-D mean, views with one inferred dim): XNNPACK runs all between the cache ops.
-  * Shared blocks (MobileLLM-LS): ExecuTorch copies a weight used by two delegates into each, and every
-    delegate packs its weights at init, so an LS model packs (and streams from DRAM) every shared weight
-    twice. We make the delegates the block applications' halves (block_partitioner), so both applications
+  * Shared blocks (MobileLLM-LS): ExecuTorch copies a weight used by two delegates into each (slowly: it
+    re-validates the whole graph per copy, so ExportLLM hands each application its own copy up front), and
+    every delegate packs its weights at init, so an LS model packs (and streams from DRAM) every shared
+    weight twice. We make the delegates the block applications' halves (block_partitioner), so both applications
     of a block lower to byte-identical delegates, then point both DelegateCalls at ONE delegate
     (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
     ExecuTorch has no public way to do this: the edit goes through executorch_private.py.

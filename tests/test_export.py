@@ -47,6 +47,18 @@ def test_pte_fp32_matches_eager_and_shares_block_delegates(tiny, pte_fp32):
     assert ("FLOAT", (V, C)) in program_constants(Path(path).read_bytes())   # fp32: the exact float table
 
 
+def test_no_tensor_is_shared_between_block_applications(tiny):
+    # a tensor feeding two delegates makes ExecuTorch duplicate it, re-validating the whole graph each time
+    module = ex.ExportLLM(tiny, MAX_SEQ_LEN)
+    assert tiny.schedule == [0, 0]                                       # one block, applied twice
+    first, second = module.applications
+    assert first is tiny.layers[0]                                       # the model's own weights...
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert a.data_ptr() != b.data_ptr() and torch.equal(a, b), name  # ...and an equal copy for the repeat
+    rotations = [module.rotate_half_0, module.rotate_half_1]
+    assert rotations[0].data_ptr() != rotations[1].data_ptr() and torch.equal(*rotations)
+
+
 def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
     method = load_method(pte_fp32[0])
     prompt = torch.tensor([[1, 2, 3, 4]])
