@@ -168,18 +168,22 @@ def test_decode_gemv_times_three_ways_to_run_the_same_products(capsys):
     assert capsys.readouterr().out.count("x |") == 2
 
 
-def test_xnnpack_cache_reuse_reports_each_working_set_it_times(capsys, monkeypatch):
+def test_xnnpack_cache_reuse_times_the_working_set_it_reports(capsys, monkeypatch):
     pytest.importorskip("executorch")
-    from experiments import xnnpack_cache_reuse
-    monkeypatch.setattr(xnnpack_cache_reuse, "in_fresh_process", lambda fn, *args: fn(*args))   # no spawn
-    xnnpack_cache_reuse.main(["--init_from=mobilellm-micro:dim=32+ffn_dim=64", "--hot_pairs=2", "--mb=0.04",
-                              "--threads=1"])
+    from experiments import xnnpack_cache_reuse as reuse
+    from model import config_from_preset
+    pair = 2 * 32 * 64 * 4                              # the lowering itself is tested in test_bench_mobile
+    monkeypatch.setattr(reuse, "gemv_chain_pte", lambda config, dtype, mb, hot_pairs:
+                        (b"", {"delegate_calls": 6, "delegates": hot_pairs}, 6 * pair))
+    monkeypatch.setattr(reuse, "in_fresh_process", lambda fn, path, threads, inputs: 0.001)   # 1 ms a call
+    config = config_from_preset("mobilellm-micro", dim=32, ffn_dim=64)
+    gbs, working_set = reuse.stream_gbs(config, "fp32", mb=0.1, hot_pairs=2, threads=1)
+    assert gbs == pytest.approx(6 * pair / 0.001 / 1e9) and working_set == pytest.approx(2 * pair / 2**20)
+    monkeypatch.setattr(reuse, "stream_gbs", lambda config, dtype, mb, hot_pairs, threads: (1.0 + hot_pairs, 0.5))
+    reuse.main(["--init_from=mobilellm-micro", "--hot_pairs=1,4"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
-    pair_mb = 2 * 32 * 64 * 4 / 2**20
-    assert [r[0].strip() for r in rows] == ["none (cold)", "2 pairs in turn"]
-    assert float(rows[1][1]) == pytest.approx(2 * pair_mb, abs=0.05)       # the working set it says
-    assert float(rows[0][1]) == pytest.approx(0.04, abs=pair_mb)            # cold: every product new
-    assert all(float(r[2]) > 0 for r in rows)
+    assert [(r[0].strip(), float(r[2])) for r in rows] == [("none (cold)", 1.0), ("1 pair in turn", 2.0),
+                                                           ("4 pairs in turn", 5.0)]
 
 
 def llama_cpp_rope(x, positions, theta):
