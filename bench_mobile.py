@@ -292,19 +292,22 @@ def time_program(path, threads, inputs, runs=20):
     return statistics.median(times[3:])
 
 
+def chain_gbs(config, dtype, threads, mb=64, hot_pairs=0):
+    """GB/s of weights one GemvChain (gemv_chain_pte) streams, timed in a fresh process, and the MB of weights
+    it re-reads (its working set: every product's weights when cold)."""
+    data, info, nbytes = gemv_chain_pte(config, dtype, mb, hot_pairs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gemv.pte"
+        path.write_bytes(data)
+        seconds = in_fresh_process(time_program, str(path), threads, [torch.randn(1, 1, config.dim)])
+    return nbytes / seconds / 1e9, nbytes * info["delegates"] / info["delegate_calls"] / 2**20
+
+
 def gemv_gbs(config, dtype, threads, mb=64):
     """What XNNPACK's matrix-vector products (this dtype, this model's FFN shape) stream on this host, as
     (cold, hot) GB/s of weights: cold = new weights each time (`mb` MB of them per call), hot = one pair
     re-applied from cache. A kernel that is bandwidth-bound runs far faster hot than cold."""
-    rates = []
-    for hot_pairs in (0, 1):
-        data, _, nbytes = gemv_chain_pte(config, dtype, mb, hot_pairs)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "gemv.pte"
-            path.write_bytes(data)
-            seconds = in_fresh_process(time_program, str(path), threads, [torch.randn(1, 1, config.dim)])
-        rates.append(nbytes / seconds / 1e9)
-    return tuple(rates)
+    return tuple(chain_gbs(config, dtype, threads, mb, hot_pairs)[0] for hot_pairs in (0, 1))
 
 
 # --- timing on an Android phone ----------------------------------------------------------------------

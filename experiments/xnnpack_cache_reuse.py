@@ -11,26 +11,12 @@ set of k pairs). At fp32 one 125M block's linears are two pairs (13.5 MB).
 """
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
-from bench_mobile import gemv_chain_pte, in_fresh_process, time_program  # noqa: E402
+from bench_mobile import chain_gbs  # noqa: E402
 from export import PROGRAM_DTYPES, parse_model_spec  # noqa: E402
 from model import config_from_preset  # noqa: E402
-
-
-def stream_gbs(config, dtype, mb, hot_pairs, threads):
-    """(GB/s of weights, MB of weights in the working set) of one chain, timed in a fresh process."""
-    data, info, nbytes = gemv_chain_pte(config, dtype, mb, hot_pairs)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "chain.pte"
-        path.write_bytes(data)
-        seconds = in_fresh_process(time_program, str(path), threads, [torch.randn(1, 1, config.dim)])
-    working_set = nbytes * info["delegates"] / info["delegate_calls"]
-    return nbytes / seconds / 1e9, working_set / 2**20
 
 
 def main(argv=None):
@@ -45,7 +31,7 @@ def main(argv=None):
     config = config_from_preset(name, **overrides)
     print("| weights re-read | working set MB | GB/s of weights |\n|---|---|---|")
     for hot_pairs in [0] + [int(k) for k in args.hot_pairs.split(",")]:
-        gbs, working_set = stream_gbs(config, args.dtype, args.mb, hot_pairs, args.threads)
+        gbs, working_set = chain_gbs(config, args.dtype, args.threads, args.mb, hot_pairs)
         label = f"{hot_pairs} pair{'s' * (hot_pairs > 1)} in turn" if hot_pairs else "none (cold)"
         print(f"| {label} | {working_set:.2f} | {gbs:.1f} |", flush=True)
 
