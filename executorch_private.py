@@ -1,5 +1,5 @@
 """
-Every use of ExecuTorch's private internals, in one place. Checked against executorch 1.4.0 (the version
+Every use of ExecuTorch's private internals (and of torch.export's, for lowering), in one place. Checked against executorch 1.4.0 (the version
 requirements-extra.txt pins, built for torch 2.13.0). ExecuTorch may rename or reshape any of these in a
 release without notice; each function says what it reaches into, why nothing public does the job, and what
 breaks if it changes. After upgrading ExecuTorch, run tests/test_export.py and tests/test_bench_mobile.py:
@@ -68,3 +68,66 @@ def xnnpack_preprocess_once(signature):
         yield
     finally:
         XnnpackBackend.preprocess = staticmethod(original)
+
+
+# XNNPACK's passes that rewrite only these ops (by name in the edge op's target): a partition without any
+# of them comes out of the pass unchanged. Each pass re-traces the whole partition with fake tensors
+# (~0.08 s for a 125M block half on the 2-core host), and the upsample and SDPA passes first trace their
+# patterns (~5 s once per process), so a lowering of 60 partitions spends ~35 s in passes that do nothing.
+XNNPACK_PASS_OPS = {
+    "ConvertToUpsampleBilinear2d": ("index",),       # a decomposed upsample_bilinear2d
+    "ConvertToSDPAPass": ("softmax",),               # a decomposed scaled_dot_product_attention
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution",),
+    "PReLUReshapePass": ("prelu",),
+}
+
+
+@contextlib.contextmanager
+def xnnpack_skip_idle_passes():
+    """Inside the block, XNNPACK's preprocessing skips each pass of XNNPACK_PASS_OPS whose ops the partition
+    does not hold (the program is byte-for-byte the same: docs/on-device.md, "Where export time goes").
+    ExecuTorch runs all 17 passes on every partition and has no public way to choose them. Reaches into:
+    XNNPACKPassManager.transform and its .passes list (executorch.backends.xnnpack._passes). If that
+    changes: no error and no speed-up, or (a pass renamed) that pass simply runs."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    original = XNNPACKPassManager.transform
+
+    def idle(pass_, ops):
+        names = XNNPACK_PASS_OPS.get(pass_.__name__)
+        return names is not None and not any(name in op for name in names for op in ops)
+
+    def transform(self):
+        graph = self.exported_program.graph
+        ops = {node.target.__name__ for node in graph.nodes if node.op == "call_function"}    # "aten.mm.default"
+        self.passes = [p for p in self.passes if not idle(p, ops)]
+        return original(self)
+
+    XNNPACKPassManager.transform = transform
+    try:
+        yield
+    finally:
+        XNNPACKPassManager.transform = original
+
+
+@contextlib.contextmanager
+def cia_ops_collected_once():
+    """Inside the block, torch.export lists the CompositeImplicitAutograd operators once instead of at every
+    run_decompositions (to_edge_transform_and_lower runs it 9 times; each listing walks every registered
+    operator, ~0.2 s). No operator is registered while a program is lowered. Reaches into:
+    torch._export.utils._collect_all_valid_cia_ops, imported by name into torch.export.exported_program and
+    torch.export.decomp_utils (checked against torch 2.13.0). If that changes: an AttributeError here."""
+    import functools
+    import torch.export.decomp_utils as decomp_utils
+    import torch.export.exported_program as exported_program
+    modules = (exported_program, decomp_utils)
+    original = exported_program._collect_all_valid_cia_ops
+    once = functools.lru_cache(maxsize=1)(original)
+    for module in modules:
+        module._collect_all_valid_cia_ops = once
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._collect_all_valid_cia_ops = original

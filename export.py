@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from executorch_private import emitted_program, reserialize, xnnpack_preprocess_once
+from executorch_private import (cia_ops_collected_once, emitted_program, reserialize, xnnpack_preprocess_once,
+                                xnnpack_skip_idle_passes)
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 
@@ -402,12 +403,13 @@ def lower(module, example, dynamic_shapes, dtype, share_blocks):
             if dtype == "int8":
                 module = quantize_int8(module, example, dynamic_shapes)
             ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
-        if share_blocks:     # each distinct block half is lowered once, however often the model applies it
-            with xnnpack_preprocess_once(lambda program: tuple(program_signature(program))):
-                manager = to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).to_executorch()
-        else:
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-            manager = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+        with xnnpack_skip_idle_passes(), cia_ops_collected_once():      # the same program, sooner
+            if share_blocks:   # each distinct block half is lowered once, however often the model applies it
+                with xnnpack_preprocess_once(lambda program: tuple(program_signature(program))):
+                    manager = to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).to_executorch()
+            else:
+                from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+                manager = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     delegates = len(emitted_program(manager).execution_plan[0].delegates)
     shared = share_identical_delegates(manager)[1] if share_blocks else delegates
     info = dict(delegate_calls=delegates, delegates=shared, export_s=round(time.perf_counter() - t0, 1))
