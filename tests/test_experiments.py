@@ -298,3 +298,26 @@ def test_llama_cpp_reference_times_a_released_gguf_itself_beside_the_files_made_
     assert timed == [released, tmp_path / "F32.gguf", tmp_path / "Q4_0.gguf"]
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {released}")]
     assert [row.split("|")[2].strip() for row in rows] == ["the file itself", "F32", "Q4_0"]
+
+
+def test_equal_time_sizes_each_schedule_to_the_budget(tmp_path, capsys, monkeypatch):
+    """Each variant gets the iterations its measured speed fits into --minutes; the real training it then
+    runs is train.train's (tested in test_train), so here it is replaced by a recorder."""
+    from experiments import equal_time
+    speeds = {16: 2048.0, 32: 2048.0}                   # tokens/s: batch 32 takes twice as long per iteration
+    monkeypatch.setattr(equal_time, "tokens_per_second", lambda cfg, dtype, device: (speeds[cfg.batch_size], None))
+    runs = []
+    monkeypatch.setattr(equal_time, "train", lambda cfg: runs.append(cfg) or [
+        {"train_loss": 1.0 + cfg.batch_size / 100, "val_loss": 2.0 + cfg.batch_size / 100}])
+    cfg = equal_time.configure(equal_time.EqualTimeConfig(), [
+        "--minutes=1", "--block_size=128", "--dim=64", f"--out_dir={tmp_path}",
+        "--compare=batch_size=16;batch_size=32"])
+    rows = equal_time.main(cfg)
+    assert [r.max_iters for r in runs] == [60, 30]                       # 60 s x 1 and 0.5 iterations/s
+    assert [r.warmup_iters for r in runs] == [30, 29] and all(r.eval_interval == r.max_iters for r in runs)
+    assert all(type(r) is equal_time.TrainConfig and r.dim == 64 and r.quiet for r in runs)
+    assert [r["val_loss"] for r in rows] == [2.16, 2.32]
+    assert "| batch_size=32 | 30 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "equal_time.json").read_text())["rows"] == rows
+    with pytest.raises(equal_time.ConfigError, match="--compare is empty"):
+        equal_time.main(equal_time.EqualTimeConfig())
