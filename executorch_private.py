@@ -1,9 +1,9 @@
 """
-Every use of ExecuTorch's private internals (and of torch.export's, for lowering), in one place. Checked against executorch 1.4.0 (the version
-requirements-extra.txt pins, built for torch 2.13.0). ExecuTorch may rename or reshape any of these in a
-release without notice; each function says what it reaches into, why nothing public does the job, and what
-breaks if it changes. After upgrading ExecuTorch, run tests/test_export.py and tests/test_bench_mobile.py:
-they exercise every function here.
+Every use of ExecuTorch's private internals (and of torch.export's, for lowering), in one place. Checked
+against executorch 1.4.0 (the version requirements-extra.txt pins, built for torch 2.13.0). ExecuTorch may
+rename or reshape any of these in a release without notice; each function says what it reaches into, why
+nothing public does the job, and what breaks if it changes. After upgrading ExecuTorch, run
+tests/test_export.py and tests/test_bench_mobile.py: they exercise every function here.
 """
 import contextlib
 
@@ -113,9 +113,9 @@ def xnnpack_skip_idle_passes():
 
 @contextlib.contextmanager
 def cia_ops_collected_once():
-    """Inside the block, torch.export lists the CompositeImplicitAutograd operators once instead of at every
-    run_decompositions (to_edge_transform_and_lower runs it 9 times; each listing walks every registered
-    operator, ~0.2 s). No operator is registered while a program is lowered. Reaches into:
+    """Inside the block, torch.export lists the CompositeImplicitAutograd operators once instead of at each
+    of the 9 run_decompositions of to_edge_transform_and_lower (17 listings, ~0.1 s each: every registered
+    operator is walked). No operator is registered while a program is lowered. Reaches into:
     torch._export.utils._collect_all_valid_cia_ops, imported by name into torch.export.exported_program and
     torch.export.decomp_utils (checked against torch 2.13.0). If that changes: an AttributeError here."""
     import functools

@@ -28,8 +28,8 @@ class EqualTimeConfig(TrainConfig):
     minutes: float = 4.0                 # training time of each variant (the measured speed sizes its schedule)
     compare: str = ""                    # "key=value,...;key=value,...": the variants
     vocab_size: int = 65                 # for the speed probe on random tokens (shakespeare_char's)
-    iters: int = 10                      # timed iterations of the speed probe
-    warmup: int = 3                      # untimed iterations before them
+    iters: int = 20                      # timed iterations of the speed probe
+    warmup: int = 5                      # untimed iterations before them
     out_dir: str = "out-equal-time"
 
 
@@ -45,12 +45,14 @@ def main(cfg):
     if not cfg.compare:
         raise ConfigError("--compare is empty: give the variants to compare, e.g. --compare=\"batch_size=16;batch_size=32\"")
     device = resolve_device(cfg.device)
+    variants = parse_variants(cfg.compare, cfg)
+    tokens_per_second(cfg, resolve_dtype(cfg.dtype, device), device)     # untimed: warms the process up
+    iterations_per_s = [tokens_per_second(v, resolve_dtype(v.dtype, device), device)[0]
+                        / (v.batch_size * v.block_size * v.gradient_accumulation_steps) for _, v in variants]
     rows = []
     print("| settings | iterations | wall s | train loss | val loss |\n|---|---|---|---|---|")
-    for i, (label, variant) in enumerate(parse_variants(cfg.compare, cfg)):
-        tokens_s = tokens_per_second(variant, resolve_dtype(variant.dtype, device), device)[0]
-        iterations_per_s = tokens_s / (variant.batch_size * variant.block_size * variant.gradient_accumulation_steps)
-        run = sized_run(variant, iterations_per_s, cfg.minutes, Path(cfg.out_dir) / f"variant{i}")
+    for i, ((label, variant), speed) in enumerate(zip(variants, iterations_per_s)):
+        run = sized_run(variant, speed, cfg.minutes, Path(cfg.out_dir) / f"variant{i}")
         t0 = time.perf_counter()
         last = train(run)[-1]
         rows.append(dict(settings=label, iterations=run.max_iters, wall_s=round(time.perf_counter() - t0, 1),
