@@ -159,3 +159,35 @@ def test_command_line_writes_a_program_that_computes_the_model(tiny, pte_fp32, e
         assert (method.execute([tokens, pos])[0] - ref).abs().max().item() < 1e-4
     with pytest.raises(SystemExit, match="export.py: .*unknown preset"):
         ex.main(["--init_from", "mobilellm-9t:n_layers=1", "--cache_dir", str(tmp_path / "cache")])
+
+
+def test_idle_xnnpack_passes_are_skipped_only_where_their_ops_are_missing(monkeypatch):
+    from types import SimpleNamespace
+    from executorch.backends.xnnpack._passes import (Conv1dUnsqueezePass, ConvertToLinearPass, ConvertToSDPAPass,
+                                                     XNNPACKPassManager)
+    from executorch_private import XNNPACK_PASS_OPS, xnnpack_skip_idle_passes
+    assert set(XNNPACK_PASS_OPS) < {p.__name__ for p in XNNPACKPassManager(None).passes}   # none renamed
+    record = lambda self: [p.__name__ for p in self.passes]                                 # instead of running them
+    monkeypatch.setattr(XNNPACKPassManager, "transform", record)
+
+    def manager(*ops):
+        nodes = [SimpleNamespace(op="call_function", target=SimpleNamespace(__name__=op)) for op in ops]
+        return SimpleNamespace(exported_program=SimpleNamespace(graph=SimpleNamespace(nodes=nodes)),
+                               passes=[ConvertToLinearPass, Conv1dUnsqueezePass, ConvertToSDPAPass])
+
+    with xnnpack_skip_idle_passes():
+        assert XNNPACKPassManager.transform(manager("aten.mm.default")) == ["ConvertToLinearPass"]
+        assert XNNPACKPassManager.transform(manager("aten.convolution.default", "aten._softmax.default")) == [
+            "ConvertToLinearPass", "Conv1dUnsqueezePass", "ConvertToSDPAPass"]
+    assert XNNPACKPassManager.transform is record                                           # restored
+
+
+def test_cia_operators_are_listed_once_inside_a_lowering():
+    import torch.export.decomp_utils as decomp_utils
+    import torch.export.exported_program as exported_program
+    from executorch_private import cia_ops_collected_once
+    original = exported_program._collect_all_valid_cia_ops
+    with cia_ops_collected_once():
+        first = exported_program._collect_all_valid_cia_ops()
+        assert decomp_utils._collect_all_valid_cia_ops() is first and len(first) > 100
+    assert exported_program._collect_all_valid_cia_ops is original is decomp_utils._collect_all_valid_cia_ops
