@@ -55,9 +55,9 @@ def main(cfg):
         run = sized_run(variant, speed, cfg.minutes, Path(cfg.out_dir) / f"variant{i}")
         t0 = time.perf_counter()
         last = train(run)[-1]
-        rows.append(dict(settings=label, iterations=run.max_iters, wall_s=round(time.perf_counter() - t0, 1),
-                         train_loss=last["train_loss"], val_loss=last["val_loss"]))
-        r = rows[-1]
+        r = dict(settings=label, iterations=run.max_iters, wall_s=round(time.perf_counter() - t0, 1),
+                 train_loss=last["train_loss"], val_loss=last["val_loss"])
+        rows.append(r)
         print(f"| {label} | {r['iterations']} | {r['wall_s']} | {r['train_loss']:.3f} | {r['val_loss']:.3f} |", flush=True)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "equal_time.json").write_text(json.dumps(dict(minutes=cfg.minutes, rows=rows), indent=1))
