@@ -19,20 +19,21 @@ How the program is built (the ideas, top to bottom):
     read by llama::custom_sdpa (the portable index_copy_/SDPA kernels are slow). RMSNorm, RoPE and reshapes
     are written so that XNNPACK takes all of them (rotate-half as a DxD matmul, the mean of squares as a
     4-D mean, views with one inferred dim): XNNPACK runs all between the cache ops.
-  * Shared blocks (MobileLLM-LS): ExecuTorch copies a weight used by two delegates into each (slowly: it
-    re-validates the whole graph per copy, so ExportLLM hands each application its own copy up front), and
-    every delegate packs its weights at init, so an LS model packs (and streams from DRAM) every shared
-    weight twice. We make the delegates the block applications' halves (block_partitioner), so both applications
-    of a block lower to byte-identical delegates, then point both DelegateCalls at ONE delegate
-    (share_identical_delegates): each shared weight is packed once and re-read while still in cache.
-    ExecuTorch has no public way to do this: the edit goes through executorch_private.py.
+  * Lowering, piece by piece: each block application is two XNNPACK delegates (FrontHalf: norm, q/k/v,
+    RoPE; BackHalf: output projection, SwiGLU), with the KV-cache ops between them, plus the head. Each
+    piece is lowered on its own, and only block 0's: every other block computes the same on other
+    weights, so it gets block 0's delegates with its own weights swapped in (restamped, through
+    executorch_private.py). A 125M model is three lowerings, not thirty blocks' worth of whole-graph passes.
+  * Shared blocks (MobileLLM-LS): both applications of a block call its one pair of lowered halves, and
+    the emitted program points both DelegateCalls at ONE delegate (share_identical_delegates): each shared
+    weight is packed once at init and re-read while still in cache (ExecuTorch would pack and stream it
+    twice). LS-125M lowers no more than 125M does.
   * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
     8da4w = the same activations with 4-bit weights in groups of 32 (torchao), half the bytes again.
     Both look tokens up in an int8 copy of the tied embedding (a scale per row): the lookup is not an
     XNNPACK op, so the table is stored apart from the head's packed weights, but in 1 byte, not 4.
 """
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -50,12 +51,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from executorch_private import (cia_ops_collected_once, emitted_program, reserialize, xnnpack_preprocess_once,
-                                xnnpack_skip_idle_passes)
+from executorch_private import (cia_ops_collected_once, delegates_traced_by_shape, emitted_program, reserialize,
+                                restamped, xnnpack_preprocess_once, xnnpack_skip_idle_passes)
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 
-EXPORT_VERSION = {"fp32": 2, "int8": 3, "8da4w": 3}   # bump a dtype's when its programs change (cache key)
+EXPORT_VERSION = {"fp32": 3, "int8": 4, "8da4w": 4}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
@@ -160,18 +161,65 @@ def rotate_half_matrix(head_dim):
     return r
 
 
-def piece(name, on=True):
+def piece(name):
     """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
     import torch.fx.traceback as fx_traceback
-    return fx_traceback.annotate({"piece": name}) if on else contextlib.nullcontext()
+    return fx_traceback.annotate({"piece": name})
+
+
+class FrontHalf(nn.Module):
+    """The first half of a block application, one XNNPACK delegate: attention norm, q/k/v, RoPE.
+    (x (1, T, C), cos, sin (T, 1, D)) -> q (1, T, H, D), k, v (1, T, H_kv, D)."""
+
+    def __init__(self, block, config):
+        super().__init__()
+        self.block, self.config = block, config
+        self.register_buffer("rotate_half", rotate_half_matrix(config.head_dim), persistent=False)
+
+    def rope(self, x, cos, sin):                                        # x: (1, T, H, D)
+        return x * cos + F.linear(x, self.rotate_half) * sin
+
+    def forward(self, x, cos, sin):
+        c, attn = self.config, self.block.attention
+        with piece("front"):
+            h = rms_norm(self.block.attention_norm, x)
+            q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)         # (1, T, H, D)
+            k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)      # (1, T, H_kv, D)
+            v = attn.wv(h).view(1, -1, c.n_kv_heads, c.head_dim)                            # (1, T, H_kv, D)
+        return q, k, v
+
+
+class BackHalf(nn.Module):
+    """The second half, one XNNPACK delegate: output projection, SwiGLU, residuals.
+    (x (1, T, C), y (1, T, H, D) the attention's output) -> x (1, T, C)."""
+
+    def __init__(self, block, config):
+        super().__init__()
+        self.block, self.config = block, config
+
+    def forward(self, x, y):
+        with piece("back"):
+            x = x + self.block.attention.wo(y.view(1, -1, self.config.dim))
+            return x + self.block.feed_forward(rms_norm(self.block.ffn_norm, x))
+
+
+class Head(nn.Module):
+    """Final norm and LM head, one XNNPACK delegate: x (1, 1, C) -> logits (1, V)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.norm, self.output = model.norm, model.output
+
+    def forward(self, x):
+        with piece("head"):
+            return self.output(rms_norm(self.norm, x)).view(1, -1)
 
 
 def unshared_applications(model):
     """The block of each application in model.schedule, a repeated block as a copy of its weights. A
     constant used by two delegates makes ExecuTorch's partitioner duplicate it, and every duplication
-    re-validates and recompiles the whole graph: with a copy per application no constant is shared and the
-    lowering stays linear in the depth. The program is the same: the copies lower to delegates identical to
-    the first application's, which the shared lowering then shares again (the file stores weights by hash)."""
+    re-validates and recompiles the whole graph: with a copy per application, lowering the whole graph
+    (the naive lowering) stays linear in the depth."""
     seen, blocks = set(), []
     for b in model.schedule:
         blocks.append(copy.deepcopy(model.layers[b]) if b in seen else model.layers[b])
@@ -181,60 +229,52 @@ def unshared_applications(model):
 
 class ExportLLM(nn.Module):
     """forward(tokens (1, T), input_pos (T,) = start..start+T-1) -> logits of the last token (1, V), with a
-    static KV cache inside. Holds the MobileLLM itself: its weights are exported as they are."""
+    static KV cache inside. `halves`: (front, back) of each block application in model.schedule, and
+    `head`: FrontHalf/BackHalf/Head modules (default: over the model's own weights, a repeated block as a
+    copy), or the same lowered to XNNPACK (lowered_pieces)."""
 
-    def __init__(self, model, max_seq_len, mark_pieces=False, int8_embedding=False):
+    def __init__(self, model, max_seq_len, int8_embedding=False, halves=None, head=None):
         super().__init__()
         c = model.config
         if max_seq_len > c.block_size:
             raise ExportError(f"max_seq_len ({max_seq_len}) exceeds the model's block_size ({c.block_size})")
-        self.model, self.max_seq_len, self.mark_pieces = model, max_seq_len, mark_pieces
-        self.int8_embedding = int8_embedding
+        self.model, self.max_seq_len, self.int8_embedding = model, max_seq_len, int8_embedding
         if int8_embedding:              # quantize.py's int8 embedding: symmetric per row, as the int8 head
             from quantize import quantize_per_channel
             table, scale = quantize_per_channel(model.tok_embeddings.weight.detach())       # (V, C), (V,)
             self.register_buffer("embedding_int8", table, persistent=False)
             self.register_buffer("embedding_scale", scale[:, None], persistent=False)        # (V, 1)
-        self.applications = nn.ModuleList(unshared_applications(model))
+        halves = halves or [(FrontHalf(b, c), BackHalf(b, c)) for b in unshared_applications(model)]
+        self.fronts = nn.ModuleList(front for front, _ in halves)     # an LS model's lowered halves repeat
+        self.backs = nn.ModuleList(back for _, back in halves)
+        self.head = head or Head(model)
         shape = (1, max_seq_len, c.n_kv_heads, c.head_dim)                                  # (B, L, H_kv, D)
         for i in range(len(model.schedule)):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"rotate_half_{i}", rotate_half_matrix(c.head_dim), persistent=False)
 
     def embed(self, tokens):                                                        # (1, T) -> (1, T, C)
         if not self.int8_embedding:
             return self.model.tok_embeddings(tokens)
         return F.embedding(tokens, self.embedding_int8).float() * F.embedding(tokens, self.embedding_scale)
 
-    def rope(self, x, cos, sin, rotate_half):                         # x: (1, T, H, D); cos, sin: (T, 1, D)
-        return x * cos + F.linear(x, rotate_half) * sin
-
     def forward(self, tokens, input_pos):
-        m, c = self.model, self.model.config
+        m = self.model
         T = tokens.size(1)
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + T <= self.max_seq_len)
         cos, sin = m.rope_cos.narrow(0, start, T), m.rope_sin.narrow(0, start, T)          # (T, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
-        with piece("embed", self.mark_pieces):    # its own piece: block 0's front stays like a second one's
-            x = self.embed(tokens)                                                          # (1, T, C)
-        for i, block in enumerate(self.applications):
-            attn, rotate_half = block.attention, getattr(self, f"rotate_half_{i}")
+        x = self.embed(tokens)                                                              # (1, T, C)
+        for i, (front, back) in enumerate(zip(self.fronts, self.backs)):
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            with piece(f"front{i}", self.mark_pieces):
-                h = rms_norm(block.attention_norm, x)
-                q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin, rotate_half)     # (1, T, H, D)
-                k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin, rotate_half)  # (1, T, H_kv, D)
-                v = attn.wv(h).view(1, -1, c.n_kv_heads, c.head_dim)                        # (1, T, H_kv, D)
+            q, k, v = front(x, cos, sin)
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
             y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)      # (1, T, H, D)
-            with piece(f"back{i}", self.mark_pieces):
-                x = x + attn.wo(y.view(1, -1, c.dim))
-                x = x + block.feed_forward(rms_norm(block.ffn_norm, x))                     # (1, T, C)
-        return m.output(rms_norm(m.norm, x[:, -1:, :])).view(1, -1)                         # (1, V)
+            x = back(x, y)                                                                  # (1, T, C)
+        return self.head(x[:, -1:, :])                                                      # (1, V)
 
 
 # --- lowering: XNNPACK partitions cut per block application, identical delegates shared -------------
@@ -251,9 +291,9 @@ def node_pieces(graph):
 
 
 def block_partitioner(**kwargs):
-    """XnnpackPartitioner whose delegates are the pieces: the front and the back of each block application,
-    one delegate each. XNNPACK's own partitions are cut where a piece ends, and the partitions of one
-    piece are merged (int8 alone would make 4 per block application: each dynamically quantized linear
+    """XnnpackPartitioner whose delegates are the pieces (a block half, the head, a pair of bench_mobile's
+    GemvChain), one delegate each. XNNPACK's own partitions are cut where a piece ends, and the partitions of
+    one piece are merged (int8 alone would make 4 per block application: each dynamically quantized linear
     is grouped with its activation-quantization nodes, and the groups land in separate partitions)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from torch.fx.passes.infra.partitioner import Partition
@@ -375,28 +415,122 @@ def untied_copy(model):
 @torch.no_grad()
 def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_len=None):
     """Lower a MobileLLM to an ExecuTorch program (bytes) with the XNNPACK delegate and a static KV cache.
-    share_blocks: cut delegates per block application and share identical ones (see the top); False is
-    the naive lowering. static_len: a fixed token count instead of a dynamic 1..max_seq_len-1 (for runners
-    that fill the inputs themselves). Returns (bytes, info dict)."""
+    share_blocks: each unique block's halves lowered once and shared by its applications (see the top);
+    False is the naive lowering of the whole graph. static_len: a fixed token count instead of a dynamic
+    1..max_seq_len-1 (for runners that fill the inputs themselves). Returns (bytes, info dict)."""
     require_executorch()
     if dtype not in PROGRAM_DTYPES:
         raise ExportError(f"dtype must be one of {PROGRAM_DTYPES}, got {dtype!r}")
+    t0 = time.perf_counter()
     if dtype == "8da4w":
         model = quantize_8da4w(untied_copy(model))
-    module = ExportLLM(model, max_seq_len, mark_pieces=share_blocks, int8_embedding=dtype != "fp32").eval()
     T = static_len or 2
     example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T))
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
-    return lower(module, example, None if static_len else ({1: seq}, {0: seq}), dtype, share_blocks)
+    seq = None if static_len else torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+    dynamic_shapes = seq and ({1: seq}, {0: seq})
+    if not share_blocks:
+        module = ExportLLM(model, max_seq_len, int8_embedding=dtype != "fp32").eval()
+        data, info = lower(module, example, dynamic_shapes, dtype, share_blocks=False)
+    else:
+        halves, head, pieces_lowered = lowered_pieces(model, dtype, T, seq)
+        module = ExportLLM(model, max_seq_len, dtype != "fp32", halves, head)
+        data, info = emit_composed(module, example, dynamic_shapes)
+        info["pieces_lowered"] = pieces_lowered
+    return data, dict(info, export_s=round(time.perf_counter() - t0, 1))
+
+
+def xnnpack_int8_weight(w):
+    """The int8 weight and per-channel scale ExecuTorch's int8 flow makes of w (N, K): pt2e's min/max
+    observer (symmetric, eps 2**-12, as XNNPACKQuantizer sets it), then quantize_per_channel, op for op."""
+    zero = torch.zeros(w.size(0))
+    amax = torch.max(-torch.min(w.amin(1), zero), torch.max(w.amax(1), zero))                # (N,)
+    scale = torch.max(amax / (254 / 2), torch.tensor(2.0**-12))                                # (N,)
+    return torch.clamp(torch.round(w * (1.0 / scale[:, None])), -127, 127).to(torch.int8), scale
+
+
+def packed_int4(q):
+    """int4 values (N, K) held in int8, as XNNPACK stores them: offset by 8, two per byte, the even column
+    in the low nibble. Returns (N, K/2) uint8."""
+    u = (q.to(torch.uint8) + 8).reshape(-1)
+    return (u[1::2] << 4 | u[0::2]).view(q.size(0), -1)
+
+
+def stored_tensors(module, dtype):
+    """What XNNPACK may store of a module's tensors, by name: each parameter and buffer as it is; in int8
+    each matrix as the int8 flow quantizes it (its int8 values and its scales); in 8da4w each int4 matrix
+    packed and each matrix of group scales in bf16."""
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    for name, t in list(tensors.items()):
+        if dtype == "int8" and t.dim() == 2 and t.is_floating_point():
+            tensors[f"{name}.int8"], tensors[f"{name}.scale"] = xnnpack_int8_weight(t)
+        elif dtype == "8da4w" and t.dim() == 2 and t.dtype == torch.int8 and t.size(1) % 2 == 0:
+            tensors[f"{name}.int4"] = packed_int4(t)
+        elif dtype == "8da4w" and t.dim() == 2 and t.is_floating_point():
+            tensors[f"{name}.bf16"] = t.to(torch.bfloat16)
+    return tensors
+
+
+def lower_piece(module, example, dynamic_shapes, dtype):
+    """torch.export one half (or the head), int8: quantized on the way, and lower it to XNNPACK as ONE
+    delegate. Returns the lowered module, to call in place of `module`."""
+    import torch.fx.traceback as fx_traceback
+    from executorch.exir import to_edge_transform_and_lower
+    with fx_traceback.preserve_node_meta():                # keeps the piece labels on the nodes
+        if dtype == "int8":
+            module = quantize_int8(module, example, dynamic_shapes)
+        ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+    return to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).exported_program().module()
+
+
+def lowered_pieces(model, dtype, T, seq):
+    """Each unique block's front and back halves and the head, lowered to XNNPACK one delegate each, for
+    ExportLLM(halves=, head=). All blocks compute the same on other weights, so only the first block is
+    lowered: every other block gets its delegates with its own weights swapped in (restamped), wherever
+    XNNPACK stores the weights as stored_tensors makes them (else the block is lowered too). An LS model's repeated applications call the same lowered halves. T, seq: the
+    example token count and its dynamic dimension (None: static). Returns (halves per application, head,
+    number of pieces lowered)."""
+    c = model.config
+    dims = lambda *ds: seq and tuple({d: seq} for d in ds)
+    x, y = torch.randn(1, T, c.dim), torch.randn(1, T, c.n_heads, c.head_dim)
+    cos, sin = torch.randn(T, 1, c.head_dim), torch.randn(T, 1, c.head_dim)    # distinct: export merges one input passed twice
+    examples = {FrontHalf: ((x, cos, sin), dims(1, 0, 0)), BackHalf: ((x, y), dims(1, 1))}
+    first, blocks, lowered = {}, [], 1
+    with warnings.catch_warnings(), xnnpack_skip_idle_passes(), cia_ops_collected_once():
+        warnings.simplefilter("ignore")
+        for block in tqdm(model.layers, desc=f"lowering {dtype} blocks", leave=False):
+            halves = []
+            for half_type in (FrontHalf, BackHalf):
+                half = half_type(block, c).eval()
+                tensors = stored_tensors(half, dtype)
+                done = first.get(half_type) and restamped(*first[half_type], tensors)
+                if not done:
+                    done, lowered = lower_piece(half, *examples[half_type], dtype), lowered + 1
+                    first.setdefault(half_type, (done, tensors))
+                halves.append(done)
+            blocks.append(tuple(halves))
+        head = lower_piece(Head(model).eval(), (torch.randn(1, 1, c.dim),), None, dtype)
+    return [blocks[b] for b in model.schedule], head, lowered
+
+
+def emit_composed(module, example, dynamic_shapes):
+    """torch.export an ExportLLM whose halves and head are lowered already, emit it, and let call sites
+    of identical delegates share one. Returns (bytes, info dict)."""
+    from executorch.exir import to_edge
+    with warnings.catch_warnings(), delegates_traced_by_shape(module):
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+        manager = to_edge(ep).to_executorch()
+    delegates = len(emitted_program(manager).execution_plan[0].delegates)
+    shared = share_identical_delegates(manager)[1]                      # before reading manager.buffer
+    return manager.buffer, dict(delegate_calls=delegates, delegates=shared)
 
 
 @torch.no_grad()
 def lower(module, example, dynamic_shapes, dtype, share_blocks):
-    """torch.export `module` (int8: quantized on the way), lower it to XNNPACK (share_blocks: delegates cut
-    at its pieces, identical ones shared) and emit the program. Returns (bytes, info dict)."""
+    """torch.export `module` (int8: quantized on the way), lower the whole graph to XNNPACK (share_blocks:
+    delegates cut at its pieces, identical ones shared) and emit the program. Returns (bytes, info dict)."""
     import torch.fx.traceback as fx_traceback
     from executorch.exir import to_edge_transform_and_lower
-    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with fx_traceback.preserve_node_meta():                # keeps the piece labels on the nodes
@@ -404,7 +538,7 @@ def lower(module, example, dynamic_shapes, dtype, share_blocks):
                 module = quantize_int8(module, example, dynamic_shapes)
             ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
         with xnnpack_skip_idle_passes(), cia_ops_collected_once():      # the same program, sooner
-            if share_blocks:   # each distinct block half is lowered once, however often the model applies it
+            if share_blocks:   # each distinct piece is lowered once, however often the graph repeats it
                 with xnnpack_preprocess_once(lambda program: tuple(program_signature(program))):
                     manager = to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).to_executorch()
             else:
@@ -412,8 +546,7 @@ def lower(module, example, dynamic_shapes, dtype, share_blocks):
                 manager = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     delegates = len(emitted_program(manager).execution_plan[0].delegates)
     shared = share_identical_delegates(manager)[1] if share_blocks else delegates
-    info = dict(delegate_calls=delegates, delegates=shared, export_s=round(time.perf_counter() - t0, 1))
-    return manager.buffer, info
+    return manager.buffer, dict(delegate_calls=delegates, delegates=shared)
 
 
 def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):

@@ -40,23 +40,58 @@ def test_pte_fp32_matches_eager_and_shares_block_delegates(tiny, pte_fp32):
         out = method.execute([tokens, pos])[0]
         assert out.shape == ref.shape
         assert (out - ref).abs().max().item() < 1e-4
-    # one block applied twice: the two applications' front and back halves are separate lowerings of the
-    # same computation; the shared program keeps one delegate per half
-    assert info["delegates"] <= info["delegate_calls"] - 2
+    # one block applied twice: both applications call its front and back halves, lowered once, and the
+    # program holds one delegate per half (+ the head), each called twice
+    assert info["delegate_calls"] == 5 and info["delegates"] == info["pieces_lowered"] == 3
+    plan = deserialized_program(Path(path).read_bytes()).execution_plan[0]
+    calls = [i.instr_args.delegate_index for chain in plan.chains for i in chain.instructions
+             if type(i.instr_args).__name__ == "DelegateCall"]
+    assert len(plan.delegates) == 3 and sorted(calls.count(i) for i in set(calls)) == [1, 2, 2]
     V, C = tiny.tok_embeddings.weight.shape
     assert ("FLOAT", (V, C)) in program_constants(Path(path).read_bytes())   # fp32: the exact float table
 
 
 def test_no_tensor_is_shared_between_block_applications(tiny):
-    # a tensor feeding two delegates makes ExecuTorch duplicate it, re-validating the whole graph each time
+    # the naive lowering's graph: a tensor feeding two delegates makes ExecuTorch duplicate it, re-validating
+    # the whole graph each time
     module = ex.ExportLLM(tiny, MAX_SEQ_LEN)
     assert tiny.schedule == [0, 0]                                       # one block, applied twice
-    first, second = module.applications
-    assert first is tiny.layers[0]                                       # the model's own weights...
+    first, second = (front.block for front in module.fronts)
+    assert first is tiny.layers[0] and [back.block for back in module.backs] == [first, second]
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert a.data_ptr() != b.data_ptr() and torch.equal(a, b), name  # ...and an equal copy for the repeat
-    rotations = [module.rotate_half_0, module.rotate_half_1]
+    rotations = [front.rotate_half for front in module.fronts]
     assert rotations[0].data_ptr() != rotations[1].data_ptr() and torch.equal(*rotations)
+
+
+def test_a_restamped_block_is_the_lowering_of_that_block(dtype="fp32"):
+    """Lowering block 0's front half and swapping block 1's weights into it gives what lowering block 1
+    gives: the same XNNPACK graph bytes and stored data, and block 1's computation (int8's and 8da4w's
+    restamping: test_pte_quantized_close_to_eager). Traced by shape, a lowered half gives its outputs'
+    shapes."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+    from executorch_private import delegates_traced_by_shape, restamped
+    model = ex.preset_model(f"{TINY_LS}+n_layers=2+share=none", seed=0)
+    halves = [ex.FrontHalf(block, model.config).eval() for block in model.layers]
+    seq = torch.export.Dim("seq", min=1, max=MAX_SEQ_LEN - 1)
+    example = (torch.randn(1, 3, 32), torch.randn(3, 1, 16), torch.randn(3, 1, 16))
+    first, direct = (ex.lower_piece(half, example, ({1: seq}, {0: seq}, {0: seq}), dtype) for half in halves)
+    tensors = [ex.stored_tensors(half, dtype) for half in halves]
+    stamped = restamped(first, *tensors)
+    delegate = lambda piece: next(m for m in piece.children() if isinstance(m, LoweredBackendModule))
+    assert delegate(stamped).processed_bytes == delegate(direct).processed_bytes != delegate(first).processed_bytes
+    stored = lambda piece: {key: delegate(piece).named_data_store_output.buffers[entry.buffer_index]
+                            for key, entry in delegate(piece).named_data_store_output.pte_data.items()}
+    assert stored(stamped) == stored(direct) != stored(first)
+    longer = (torch.randn(1, 5, 32), torch.randn(5, 1, 16), torch.randn(5, 1, 16))
+    real = direct(*longer)                                       # q, k, v: (1, 5, H, D), (1, 5, H_kv, D) x 2
+    assert all(torch.equal(a, b) for a, b in zip(stamped(*longer), real))   # the graph runs block 1's tensors
+    other = {name: t + 1 if t.is_floating_point() else t for name, t in tensors[0].items()}
+    assert restamped(first, other, tensors[1]) is None                  # stored data not found: lower instead
+    with delegates_traced_by_shape(stamped):
+        shaped = stamped(*longer)
+    assert [(t.shape, t.dtype) for t in shaped] == [(t.shape, t.dtype) for t in real] and real[0].shape[1] == 5
+    assert all(torch.equal(a, b) for a, b in zip(stamped(*longer), real))   # the real graph again afterwards
 
 
 def test_greedy_decode_through_exported_cache_equals_generate(tiny, pte_fp32):
@@ -81,22 +116,22 @@ def program_constants(data):
 ONE_TOKEN_STEPS = [(tokens[:, i:i + 1], pos[i:i + 1]) for tokens, pos in STEPS for i in range(tokens.size(1))]
 
 
-@pytest.mark.parametrize("dtype, tolerance, share, static_len", [("int8", 0.05, "immediate", None),
-                                                                 ("8da4w", 0.15, "none", 1)])
-def test_pte_quantized_close_to_eager(tiny, dtype, tolerance, share, static_len):
+@pytest.mark.parametrize("dtype, tolerance, blocks, static_len", [("int8", 0.05, "+n_layers=2", None),
+                                                                  ("8da4w", 0.15, "+n_layers=2+share=none", 1)])
+def test_pte_quantized_close_to_eager(dtype, tolerance, blocks, static_len):
     """W8A8 (per-channel int8 weights) and 8da4w (int4 weights in groups of 32), both with per-token int8
     activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched.
-    The embedding table outside the delegates is int8 (a float scale per row), not a float copy. 8da4w's
-    lowering is the slowest: it is tested on the block without sharing (sharing is the same code as int8's)
-    and one token at a time (dynamic lengths are the same code as fp32's and int8's)."""
-    if share != tiny.config.share:
-        tiny = ex.preset_model(f"{TINY_LS}+share={share}", seed=0)
+    The embedding table outside the delegates is int8 (a float scale per row), not a float copy. Two
+    blocks each: the second is restamped from the first (its stored weights made as XNNPACK makes them).
+    8da4w's are unshared (sharing is the same code as int8's) and run one token at a time (dynamic
+    lengths are the same code as fp32's and int8's)."""
+    tiny = ex.preset_model(TINY_LS + blocks, seed=0)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     data, info = ex.export_pte(tiny, dtype, MAX_SEQ_LEN, static_len=static_len)
-    # one delegate per half (front, back) of each block application, + the int8 embedding's scaling and
-    # the head; a shared block's two applications run the same two delegates
-    assert info["delegate_calls"] == 2 * len(tiny.schedule) + 2
-    assert info["delegates"] == 2 * tiny.config.n_layers + 2
+    # one delegate per half (front, back) of each block application, + the head; a shared block's two
+    # applications run the same two delegates; one block and the head are lowered, the rest restamped
+    assert info["delegate_calls"] == 2 * len(tiny.schedule) + 1
+    assert info["delegates"] == 2 * tiny.config.n_layers + 1 == 5 and info["pieces_lowered"] == 3
     V, C = tiny.tok_embeddings.weight.shape
     constants = program_constants(data)
     assert ("CHAR", (V, C)) in constants and ("FLOAT", (V, 1)) in constants and ("FLOAT", (V, C)) not in constants
