@@ -427,7 +427,7 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
     T = static_len or 2
     example = (torch.zeros(1, T, dtype=torch.long), torch.arange(T))
     seq = None if static_len else torch.export.Dim("seq", min=1, max=max_seq_len - 1)
-    dynamic_shapes = seq and ({1: seq}, {0: seq})
+    dynamic_shapes = None if seq is None else ({1: seq}, {0: seq})
     if not share_blocks:
         module = ExportLLM(model, max_seq_len, int8_embedding=dtype != "fp32").eval()
         data, info = lower(module, example, dynamic_shapes, dtype, share_blocks=False)
@@ -490,7 +490,7 @@ def lowered_pieces(model, dtype, T, seq):
     example token count and its dynamic dimension (None: static). Returns (halves per application, head,
     number of pieces lowered)."""
     c = model.config
-    dims = lambda *ds: seq and tuple({d: seq} for d in ds)
+    dims = lambda *ds: None if seq is None else tuple({d: seq} for d in ds)
     x, y = torch.randn(1, T, c.dim), torch.randn(1, T, c.n_heads, c.head_dim)
     cos, sin = torch.randn(T, 1, c.head_dim), torch.randn(T, 1, c.head_dim)    # distinct: export merges one input passed twice
     examples = {FrontHalf: ((x, cos, sin), dims(1, 0, 0)), BackHalf: ((x, y), dims(1, 1))}
