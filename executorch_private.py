@@ -197,7 +197,6 @@ def restamped(piece, tensors, new_tensors):
     return out
 
 
-
 def output_shapes_function(program):
     """A function of a lowered program's inputs returning empty tensors shaped and typed as its outputs (each
     output size either fixed or one of the inputs' sizes), or None where an output's size is anything else."""

@@ -470,15 +470,20 @@ def stored_tensors(module, dtype):
     return tensors
 
 
-def lower_piece(module, example, dynamic_shapes, dtype):
-    """torch.export one half (or the head), int8: quantized on the way, and lower it to XNNPACK as ONE
-    delegate. Returns the lowered module, to call in place of `module`."""
+def exported(module, example, dynamic_shapes, dtype):
+    """torch.export `module`, int8: quantized on the way, with the piece labels kept on the nodes."""
     import torch.fx.traceback as fx_traceback
-    from executorch.exir import to_edge_transform_and_lower
-    with fx_traceback.preserve_node_meta():                # keeps the piece labels on the nodes
+    with fx_traceback.preserve_node_meta():
         if dtype == "int8":
             module = quantize_int8(module, example, dynamic_shapes)
-        ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def lower_piece(module, example, dynamic_shapes, dtype):
+    """One half (or the head) lowered to XNNPACK as ONE delegate. Returns the lowered module, to call in
+    place of `module`."""
+    from executorch.exir import to_edge_transform_and_lower
+    ep = exported(module, example, dynamic_shapes, dtype)
     return to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).exported_program().module()
 
 
@@ -529,14 +534,10 @@ def emit_composed(module, example, dynamic_shapes):
 def lower(module, example, dynamic_shapes, dtype, share_blocks):
     """torch.export `module` (int8: quantized on the way), lower the whole graph to XNNPACK (share_blocks:
     delegates cut at its pieces, identical ones shared) and emit the program. Returns (bytes, info dict)."""
-    import torch.fx.traceback as fx_traceback
     from executorch.exir import to_edge_transform_and_lower
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with fx_traceback.preserve_node_meta():                # keeps the piece labels on the nodes
-            if dtype == "int8":
-                module = quantize_int8(module, example, dynamic_shapes)
-            ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = exported(module, example, dynamic_shapes, dtype)
         with xnnpack_skip_idle_passes(), cia_ops_collected_once():      # the same program, sooner
             if share_blocks:   # each distinct piece is lowered once, however often the graph repeats it
                 with xnnpack_preprocess_once(lambda program: tuple(program_signature(program))):
