@@ -50,11 +50,12 @@ from tqdm import tqdm
 from checkpoint import CheckpointError
 from configurator import accept_old_flags
 from executorch_private import reset_threadpool
-from export import (CACHE_DIR, PROGRAM_DTYPES, ExportError, cached_pte, load_source, lower, piece, quantize_8da4w,
+from export import (CACHE_DIR, PROGRAM_DTYPES, ExportError, cached_pte, load_source, quantize_8da4w,
                     require_executorch, write_program)
 from loader import dtype_name, torch_dtype
 from model import MobileLLM
 from quantize import validation_tokens
+from xnnpack_lowering import lower, piece
 
 
 class BenchError(ExportError):

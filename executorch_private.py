@@ -10,8 +10,8 @@ import copy
 
 
 def emitted_program(manager):
-    """The emitted executorch.exir.schema.Program of an ExecutorchProgramManager, which export.py edits in
-    place (share_identical_delegates). Reaches into: manager._emitter_output (there is no public access to
+    """The emitted executorch.exir.schema.Program of an ExecutorchProgramManager, which xnnpack_lowering.py
+    edits in place (share_identical_delegates). Reaches into: manager._emitter_output (there is no public access to
     the program before it is serialized). If it changes: AttributeError when exporting a shared lowering."""
     return manager._emitter_output.program
 
@@ -51,9 +51,9 @@ def xnnpack_preprocess_once(signature):
     """Inside the block, XNNPACK preprocesses (runs its graph passes on and serializes) each distinct partition
     once: a partition whose signature(exported program) was seen before gets the earlier result, the same
     blob and named weights. Preprocessing is most of a lowering's time, and a layer-shared model's two
-    applications of a block give identical partitions (export.py's block_partitioner). ExecuTorch has no
-    public way to say this. Reaches into: XnnpackBackend.preprocess, which BackendDetails.preprocess_multimethod
-    calls once per partition as cls.preprocess(program, compile_specs). If that changes: no error and no
+    applications of a block give identical partitions (xnnpack_lowering.py's block_partitioner). ExecuTorch
+    has no public way to say this. Reaches into: XnnpackBackend.preprocess, which
+    BackendDetails.preprocess_multimethod calls once per partition as cls.preprocess(program, compile_specs). If that changes: no error and no
     speed-up (the patched function is simply not called)."""
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     original, results = XnnpackBackend.preprocess, {}

@@ -21,9 +21,9 @@ How the program is built (the ideas, top to bottom):
     4-D mean, views with one inferred dim): XNNPACK runs all between the cache ops.
   * Lowering, piece by piece: each block application is two XNNPACK delegates (FrontHalf: norm, q/k/v,
     RoPE; BackHalf: output projection, SwiGLU), with the KV-cache ops between them, plus the head. Each
-    piece is lowered on its own, and only block 0's: every other block computes the same on other
-    weights, so it gets block 0's delegates with its own weights swapped in (restamped, through
-    executorch_private.py). A 125M model is three lowerings, not thirty blocks' worth of whole-graph passes.
+    piece is lowered on its own (xnnpack_lowering.py), and only block 0's: every other block computes the
+    same on other weights, so it gets block 0's delegates with its own weights swapped in (restamped,
+    through executorch_private.py). A 125M model is three lowerings, not thirty blocks' worth of whole-graph passes.
   * Shared blocks (MobileLLM-LS): both applications of a block call its one pair of lowered halves, and
     the emitted program points both DelegateCalls at ONE delegate (share_identical_delegates): each shared
     weight is packed once at init and re-read while still in cache (ExecuTorch would pack and stream it
@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from executorch_private import (cia_ops_collected_once, delegates_traced_by_shape, emitted_program, reserialize,
-                                restamped, xnnpack_preprocess_once, xnnpack_skip_idle_passes)
+from executorch_private import cia_ops_collected_once, restamped, xnnpack_skip_idle_passes
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
+from xnnpack_lowering import emit_composed, lower, lower_piece, piece, stored_tensors, tensor_bytes
 
 EXPORT_VERSION = {"fp32": 3, "int8": 4, "8da4w": 4}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
@@ -129,10 +129,6 @@ def load_source(init_from, seed=0):
     return dequantized(model) if is_quantized(model) else model
 
 
-def tensor_bytes(tensor):
-    return tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
-
-
 def source_hash(model):
     """Hash of config + weights: the cache key of an exported program."""
     h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
@@ -159,12 +155,6 @@ def rotate_half_matrix(head_dim):
     r[torch.arange(half), torch.arange(half) + half] = -1.0
     r[torch.arange(half) + half, torch.arange(half)] = 1.0
     return r
-
-
-def piece(name):
-    """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
-    import torch.fx.traceback as fx_traceback
-    return fx_traceback.annotate({"piece": name})
 
 
 class FrontHalf(nn.Module):
@@ -277,119 +267,7 @@ class ExportLLM(nn.Module):
         return self.head(x[:, -1:, :])                                                      # (1, V)
 
 
-# --- lowering: XNNPACK partitions cut per block application, identical delegates shared -------------
-
-def node_pieces(graph):
-    """piece label of every node: its own annotation, else its first labelled user's (quantize/dequantize
-    nodes and weights inherit from the linear that uses them), else ''."""
-    pieces = {}
-    for node in reversed(graph.nodes):
-        own = (node.meta.get("custom") or {}).get("piece")
-        inherited = next((pieces[u] for u in node.users if pieces.get(u)), "")
-        pieces[node] = own or inherited
-    return pieces
-
-
-def block_partitioner(**kwargs):
-    """XnnpackPartitioner whose delegates are the pieces (a block half, the head, a pair of bench_mobile's
-    GemvChain), one delegate each. XNNPACK's own partitions are cut where a piece ends, and the partitions of
-    one piece are merged (int8 alone would make 4 per block application: each dynamically quantized linear
-    is grouped with its activation-quantization nodes, and the groups land in separate partitions)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from torch.fx.passes.infra.partitioner import Partition
-
-    class BlockPartitioner(XnnpackPartitioner):
-        def generate_partitions(self, ep):
-            graph = ep.graph_module.graph
-            pieces, groups = node_pieces(graph), {}
-            order = {node: i for i, node in enumerate(graph.nodes)}
-            for i, partition in enumerate(super().generate_partitions(ep)):
-                for node in partition.nodes:
-                    node.meta.pop("debug_handle", None)                   # per-node ids would differ
-                    groups.setdefault(pieces[node] or i, []).append(node)  # per piece (unlabelled: as is)
-            return [Partition(id=i, nodes=sorted(nodes, key=order.get))  # graph order: same in every copy
-                    for i, nodes in enumerate(groups.values())]
-
-    return BlockPartitioner(**kwargs)
-
-
-def program_signature(ep):
-    """What a (partition's) exported program computes, independent of node names: a hash per output, built
-    from its op and its arguments' hashes, down to the runtime inputs (by position, shape and dtype) and the
-    constants (by their data). Two call sites whose delegates have the same output hashes (in any order) can
-    run the same delegate. Returns the list of output hashes, in output order."""
-    sig = ep.graph_signature
-    data = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
-    values = {**ep.state_dict, **ep.constants}
-    hashes, n_inputs = {}, 0
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in data:
-            text = "const " + hashlib.sha256(tensor_bytes(values[data[node.name]])).hexdigest()
-        elif node.op == "placeholder":
-            val = node.meta.get("val")
-            text, n_inputs = f"input {n_inputs} {getattr(val, 'shape', None)} {getattr(val, 'dtype', None)}", n_inputs + 1
-        else:
-            args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: hashes[a])
-            text = f"{node.op} {node.target} {args}"
-        hashes[node] = hashlib.sha256(text.encode()).hexdigest()
-    outputs = next(n for n in ep.graph.nodes if n.op == "output").args[0]
-    return [hashes[o] for o in outputs]
-
-
-def share_identical_delegates(manager):
-    """Make call sites of identical delegates share ONE delegate, then re-serialize. The emitter gives
-    every call site its own delegate, which the runtime initializes (packs weights) separately, so an
-    LS model would pack and stream each shared weight twice. ExecuTorch 1.4 has no public way to say this
-    (the emitter only dedups identical blobs; the XNNPACK backend's weight cache, which shares packed weights
-    between delegates, is a C++ backend option the Python runtime cannot set), so this edits the emitted
-    program through executorch_private.py. Returns (delegates before, after)."""
-    from executorch.exir.schema import DelegateCall
-    gm = manager.exported_program().graph_module
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
-    program = emitted_program(manager)
-    plan = program.execution_plan[0]
-    if len(calls) != len(plan.delegates):
-        raise ExportError(f"{len(calls)} delegate calls in the graph but {len(plan.delegates)} delegates emitted")
-    first, keep, remap, outputs = {}, [], {}, []
-    for i, node in enumerate(calls):
-        outputs.append(program_signature(getattr(gm, node.args[0].target).original_module))
-        key = tuple(sorted(outputs[i]))
-        if key not in first:
-            first[key] = (len(keep), i)
-            keep.append(plan.delegates[i])
-        remap[i] = first[key]
-    for chain in plan.chains:
-        for instruction in chain.instructions:
-            call = instruction.instr_args
-            if isinstance(call, DelegateCall):
-                new_index, owner = remap[call.delegate_index]
-                mine, theirs = outputs[call.delegate_index], outputs[owner]
-                n_in = len(call.args) - len(mine)                       # args = inputs, then outputs
-                by_hash = dict(zip(mine, call.args[n_in:]))             # the owner may order them differently
-                call.args = call.args[:n_in] + [by_hash[h] for h in theirs]
-                call.delegate_index = new_index
-    blobs = {}                                          # drop the blobs no delegate uses any more
-    for d in keep:
-        d.processed.index = blobs.setdefault(d.processed.index, len(blobs))
-    program.backend_delegate_data = [program.backend_delegate_data[i] for i in blobs]
-    before, plan.delegates = len(plan.delegates), keep
-    reserialize(manager)
-    return before, len(keep)
-
-
-def quantize_int8(module, example, dynamic_shapes):
-    """The paper's W8A8 through ExecuTorch's own flow: per-channel symmetric int8 weights, dynamic
-    per-token int8 activations (XNNPACKQuantizer + pt2e). Returns the quantized graph module."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                is_dynamic=True))
-    graph = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False).module()
-    graph = prepare_pt2e(graph, quantizer)
-    graph(*example)                                            # dynamic quantization needs no calibration
-    return convert_pt2e(graph)
-
+# --- the program: pieces lowered by xnnpack_lowering.py, composed, emitted --------------------------
 
 def quantize_8da4w(model):
     """8-bit dynamic per-token activations, 4-bit weights in groups of GROUP_SIZE input channels (torchao's
@@ -439,65 +317,17 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
     return data, dict(info, export_s=round(time.perf_counter() - t0, 1))
 
 
-def xnnpack_int8_weight(w):
-    """The int8 weight and per-channel scale ExecuTorch's int8 flow makes of w (N, K): pt2e's min/max
-    observer (symmetric, eps 2**-12, as XNNPACKQuantizer sets it), then quantize_per_channel, op for op."""
-    zero = torch.zeros(w.size(0))
-    amax = torch.max(-torch.min(w.amin(1), zero), torch.max(w.amax(1), zero))                # (N,)
-    scale = torch.max(amax / (254 / 2), torch.tensor(2.0**-12))                                # (N,)
-    return torch.clamp(torch.round(w * (1.0 / scale[:, None])), -127, 127).to(torch.int8), scale
-
-
-def packed_int4(q):
-    """int4 values (N, K) held in int8, as XNNPACK stores them: offset by 8, two per byte, the even column
-    in the low nibble. Returns (N, K/2) uint8."""
-    u = (q.to(torch.uint8) + 8).reshape(-1)
-    return (u[1::2] << 4 | u[0::2]).view(q.size(0), -1)
-
-
-def stored_tensors(module, dtype):
-    """What XNNPACK may store of a module's tensors, by name: each parameter and buffer as it is; in int8
-    each matrix as the int8 flow quantizes it (its int8 values and its scales); in 8da4w each int4 matrix
-    packed and each matrix of group scales in bf16."""
-    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    for name, t in list(tensors.items()):
-        if dtype == "int8" and t.dim() == 2 and t.is_floating_point():
-            tensors[f"{name}.int8"], tensors[f"{name}.scale"] = xnnpack_int8_weight(t)
-        elif dtype == "8da4w" and t.dim() == 2 and t.dtype == torch.int8 and t.size(1) % 2 == 0:
-            tensors[f"{name}.int4"] = packed_int4(t)
-        elif dtype == "8da4w" and t.dim() == 2 and t.is_floating_point():
-            tensors[f"{name}.bf16"] = t.to(torch.bfloat16)
-    return tensors
-
-
-def exported(module, example, dynamic_shapes, dtype):
-    """torch.export `module`, int8: quantized on the way, with the piece labels kept on the nodes."""
-    import torch.fx.traceback as fx_traceback
-    with fx_traceback.preserve_node_meta():
-        if dtype == "int8":
-            module = quantize_int8(module, example, dynamic_shapes)
-        return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
-
-
-def lower_piece(module, example, dynamic_shapes, dtype):
-    """One half (or the head) lowered to XNNPACK as ONE delegate. Returns the lowered module, to call in
-    place of `module`."""
-    from executorch.exir import to_edge_transform_and_lower
-    ep = exported(module, example, dynamic_shapes, dtype)
-    return to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).exported_program().module()
-
-
 def lowered_pieces(model, dtype, T, seq):
     """Each unique block's front and back halves and the head, lowered to XNNPACK one delegate each, for
     ExportLLM(halves=, head=). All blocks compute the same on other weights, so only the first block is
     lowered: every other block gets its delegates with its own weights swapped in (restamped), wherever
-    XNNPACK stores the weights as stored_tensors makes them (else the block is lowered too). An LS model's repeated applications call the same lowered halves. T, seq: the
-    example token count and its dynamic dimension (None: static). Returns (halves per application, head,
-    number of pieces lowered)."""
+    XNNPACK stores the weights as stored_tensors makes them (else the block is lowered too). An LS model's
+    repeated applications call the same lowered halves. T, seq: the example token count and its dynamic
+    dimension (None: static). Returns (halves per application, head, number of pieces lowered)."""
     c = model.config
     dims = lambda *ds: None if seq is None else tuple({d: seq} for d in ds)
     x, y = torch.randn(1, T, c.dim), torch.randn(1, T, c.n_heads, c.head_dim)
-    cos, sin = torch.randn(T, 1, c.head_dim), torch.randn(T, 1, c.head_dim)    # distinct: export merges one input passed twice
+    cos, sin = torch.randn(T, 1, c.head_dim), torch.randn(T, 1, c.head_dim)  # distinct: export merges a repeated input
     examples = {FrontHalf: ((x, cos, sin), dims(1, 0, 0)), BackHalf: ((x, y), dims(1, 1))}
     first, blocks, lowered = {}, [], 1
     with warnings.catch_warnings(), xnnpack_skip_idle_passes(), cia_ops_collected_once():
@@ -515,39 +345,6 @@ def lowered_pieces(model, dtype, T, seq):
             blocks.append(tuple(halves))
         head = lower_piece(Head(model).eval(), (torch.randn(1, 1, c.dim),), None, dtype)
     return [blocks[b] for b in model.schedule], head, lowered
-
-
-def emit_composed(module, example, dynamic_shapes):
-    """torch.export an ExportLLM whose halves and head are lowered already, emit it, and let call sites
-    of identical delegates share one. Returns (bytes, info dict)."""
-    from executorch.exir import to_edge
-    with warnings.catch_warnings(), delegates_traced_by_shape(module):
-        warnings.simplefilter("ignore")
-        ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
-        manager = to_edge(ep).to_executorch()
-    delegates = len(emitted_program(manager).execution_plan[0].delegates)
-    shared = share_identical_delegates(manager)[1]                      # before reading manager.buffer
-    return manager.buffer, dict(delegate_calls=delegates, delegates=shared)
-
-
-@torch.no_grad()
-def lower(module, example, dynamic_shapes, dtype, share_blocks):
-    """torch.export `module` (int8: quantized on the way), lower the whole graph to XNNPACK (share_blocks:
-    delegates cut at its pieces, identical ones shared) and emit the program. Returns (bytes, info dict)."""
-    from executorch.exir import to_edge_transform_and_lower
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ep = exported(module, example, dynamic_shapes, dtype)
-        with xnnpack_skip_idle_passes(), cia_ops_collected_once():      # the same program, sooner
-            if share_blocks:   # each distinct piece is lowered once, however often the graph repeats it
-                with xnnpack_preprocess_once(lambda program: tuple(program_signature(program))):
-                    manager = to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).to_executorch()
-            else:
-                from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-                manager = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-    delegates = len(emitted_program(manager).execution_plan[0].delegates)
-    shared = share_identical_delegates(manager)[1] if share_blocks else delegates
-    return manager.buffer, dict(delegate_calls=delegates, delegates=shared)
 
 
 def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import export as ex
+import xnnpack_lowering as xl
 from executorch_private import deserialized_program
 
 pytest.importorskip("executorch.exir")
@@ -75,8 +76,8 @@ def test_a_restamped_block_is_the_lowering_of_that_block(dtype="fp32"):
     halves = [ex.FrontHalf(block, model.config).eval() for block in model.layers]
     seq = torch.export.Dim("seq", min=1, max=MAX_SEQ_LEN - 1)
     example = (torch.randn(1, 3, 32), torch.randn(3, 1, 16), torch.randn(3, 1, 16))
-    first, direct = (ex.lower_piece(half, example, ({1: seq}, {0: seq}, {0: seq}), dtype) for half in halves)
-    tensors = [ex.stored_tensors(half, dtype) for half in halves]
+    first, direct = (xl.lower_piece(half, example, ({1: seq}, {0: seq}, {0: seq}), dtype) for half in halves)
+    tensors = [xl.stored_tensors(half, dtype) for half in halves]
     stamped = restamped(first, *tensors)
     delegate = lambda piece: next(m for m in piece.children() if isinstance(m, LoweredBackendModule))
     assert delegate(stamped).processed_bytes == delegate(direct).processed_bytes != delegate(first).processed_bytes
