@@ -55,7 +55,7 @@ from export import (CACHE_DIR, PROGRAM_DTYPES, ExportError, cached_pte, load_sou
 from loader import dtype_name, torch_dtype
 from model import MobileLLM
 from quantize import validation_tokens
-from xnnpack_lowering import lower, piece
+from xnnpack_lowering import emit_composed, lowered_alike
 
 
 class BenchError(ExportError):
@@ -251,36 +251,49 @@ def weight_reads_per_token(config, dtype, shared):
     return cold, hot
 
 
+class GemvPair(nn.Module):
+    """One up/down pair of matrix-vector products shaped like a decode step's SwiGLU (dim -> ffn_dim -> dim)."""
+
+    def __init__(self, dim, ffn_dim):
+        super().__init__()
+        self.up = nn.Linear(dim, ffn_dim, bias=False)
+        self.down = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x):                                                    # x: (1, 1, dim)
+        return self.down(self.up(x))
+
+
 class GemvChain(nn.Module):
-    """n matrix-vector products shaped like a decode step's SwiGLU (dim -> ffn_dim -> dim), each up/down
-    pair its own piece. pairs=n: every product reads new weights (from DRAM, when n pairs are far larger
-    than the caches); pairs=1: one pair re-applied n times through ONE shared delegate, as the second
-    application of an LS block is (from cache)."""
+    """n pairs of products applied in turn, each pair one delegate. pairs=n: every product reads new weights
+    (from DRAM, when n pairs are far larger than the caches); pairs=1: one pair re-applied n times through
+    ONE shared delegate, as the second application of an LS block is (from cache)."""
 
     def __init__(self, dim, ffn_dim, n, pairs):
         super().__init__()
         self.n = n
-        self.up = nn.ModuleList(nn.Linear(dim, ffn_dim, bias=False) for _ in range(pairs))
-        self.down = nn.ModuleList(nn.Linear(ffn_dim, dim, bias=False) for _ in range(pairs))
+        self.pairs = nn.ModuleList(GemvPair(dim, ffn_dim) for _ in range(pairs))
 
     def forward(self, x):                                                    # x: (1, 1, dim)
         for i in range(self.n):
-            with piece(f"apply{i}"):
-                x = self.down[i % len(self.up)](self.up[i % len(self.up)](x))
+            x = self.pairs[i % len(self.pairs)](x)
         return x
 
 
 def gemv_chain_pte(config, dtype, mb, hot_pairs=0, seed=0):
-    """A GemvChain with `mb` MB of weights read per call, lowered like the models. hot_pairs=k: k pairs
-    re-applied in turn (a working set of k pairs); 0: new weights for every product. Returns (program
-    bytes, info dict, bytes of weights read per call)."""
+    """A GemvChain with `mb` MB of weights read per call, lowered like the models (one pair lowered, the
+    others reusing it with their weights). hot_pairs=k: k pairs re-applied in turn (a working set of k
+    pairs); 0: new weights for every product. Returns (program bytes, info dict, bytes of weights read
+    per call)."""
     pair_bytes = 2 * config.dim * config.ffn_dim * BYTES_PER_WEIGHT[dtype]
     n = max(2, round(mb * 2**20 / pair_bytes))
     torch.manual_seed(seed)
     chain = GemvChain(config.dim, config.ffn_dim, n, hot_pairs or n).eval()
     if dtype == "8da4w":
         chain = quantize_8da4w(chain)
-    data, info = lower(chain, (torch.randn(1, 1, config.dim),), None, dtype, share_blocks=True)
+    x = torch.randn(1, 1, config.dim)
+    with torch.no_grad():
+        chain.pairs = nn.ModuleList(lowered_alike(list(chain.pairs), (x,), None, dtype, "lowering products")[0])
+        data, info = emit_composed(chain, (x,), None)
     return data, info, n * pair_bytes
 
 

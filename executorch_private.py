@@ -46,31 +46,6 @@ def deserialized_program(data):
     return deserialize_pte_binary(data).program
 
 
-@contextlib.contextmanager
-def xnnpack_preprocess_once(signature):
-    """Inside the block, XNNPACK preprocesses (runs its graph passes on and serializes) each distinct partition
-    once: a partition whose signature(exported program) was seen before gets the earlier result, the same
-    blob and named weights. Preprocessing is most of a lowering's time, and a layer-shared model's two
-    applications of a block give identical partitions (xnnpack_lowering.py's block_partitioner). ExecuTorch
-    has no public way to say this. Reaches into: XnnpackBackend.preprocess, which
-    BackendDetails.preprocess_multimethod calls once per partition as cls.preprocess(program, compile_specs). If that changes: no error and no
-    speed-up (the patched function is simply not called)."""
-    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-    original, results = XnnpackBackend.preprocess, {}
-
-    def preprocess(program, compile_specs):
-        key = (signature(program), tuple((spec.key, bytes(spec.value)) for spec in compile_specs))
-        if key not in results:
-            results[key] = original(program, compile_specs)
-        return results[key]
-
-    XnnpackBackend.preprocess = staticmethod(preprocess)
-    try:
-        yield
-    finally:
-        XnnpackBackend.preprocess = staticmethod(original)
-
-
 # XNNPACK's passes that rewrite only these ops (by name in the edge op's target): a partition without any
 # of them comes out of the pass unchanged. Each pass re-traces the whole partition with fake tensors
 # (~0.08 s for a 125M block half on the 2-core host), and the upsample and SDPA passes first trace their

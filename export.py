@@ -51,10 +51,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from executorch_private import cia_ops_collected_once, restamped, xnnpack_skip_idle_passes
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
-from xnnpack_lowering import emit_composed, lower, lower_piece, piece, stored_tensors, tensor_bytes
+from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
 
 EXPORT_VERSION = {"fp32": 3, "int8": 4, "8da4w": 4}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
@@ -171,11 +170,10 @@ class FrontHalf(nn.Module):
 
     def forward(self, x, cos, sin):
         c, attn = self.config, self.block.attention
-        with piece("front"):
-            h = rms_norm(self.block.attention_norm, x)
-            q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)         # (1, T, H, D)
-            k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)      # (1, T, H_kv, D)
-            v = attn.wv(h).view(1, -1, c.n_kv_heads, c.head_dim)                            # (1, T, H_kv, D)
+        h = rms_norm(self.block.attention_norm, x)
+        q = self.rope(attn.wq(h).view(1, -1, c.n_heads, c.head_dim), cos, sin)             # (1, T, H, D)
+        k = self.rope(attn.wk(h).view(1, -1, c.n_kv_heads, c.head_dim), cos, sin)          # (1, T, H_kv, D)
+        v = attn.wv(h).view(1, -1, c.n_kv_heads, c.head_dim)                                # (1, T, H_kv, D)
         return q, k, v
 
 
@@ -188,9 +186,8 @@ class BackHalf(nn.Module):
         self.block, self.config = block, config
 
     def forward(self, x, y):
-        with piece("back"):
-            x = x + self.block.attention.wo(y.view(1, -1, self.config.dim))
-            return x + self.block.feed_forward(rms_norm(self.block.ffn_norm, x))
+        x = x + self.block.attention.wo(y.view(1, -1, self.config.dim))
+        return x + self.block.feed_forward(rms_norm(self.block.ffn_norm, x))
 
 
 class Head(nn.Module):
@@ -201,8 +198,7 @@ class Head(nn.Module):
         self.norm, self.output = model.norm, model.output
 
     def forward(self, x):
-        with piece("head"):
-            return self.output(rms_norm(self.norm, x)).view(1, -1)
+        return self.output(rms_norm(self.norm, x)).view(1, -1)
 
 
 def unshared_applications(model):
@@ -308,7 +304,7 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
     dynamic_shapes = None if seq is None else ({1: seq}, {0: seq})
     if not share_blocks:
         module = ExportLLM(model, max_seq_len, int8_embedding=dtype != "fp32").eval()
-        data, info = lower(module, example, dynamic_shapes, dtype, share_blocks=False)
+        data, info = lower(module, example, dynamic_shapes, dtype)
     else:
         halves, head, pieces_lowered = lowered_pieces(model, dtype, T, seq)
         module = ExportLLM(model, max_seq_len, dtype != "fp32", halves, head)
@@ -318,33 +314,21 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
 
 
 def lowered_pieces(model, dtype, T, seq):
-    """Each unique block's front and back halves and the head, lowered to XNNPACK one delegate each, for
-    ExportLLM(halves=, head=). All blocks compute the same on other weights, so only the first block is
-    lowered: every other block gets its delegates with its own weights swapped in (restamped), wherever
-    XNNPACK stores the weights as stored_tensors makes them (else the block is lowered too). An LS model's
-    repeated applications call the same lowered halves. T, seq: the example token count and its dynamic
-    dimension (None: static). Returns (halves per application, head, number of pieces lowered)."""
+    """Each unique block's front and back halves and the head, lowered to XNNPACK one delegate each
+    (lowered_alike: block 0's halves are lowered, the other blocks reuse them with their own weights), for
+    ExportLLM(halves=, head=). An LS model's repeated applications call the same lowered halves. T, seq:
+    the example token count and its dynamic dimension (None: static). Returns (halves per application,
+    head, number of pieces lowered)."""
     c = model.config
     dims = lambda *ds: None if seq is None else tuple({d: seq} for d in ds)
     x, y = torch.randn(1, T, c.dim), torch.randn(1, T, c.n_heads, c.head_dim)
     cos, sin = torch.randn(T, 1, c.head_dim), torch.randn(T, 1, c.head_dim)  # distinct: export merges a repeated input
-    examples = {FrontHalf: ((x, cos, sin), dims(1, 0, 0)), BackHalf: ((x, y), dims(1, 1))}
-    first, blocks, lowered = {}, [], 1
-    with warnings.catch_warnings(), xnnpack_skip_idle_passes(), cia_ops_collected_once():
-        warnings.simplefilter("ignore")
-        for block in tqdm(model.layers, desc=f"lowering {dtype} blocks", leave=False):
-            halves = []
-            for half_type in (FrontHalf, BackHalf):
-                half = half_type(block, c).eval()
-                tensors = stored_tensors(half, dtype)
-                done = first.get(half_type) and restamped(*first[half_type], tensors)
-                if not done:
-                    done, lowered = lower_piece(half, *examples[half_type], dtype), lowered + 1
-                    first.setdefault(half_type, (done, tensors))
-                halves.append(done)
-            blocks.append(tuple(halves))
-        head = lower_piece(Head(model).eval(), (torch.randn(1, 1, c.dim),), None, dtype)
-    return [blocks[b] for b in model.schedule], head, lowered
+    fronts, n_fronts = lowered_alike([FrontHalf(b, c).eval() for b in model.layers], (x, cos, sin), dims(1, 0, 0),
+                                     dtype, f"lowering {dtype} front halves")
+    backs, n_backs = lowered_alike([BackHalf(b, c).eval() for b in model.layers], (x, y), dims(1, 1), dtype,
+                                   f"lowering {dtype} back halves")
+    head, _ = lowered_alike([Head(model).eval()], (torch.randn(1, 1, c.dim),), None, dtype, "lowering the head")
+    return [(fronts[b], backs[b]) for b in model.schedule], head[0], n_fronts + n_backs + 1
 
 
 def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):

@@ -4,13 +4,12 @@ pairs) become XNNPACK delegates, one per piece, and how a module calling them is
 program whose identical delegates are shared. export.py decides what the pieces are; this file does the
 lowering, through ExecuTorch's public API except where executorch_private.py says otherwise.
 
-  * piece(name) labels the nodes traced inside it; block_partitioner cuts XNNPACK's partitions there.
   * exported / lower_piece: torch.export (int8: quantized with ExecuTorch's XNNPACKQuantizer on the way),
-    then one piece lowered to one delegate.
-  * stored_tensors: what XNNPACK stores of a piece's weights, so another block's piece can reuse a lowering
-    with its own weights swapped in (executorch_private.restamped).
+    then one piece lowered to one delegate (one_delegate_partitioner).
+  * lowered_alike: pieces that compute the same on other weights, lowered once: the others reuse that
+    lowering with their own weights swapped in (stored_tensors says what XNNPACK stores of them).
   * emit_composed: the top-level program over lowered pieces; lower: the whole graph at once (the naive
-    lowering, and bench_mobile's GemvChain).
+    lowering).
   * share_identical_delegates: call sites of identical delegates point at one, so a shared block's weights
     are packed once.
 """
@@ -18,9 +17,10 @@ import hashlib
 import warnings
 
 import torch
+from tqdm import tqdm
 
 from executorch_private import (cia_ops_collected_once, delegates_traced_by_shape, emitted_program, reserialize,
-                                xnnpack_preprocess_once, xnnpack_skip_idle_passes)
+                                restamped, xnnpack_skip_idle_passes)
 
 
 def tensor_bytes(tensor):
@@ -28,44 +28,23 @@ def tensor_bytes(tensor):
     return tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def piece(name):
-    """Label the nodes traced inside (BlockPartitioner cuts delegates there)."""
-    import torch.fx.traceback as fx_traceback
-    return fx_traceback.annotate({"piece": name})
-
-
-def node_pieces(graph):
-    """piece label of every node: its own annotation, else its first labelled user's (quantize/dequantize
-    nodes and weights inherit from the linear that uses them), else ''."""
-    pieces = {}
-    for node in reversed(graph.nodes):
-        own = (node.meta.get("custom") or {}).get("piece")
-        inherited = next((pieces[u] for u in node.users if pieces.get(u)), "")
-        pieces[node] = own or inherited
-    return pieces
-
-
-def block_partitioner(**kwargs):
-    """XnnpackPartitioner whose delegates are the pieces (a block half, the head, a pair of bench_mobile's
-    GemvChain), one delegate each. XNNPACK's own partitions are cut where a piece ends, and the partitions of
-    one piece are merged (int8 alone would make 4 per block application: each dynamically quantized linear
-    is grouped with its activation-quantization nodes, and the groups land in separate partitions)."""
+def one_delegate_partitioner():
+    """XnnpackPartitioner that makes ONE delegate of a piece (a block half, the head, a pair of bench_mobile's
+    GemvChain): XNNPACK's own partitions of it are merged (int8 alone would make 4 per block half: each
+    dynamically quantized linear is grouped with its activation-quantization nodes, and the groups land
+    in separate partitions)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from torch.fx.passes.infra.partitioner import Partition
 
-    class BlockPartitioner(XnnpackPartitioner):
+    class OneDelegatePartitioner(XnnpackPartitioner):
         def generate_partitions(self, ep):
-            graph = ep.graph_module.graph
-            pieces, groups = node_pieces(graph), {}
-            order = {node: i for i, node in enumerate(graph.nodes)}
-            for i, partition in enumerate(super().generate_partitions(ep)):
-                for node in partition.nodes:
-                    node.meta.pop("debug_handle", None)                   # per-node ids would differ
-                    groups.setdefault(pieces[node] or i, []).append(node)  # per piece (unlabelled: as is)
-            return [Partition(id=i, nodes=sorted(nodes, key=order.get))  # graph order: same in every copy
-                    for i, nodes in enumerate(groups.values())]
+            nodes = [node for partition in super().generate_partitions(ep) for node in partition.nodes]
+            for node in nodes:
+                node.meta.pop("debug_handle", None)            # per-node ids: kept out of the delegate
+            order = {node: i for i, node in enumerate(ep.graph_module.graph.nodes)}
+            return [Partition(id=0, nodes=sorted(nodes, key=order.get))] if nodes else []
 
-    return BlockPartitioner(**kwargs)
+    return OneDelegatePartitioner()
 
 
 def program_signature(ep):
@@ -179,25 +158,42 @@ def stored_tensors(module, dtype):
 
 
 def exported(module, example, dynamic_shapes, dtype):
-    """torch.export `module`, int8: quantized on the way, with the piece labels kept on the nodes."""
-    import torch.fx.traceback as fx_traceback
-    with fx_traceback.preserve_node_meta():
-        if dtype == "int8":
-            module = quantize_int8(module, example, dynamic_shapes)
-        return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
+    """torch.export `module`, int8: quantized on the way."""
+    if dtype == "int8":
+        module = quantize_int8(module, example, dynamic_shapes)
+    return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def lower_piece(module, example, dynamic_shapes, dtype):
-    """One half (or the head) lowered to XNNPACK as ONE delegate. Returns the lowered module, to call in
-    place of `module`."""
+    """One piece lowered to XNNPACK as ONE delegate. Returns the lowered module, to call in place of
+    `module`."""
     from executorch.exir import to_edge_transform_and_lower
     ep = exported(module, example, dynamic_shapes, dtype)
-    return to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).exported_program().module()
+    return to_edge_transform_and_lower(ep, partitioner=[one_delegate_partitioner()]).exported_program().module()
+
+
+def lowered_alike(pieces, example, dynamic_shapes, dtype, desc):
+    """Pieces that compute the same on other weights (e.g. the front halves of all blocks), each lowered
+    to one delegate, `example` (with `dynamic_shapes`) being an input of any of them. Only the first is
+    lowered: each other piece gets its delegate with its own weights swapped in (executorch_private's
+    restamped), wherever XNNPACK stores the weights as stored_tensors makes them (else it is lowered too).
+    Returns (lowered modules, how many were lowered)."""
+    first, lowered, count = None, [], 0
+    with warnings.catch_warnings(), xnnpack_skip_idle_passes(), cia_ops_collected_once():
+        warnings.simplefilter("ignore")
+        for module in tqdm(pieces, desc=desc, leave=False):
+            tensors = stored_tensors(module, dtype)
+            done = first and restamped(*first, tensors)
+            if not done:
+                done, count = lower_piece(module, example, dynamic_shapes, dtype), count + 1
+                first = first or (done, tensors)
+            lowered.append(done)
+    return lowered, count
 
 
 def emit_composed(module, example, dynamic_shapes):
-    """torch.export an ExportLLM whose halves and head are lowered already, emit it, and let call sites
-    of identical delegates share one. Returns (bytes, info dict)."""
+    """torch.export a module whose pieces are lowered already (an ExportLLM, a GemvChain), emit it, and let
+    call sites of identical delegates share one. Returns (bytes, info dict)."""
     from executorch.exir import to_edge
     with warnings.catch_warnings(), delegates_traced_by_shape(module):
         warnings.simplefilter("ignore")
@@ -209,20 +205,15 @@ def emit_composed(module, example, dynamic_shapes):
 
 
 @torch.no_grad()
-def lower(module, example, dynamic_shapes, dtype, share_blocks):
-    """torch.export `module` (int8: quantized on the way), lower the whole graph to XNNPACK (share_blocks:
-    delegates cut at its pieces, identical ones shared) and emit the program. Returns (bytes, info dict)."""
+def lower(module, example, dynamic_shapes, dtype):
+    """torch.export `module` (int8: quantized on the way), lower the whole graph to XNNPACK as ExecuTorch's
+    own partitioner cuts it and emit the program: the naive lowering. Returns (bytes, info dict)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = exported(module, example, dynamic_shapes, dtype)
         with xnnpack_skip_idle_passes(), cia_ops_collected_once():      # the same program, sooner
-            if share_blocks:   # each distinct piece is lowered once, however often the graph repeats it
-                with xnnpack_preprocess_once(lambda program: tuple(program_signature(program))):
-                    manager = to_edge_transform_and_lower(ep, partitioner=[block_partitioner()]).to_executorch()
-            else:
-                from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-                manager = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+            manager = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     delegates = len(emitted_program(manager).execution_plan[0].delegates)
-    shared = share_identical_delegates(manager)[1] if share_blocks else delegates
-    return manager.buffer, dict(delegate_calls=delegates, delegates=shared)
+    return manager.buffer, dict(delegate_calls=delegates, delegates=delegates)
