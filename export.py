@@ -307,9 +307,10 @@ def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_l
         data, info = lower(module, example, dynamic_shapes, dtype)
     else:
         halves, head, pieces_lowered = lowered_pieces(model, dtype, T, seq)
+        lower_s = round(time.perf_counter() - t0, 1)
         module = ExportLLM(model, max_seq_len, dtype != "fp32", halves, head)
         data, info = emit_composed(module, example, dynamic_shapes)
-        info["pieces_lowered"] = pieces_lowered
+        info = dict(lower_pieces_s=lower_s, pieces_lowered=pieces_lowered, **info)
     return data, dict(info, export_s=round(time.perf_counter() - t0, 1))
 
 
@@ -343,6 +344,8 @@ def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, ca
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))     # a killed export never leaves half a program
         path.with_suffix(".json").write_text(json.dumps(info))
+        phases = ", ".join(f"{k[:-2]} {v} s" for k, v in info.items() if k.endswith("_s") and k != "export_s")
+        tqdm.write(f"exported in {info['export_s']} s" + (f" ({phases})" if phases else ""))
     return path
 
 

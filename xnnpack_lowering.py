@@ -14,6 +14,7 @@ lowering, through ExecuTorch's public API except where executorch_private.py say
     are packed once.
 """
 import hashlib
+import time
 import warnings
 
 import torch
@@ -195,13 +196,22 @@ def emit_composed(module, example, dynamic_shapes):
     """torch.export a module whose pieces are lowered already (an ExportLLM, a GemvChain), emit it, and let
     call sites of identical delegates share one. Returns (bytes, info dict)."""
     from executorch.exir import to_edge
+    marks = [time.perf_counter()]                                       # where export time goes (docs/on-device.md)
     with warnings.catch_warnings(), delegates_traced_by_shape(module):
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
-        manager = to_edge(ep).to_executorch()
+        marks.append(time.perf_counter())
+        edge = to_edge(ep)
+        marks.append(time.perf_counter())
+        manager = edge.to_executorch()
+        marks.append(time.perf_counter())
     delegates = len(emitted_program(manager).execution_plan[0].delegates)
     shared = share_identical_delegates(manager)[1]                      # before reading manager.buffer
-    return manager.buffer, dict(delegate_calls=delegates, delegates=shared)
+    data = manager.buffer
+    marks.append(time.perf_counter())
+    phases = ("torch_export_s", "to_edge_s", "to_executorch_s", "share_and_serialize_s")
+    seconds = {name: round(end - start, 1) for name, start, end in zip(phases, marks, marks[1:])}
+    return data, dict(delegate_calls=delegates, delegates=shared, **seconds)
 
 
 @torch.no_grad()

@@ -44,6 +44,9 @@ def test_pte_fp32_matches_eager_and_shares_block_delegates(tiny, pte_fp32):
     # one block applied twice: both applications call its front and back halves, lowered once, and the
     # program holds one delegate per half (+ the head), each called twice
     assert info["delegate_calls"] == 5 and info["delegates"] == info["pieces_lowered"] == 3
+    phases = [info[k] for k in ("lower_pieces_s", "torch_export_s", "to_edge_s", "to_executorch_s",
+                                "share_and_serialize_s")]
+    assert min(phases) >= 0 and sum(phases) <= info["export_s"] + 0.3     # each rounded to 0.1 s
     plan = deserialized_program(Path(path).read_bytes()).execution_plan[0]
     calls = [i.instr_args.delegate_index for chain in plan.chains for i in chain.instructions
              if type(i.instr_args).__name__ == "DelegateCall"]
@@ -146,13 +149,14 @@ def test_pte_quantized_close_to_eager(dtype, tolerance, blocks, static_len):
         assert 0 < err <= tolerance * ref.abs().max().item()      # quantized (not exact), yet close
 
 
-def test_cached_pte_reuses_the_program(tiny, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(ex, "export_pte", lambda *a: calls.append(a) or (b"program", {"delegates": 1}))
+def test_cached_pte_reuses_the_program_and_says_where_its_time_went(tiny, tmp_path, monkeypatch, capsys):
+    calls, info = [], {"delegates": 1, "lower_pieces_s": 2.5, "to_edge_s": 4.0, "export_s": 7.0}
+    monkeypatch.setattr(ex, "export_pte", lambda *a: calls.append(a) or (b"program", info))
     first = ex.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
     again = ex.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
     other = ex.cached_pte(tiny, "int8", MAX_SEQ_LEN, cache_dir=tmp_path)
     assert first == again != other and len(calls) == 2 and first.read_bytes() == b"program"
+    assert capsys.readouterr().out.count("exported in 7.0 s (lower_pieces 2.5 s, to_edge 4.0 s)") == 2
 
 
 def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
