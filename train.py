@@ -91,8 +91,9 @@ class TrainConfig:
                                         # for every parameter (the paper's configs, fine-tuning)
     learning_rate: float = 3e-3         # peak AdamW learning rate
     muon_lr: float = 0.02               # peak Muon learning rate (optimizer="muon"), on the same schedule
-    min_lr: Optional[float] = None      # None: 10% of learning_rate (the paper's cosine floor); Muon's floor
-                                        # is the same fraction of muon_lr
+    min_lr: float = 0.0                 # where the decay ends: 0 for the quick default (docs/quickstart.md), 10%
+                                        # of learning_rate in the paper's configs; Muon's floor is the same
+                                        # fraction of muon_lr
     warmup_iters: int = 100
     lr_schedule: str = "cosine"         # after warmup: "cosine" decay to min_lr, or "wsd" (warmup-stable-decay):
                                         # the peak until the last cooldown_frac of lr_decay_iters, then linear
@@ -185,18 +186,17 @@ def autocast_context(device, dtype):
 def lr_at(cfg, it):
     """Linear warmup to learning_rate, then decay to min_lr at lr_decay_iters ("cosine" all the way, or
     "wsd": constant until the last cooldown_frac of it, then linear), then min_lr."""
-    min_lr = cfg.learning_rate / 10 if cfg.min_lr is None else cfg.min_lr
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= decay_iters:
-        return min_lr
+        return cfg.min_lr
     if cfg.lr_schedule == "wsd":
         cooldown_start = decay_iters - cfg.cooldown_frac * decay_iters
         progress = max(0.0, (it - cooldown_start) / (decay_iters - cooldown_start))
-        return cfg.learning_rate - progress * (cfg.learning_rate - min_lr)
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 # ----------------------------------------------------------------------------------------------------

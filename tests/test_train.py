@@ -150,16 +150,19 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(data_dir, tmp_path, monkeypatch)
     assert train(replace(cfg, init_from="resume"))[-1]["iter"] == 20
 
 
-def test_lr_warms_up_then_decays_by_cosine_to_ten_percent():
-    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110)
+def test_lr_warms_up_then_decays_by_cosine_to_min_lr():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, min_lr=1e-4)
     lrs = [lr_at(cfg, it) for it in range(120)]
     assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
+    to_zero = [lr_at(replace(cfg, min_lr=0.0), it) for it in (60, 109, 110)]      # the default: down to 0
+    assert to_zero[0] == pytest.approx(0.5e-3) and 0 < to_zero[1] < 1e-6 and to_zero[2] == 0
 
 
 def test_wsd_holds_the_peak_then_decays_linearly_over_the_cooldown():
-    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, lr_schedule="wsd", cooldown_frac=0.2)
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, lr_schedule="wsd", cooldown_frac=0.2,
+                      min_lr=1e-4)
     lrs = [lr_at(cfg, it) for it in range(120)]
     assert lrs[0] < lrs[9] < lrs[10] == lrs[88] == 1e-3
     assert lrs[99] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
@@ -233,7 +236,7 @@ def test_bad_overrides_are_clear_errors(argv, message):
 
 def test_config_files_and_overrides_apply_in_order(tmp_path):
     config_file = tmp_path / "x.py"
-    config_file.write_text("import math\nbatch_size = 3\nlearning_rate = 1\nmin_lr = None\nout_dir = 'o'\n")
+    config_file.write_text("import math\nbatch_size = 3\nlearning_rate = 1\nmin_lr = 0.1\nout_dir = 'o'\n")
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size=5", "--out_dir=2024"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (5, 1.0, "2024")
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size", "6", "--out_dir", "2025"])   # --key value
