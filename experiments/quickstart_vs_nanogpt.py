@@ -101,11 +101,13 @@ def plot(curves, path):
 
 
 def machine():
-    """What the comparison ran on."""
-    cpuinfo = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if cpuinfo.is_file() else platform.processor()
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    """What the comparison ran on: the CPU and the flags that decide its speed (AVX-512 BF16 or AMX: our
+    default's dtype=auto trains in bf16 there, in fp32 elsewhere; nanoGPT's CPU quick start is fp32)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith(name)), "")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in field("flags").split()]
+    return {"cpu": field("model name") or platform.processor(), "cpu_flags": flags, "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "load_avg": os.getloadavg()}
 
 
