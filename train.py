@@ -113,7 +113,8 @@ class TrainConfig:
     # system
     device: str = "auto"                # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                 # "bf16" (autocast, fp32 master weights), "fp32", or "auto": bf16
-                                        # where the hardware has it (CUDA, CPUs with AVX-512 BF16/AMX)
+                                        # where the hardware has it and it pays (CUDA; CPUs with AVX-512
+                                        # BF16/AMX for dim >= CPU_BF16_MIN_DIM)
     compile: bool = False               # torch.compile the model (the uncompiled one is what gets saved)
     seed: int = 1337
     peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
@@ -165,15 +166,25 @@ def resolve_device(name):
     return name
 
 
-def resolve_dtype(name, device):
-    """The short dtype name (fp32, bf16) to train in. "auto": bf16 only where it is native; CPUs without
-    AVX-512 BF16/AMX emulate it, far slower than fp32 (see docs/training.md)."""
+# dtype=auto on a CPU: bf16 only for models at least this wide. Below it, autocast's casts cost more than AMX's
+# bf16 products save: `python bench_train.py --dim=D --iters=20 --warmup=3` on a 2-core AMX Xeon, bf16 / fp32
+# tokens/s: 0.88x at dim 128 (the quick default), 0.92x at 192, 1.07x at 256, 1.25x at 384 (docs/training.md).
+CPU_BF16_MIN_DIM = 256
+
+
+def cpu_has_native_bf16():
+    """AVX-512 BF16 or AMX: without them the CPU emulates bf16, far slower than fp32 (docs/training.md)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_dtype(name, device, dim):
+    """The short dtype name (fp32, bf16) to train a model `dim` wide in. "auto": bf16 where it is native and
+    pays: CUDA with bf16; a CPU with native bf16 for models at least CPU_BF16_MIN_DIM wide; else fp32."""
     if name != "auto":
         return dtype_name(name)
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-        else "fp32"
+    return "bf16" if cpu_has_native_bf16() and dim >= CPU_BF16_MIN_DIM else "fp32"
 
 
 def autocast_context(device, dtype):
@@ -583,7 +594,6 @@ def train(cfg: TrainConfig, set_keys=None) -> list:
     defaults)."""
     check_config(cfg)
     rank, world, device, owned_group = setup_distributed(resolve_device(cfg.device))
-    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     try:
         if rank == 0:
             prepare_if_missing(cfg)
@@ -643,6 +653,7 @@ def run(cfg, set_keys, rank, world, device, stop):
     torch.manual_seed(cfg.seed)
     model, tokenizer_spec, cfg, splits, ckpt = start_model(cfg, set_keys, device)
     config = model.config
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device, config.dim))
     optimizer = build_optimizer(model, cfg, device)
     iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
     if ckpt is not None:

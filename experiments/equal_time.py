@@ -46,8 +46,8 @@ def main(cfg):
         raise ConfigError("--compare is empty: give the variants to compare, e.g. --compare=\"batch_size=16;batch_size=32\"")
     device = resolve_device(cfg.device)
     variants = parse_variants(cfg.compare, cfg)
-    tokens_per_second(cfg, resolve_dtype(cfg.dtype, device), device)     # untimed: warms the process up
-    iterations_per_s = [tokens_per_second(v, resolve_dtype(v.dtype, device), device)[0]
+    tokens_per_second(cfg, resolve_dtype(cfg.dtype, device, cfg.dim), device)     # untimed: warms the process up
+    iterations_per_s = [tokens_per_second(v, resolve_dtype(v.dtype, device, v.dim), device)[0]
                         / (v.batch_size * v.block_size * v.gradient_accumulation_steps) for _, v in variants]
     rows = []
     print("| settings | iterations | wall s | train loss | val loss |\n|---|---|---|---|---|")

@@ -58,8 +58,8 @@ def run_variant(cfg, set_keys, seconds):
     """Load, score, train for seconds, score again (in a process of its own). Returns the variant's numbers."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device))
     model, _, cfg, splits, _ = start_model(cfg, set_keys, device)
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device, model.config.dim))
     optimizer = build_optimizer(model, cfg, device)
     peak_loading = peak_rss_gib(reset=True)
     val_before = estimate_loss(model, splits, cfg, device, 0, 1)["val"]

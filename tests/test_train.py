@@ -271,11 +271,23 @@ def test_command_line_reports_errors_in_one_line():
     assert "Traceback" not in result.stderr
 
 
-def test_auto_dtype_is_bf16_only_where_the_cpu_has_it():
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert train_module.resolve_dtype("auto", "cpu") == ("bf16" if native else "fp32")
-    assert train_module.resolve_dtype("bf16", "cpu") == "bf16"              # asked for: never silently ignored
-    assert train_module.resolve_dtype("bfloat16", "cpu") == "bf16"          # torch's name is an alias
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_native_and_the_model_is_wide(monkeypatch, native):
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native)
+    wide, narrow = train_module.CPU_BF16_MIN_DIM, train_module.CPU_BF16_MIN_DIM - 64
+    assert train_module.resolve_dtype("auto", "cpu", wide) == ("bf16" if native else "fp32")
+    assert train_module.resolve_dtype("auto", "cpu", narrow) == "fp32"     # the quick default (dim 128)
+    assert train_module.resolve_dtype("bf16", "cpu", narrow) == "bf16"     # asked for: never silently ignored
+    assert train_module.resolve_dtype("bfloat16", "cpu", narrow) == "bf16"  # torch's name is an alias
+
+
+def test_a_run_records_the_dtype_auto_chose_for_its_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    out = tmp_path / "run"
+    train_module.train(TrainConfig(max_iters=1, eval_iters=1, eval_interval=1, batch_size=2, block_size=16,
+                                   quiet=True, out_dir=str(out)))
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["train_config"]
+    assert saved["dtype"] == "fp32"                                        # dim 128: below CPU_BF16_MIN_DIM
 
 
 def test_flops_of_a_fine_tune_leave_out_the_gradients_frozen_weights_do_not_need():
