@@ -40,9 +40,12 @@ class BenchConfig(TrainConfig):
     rounds: int = 5                      # --compare: alternating rounds of iters iterations per setting
 
 
-def tokens_per_second(cfg, dtype, device):
+def tokens_per_second(cfg, dtype, device, rebuild=None):
+    """Training tokens/s of cfg's model (rebuild(model): a changed model to time instead). Returns
+    (tokens/s, the model)."""
     torch.manual_seed(cfg.seed)
     model = MobileLLM(model_config(cfg, cfg.vocab_size)).to(device)
+    model = rebuild(model) if rebuild else model
     optimizer = build_optimizer(model, cfg, device)
     step_model = torch.compile(model) if cfg.compile else model
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)   # (B, T)

@@ -321,3 +321,23 @@ def test_equal_time_sizes_each_schedule_to_the_budget(tmp_path, capsys, monkeypa
     assert json.loads((tmp_path / "equal_time.json").read_text())["rows"] == rows
     with pytest.raises(equal_time.ConfigError, match="--compare is empty"):
         equal_time.main(equal_time.EqualTimeConfig())
+
+
+def test_fused_projections_compute_the_same_with_fewer_matrices_and_are_timed(capsys):
+    from experiments import fused_projections
+    from train import TrainConfig, model_config
+    torch.manual_seed(0)
+    model = MobileLLM(model_config(TrainConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96), 65))
+    fused = fused_projections.fused_projections(copy.deepcopy(model))
+    x = torch.randint(65, (2, 16))
+    torch.testing.assert_close(fused(x, x)[1], model(x, x)[1])             # same loss, two applications each
+    matrices = lambda m: sorted(tuple(p.shape) for p in m.layers.parameters() if p.dim() == 2)
+    assert len(matrices(model)) == 2 * 7 and len(matrices(fused)) == 2 * 4   # (q;k;v), wo, (w1;w3), w2
+    assert (64 + 2 * 32, 64) in matrices(fused) and (2 * 96, 64) in matrices(fused)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
+    cfg = fused_projections.configure(fused_projections.BenchConfig(dtypes="fp32"), [
+        "--n_layers=1", "--dim=32", "--ffn_dim=64", "--block_size=16", "--batch_size=2", "--iters=1",
+        "--warmup=0", "--rounds=1"])
+    medians = fused_projections.main(cfg)
+    assert set(medians) == {"separate", "fused"} and all(v > 0 for v in medians.values())
+    assert "same logits fused and separate" in capsys.readouterr().out
