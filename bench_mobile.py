@@ -50,8 +50,8 @@ from tqdm import tqdm
 from checkpoint import CheckpointError
 from configurator import accept_old_flags
 from executorch_private import reset_threadpool
-from export import (CACHE_DIR, PROGRAM_DTYPES, ExportError, cached_pte, load_source, quantize_8da4w,
-                    require_executorch, write_program)
+from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, load_source, program_seq_len,
+                    quantize_8da4w, require_executorch, write_program)
 from loader import dtype_name, torch_dtype
 from model import MobileLLM
 from quantize import validation_tokens
@@ -441,7 +441,8 @@ def main(argv=None):
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; medians are reported")
-    p.add_argument("--max_seq_len", type=int, default=256, help="static KV cache length in the program")
+    p.add_argument("--max_seq_len", type=int, default=0,
+                   help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
     p.add_argument("--kernel_bound", action="store_true",
                    help="also measure what XNNPACK's matrix-vector kernels stream (cold and from cache) and add "
                         "the decode speed they allow as a column")
@@ -472,18 +473,17 @@ def with_logit_agreement(row, reference):
 
 
 def checked_source(args, source):
+    """(model, its programs' KV cache length: export.program_seq_len), checked against the tokens to time."""
     model = load_source(source, args.seed)
-    if args.max_seq_len > model.config.block_size:
-        raise BenchError(f"--max_seq_len ({args.max_seq_len}) exceeds the model's block_size "
-                         f"({model.config.block_size}): lower it")
-    return model
+    seq_len = program_seq_len(model, args.max_seq_len)
+    if args.prompt_len + args.new_tokens > seq_len:
+        raise BenchError(f"--prompt_len + --new_tokens ({args.prompt_len + args.new_tokens}) must fit in "
+                         f"--max_seq_len ({seq_len})")
+    return model, seq_len
 
 
 def check_args(args):
     """The dtypes to export; one clear error for options that do not go together."""
-    if args.prompt_len + args.new_tokens > args.max_seq_len:
-        raise BenchError(f"--prompt_len + --new_tokens ({args.prompt_len + args.new_tokens}) must fit in "
-                         f"--max_seq_len ({args.max_seq_len})")
     dtypes = [dtype_name(d) for d in args.dtype.split(",") if d]
     for d in dtypes:
         if d not in PROGRAM_DTYPES:
@@ -517,10 +517,10 @@ def pte_row(args, model, name, dtype, lowering, path, tokens, windows, kernel_gb
     return row
 
 
-def eager_rows(args, model, source, name, tokens, windows):
+def eager_rows(args, model, seq_len, source, name, tokens, windows):
     rows = []
     for dtype in [dtype_name(d) for d in args.eager.split(",") if d]:
-        row = in_fresh_process(host_eager_row, source, args.seed, dtype, args.max_seq_len, args.prompt_len,
+        row = in_fresh_process(host_eager_row, source, args.seed, dtype, seq_len, args.prompt_len,
                                args.new_tokens, args.runs, args.threads, tokens, windows)
         rows.append(dict(row, model=name, runtime=f"eager PyTorch {dtype}",
                          dram_bytes=weight_reads_per_token(model.config, dtype, shared=True)[0]))
@@ -531,7 +531,8 @@ def run(args):
     dtypes = check_args(args)
     sources = [s for s in args.compare.split(",") if s] if args.compare else [args.init_from]
     if args.format == "ptl":
-        out = write_program(checked_source(args, sources[0]), "ptl", "fp32", args.out, args.max_seq_len)
+        model, seq_len = checked_source(args, sources[0])
+        out = write_program(model, "ptl", "fp32", args.out, seq_len)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB)")
         return
     require_executorch()
@@ -539,27 +540,27 @@ def run(args):
         android_target(args.runner, args.serial)        # before any export: fail in seconds, not after minutes
     rows, programs, kernel_gbs = [], {}, {}
     for source in tqdm(sources, desc="export", disable=len(sources) < 2):
-        model = checked_source(args, source)
+        model, seq_len = checked_source(args, source)
         name = Path(source).name
         tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed) if args.check_logits else None
         with torch.no_grad():
             reference = model.eval()(tokens[None])[0][0] if args.check_logits else None       # (T, V)
-        windows = val_windows(args.val_data, args.val_tokens, args.max_seq_len, model.config.vocab_size) \
+        windows = val_windows(args.val_data, args.val_tokens, seq_len, model.config.vocab_size) \
             if args.val_data else None
         if windows is not None:
             with torch.no_grad():
                 loss = sum(model(w[None, :-1], w[None, 1:])[1].item() for w in windows) / len(windows)
             print(f"{name}: model.py fp32 val loss {loss:.4f} (perplexity {math.exp(loss):.2f}) on "
-                  f"{windows[:, 1:].numel()} tokens of {args.val_data} in windows of {args.max_seq_len}")
+                  f"{windows[:, 1:].numel()} tokens of {args.val_data} in windows of {seq_len}")
         lowerings = [x for x in args.lowering.split(",") if x] if model.config.share != "none" else ["shared"]
         for dtype in dtypes:
             for lowering in lowerings:
                 if args.device == "android":
                     for label, T in (("decode", 1), ("prefill", args.prompt_len)):
                         programs[(name, dtype, lowering, label)] = cached_pte(
-                            model, dtype, args.max_seq_len, lowering == "shared", T, args.cache_dir)
+                            model, dtype, seq_len, lowering == "shared", T, args.cache_dir)
                     continue
-                path = cached_pte(model, dtype, args.max_seq_len, lowering == "shared", None, args.cache_dir)
+                path = cached_pte(model, dtype, seq_len, lowering == "shared", None, args.cache_dir)
                 info = json.loads(path.with_suffix(".json").read_text())
                 print(f"{name} {dtype} {lowering}: {path} ({path.stat().st_size / 2**20:.1f} MB, "
                       f"{info['delegate_calls']} delegate calls -> {info['delegates']} delegates)")
@@ -571,7 +572,7 @@ def run(args):
                     rows.append(with_logit_agreement(row, reference))
         if args.device == "host":
             rows += [with_logit_agreement(row, reference)
-                     for row in eager_rows(args, model, source, name, tokens, windows)]
+                     for row in eager_rows(args, model, seq_len, source, name, tokens, windows)]
     if args.device == "android":
         print_android_table(programs, args)
     elif rows:

@@ -58,6 +58,7 @@ from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
 EXPORT_VERSION = {"fp32": 3, "int8": 4, "8da4w": 4}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
+MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
 
 
@@ -112,6 +113,16 @@ def dequantized(qmodel):
     state = {k: v for k, v in qmodel.state_dict().items() if not k.endswith((".qweight", ".scale"))}
     model.load_state_dict({**state, **float_state})
     return model
+
+
+def program_seq_len(model, requested=0):
+    """The KV cache length of a program of `model`: `requested` (--max_seq_len), or for 0 the model's context
+    up to MAX_SEQ_LEN. One clear error where it exceeds the model's context."""
+    block_size = model.config.block_size
+    if not 0 <= requested <= block_size:
+        raise ExportError(f"--max_seq_len ({requested}) must be in 1..{block_size}, the model's block_size "
+                          f"(0: the model's context, at most {MAX_SEQ_LEN})")
+    return requested or min(MAX_SEQ_LEN, block_size)
 
 
 def load_source(init_from, seed=0):
@@ -406,7 +417,8 @@ def main(argv=None):
                    help="fp32, int8 (W8A8: dynamic per-token activations) or 8da4w (int4 weights, groups of 32)")
     p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ExecuTorch or lite interpreter (fp32)")
     p.add_argument("--out", default="", help="copy the program here (default: leave it in --cache_dir)")
-    p.add_argument("--max_seq_len", type=int, default=256, help="static KV cache length in the program")
+    p.add_argument("--max_seq_len", type=int, default=0,
+                   help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
     p.add_argument("--lowering", default="shared", choices=("shared", "naive"),
                    help="shared: identical block delegates shared (MobileLLM-LS); naive: ExecuTorch's own")
     p.add_argument("--cache_dir", default=str(CACHE_DIR))
@@ -416,8 +428,8 @@ def main(argv=None):
         if args.format == "pte":
             require_executorch()
         model = load_source(args.init_from, args.seed)
-        path = write_program(model, args.format, args.dtype, args.out, args.max_seq_len, args.lowering == "shared",
-                             args.cache_dir)
+        path = write_program(model, args.format, args.dtype, args.out, program_seq_len(model, args.max_seq_len),
+                             args.lowering == "shared", args.cache_dir)
     except ExportError as e:
         sys.exit(f"export.py: {e}")
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")

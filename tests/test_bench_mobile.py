@@ -121,8 +121,10 @@ def test_android_run_checks_adb_device_and_runner_before_any_export(fake_adb, tm
 def test_cli_rejects_bad_input(capsys):
     with pytest.raises(SystemExit, match="--dtype 'fp16'"):
         bm.main(["--init_from", TINY_LS, "--dtype", "fp16", "--device", "none"])
-    with pytest.raises(SystemExit, match="must fit in --max_seq_len"):
+    with pytest.raises(SystemExit, match=r"must fit in --max_seq_len \(64\)"):    # by default the model's context
         bm.main(["--init_from", TINY_LS, "--prompt_len=300"])
+    with pytest.raises(SystemExit, match=r"--max_seq_len \(100\) must be in 1..64"):
+        bm.main(["--init_from", TINY_LS, "--max_seq_len=100", "--device", "none"])
     with pytest.raises(SystemExit, match="unknown preset"):
         bm.main(["--init_from", "mobilellm-9t:n_layers=2", "--device", "none"])
     with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t"):

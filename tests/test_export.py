@@ -170,6 +170,22 @@ def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
         assert (lite(tokens, pos) - ref).abs().max().item() < 1e-5
 
 
+def test_the_kv_cache_length_defaults_to_the_models_context_up_to_256(tmp_path, capsys):
+    short, long = ex.preset_model(TINY_LS), ex.preset_model("mobilellm-micro:block_size=512")
+    assert (ex.program_seq_len(short), ex.program_seq_len(long)) == (64, ex.MAX_SEQ_LEN)   # contexts 64 and 512
+    assert ex.program_seq_len(short, 32) == 32
+    for bad in (65, -1):
+        with pytest.raises(ex.ExportError, match=rf"--max_seq_len \({bad}\) must be in 1..64"):
+            ex.program_seq_len(short, bad)
+    out = tmp_path / "tiny.ptl"                       # no --max_seq_len: a 64-token context needs no flag
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex.main(["--init_from", TINY_LS, "--format", "ptl", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"export.py: --max_seq_len \(256\) must be in 1..64"):
+        ex.main(["--init_from", TINY_LS, "--format", "ptl", "--max_seq_len", "256", "--out", str(out)])
+
+
 def test_missing_executorch_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch.exir", None)
     with pytest.raises(ex.ExportError, match="pip install -r requirements-extra.txt"):
