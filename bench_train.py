@@ -26,8 +26,9 @@ import torch
 from configurator import ConfigError, parse_value, apply_settings, configure
 from loader import dtype_name
 from model import MobileLLM
-from train import (TrainConfig, autocast_context, build_optimizer, check_config, flops_per_token,
-                   measure_peak_flops, model_config, resolve_device, synchronize)
+from mfu import flops_per_token, measure_peak_flops, synchronize
+from optim import build_optimizer
+from train import TrainConfig, autocast_context, check_config, model_config, resolve_device
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """
-Optimizers for train.py beyond AdamW: Muon (momentum, then the update orthogonalized by a Newton-Schulz
-iteration) for the blocks' weight matrices, and a pair of optimizers stepped and checkpointed as one.
+The optimizers train.py builds (build_optimizer): AdamW, or Muon (momentum, then the update orthogonalized by
+a Newton-Schulz iteration) for the blocks' weight matrices with AdamW for the rest, a pair stepped and
+checkpointed as one.
 """
 import torch
 
@@ -79,3 +80,32 @@ class OptimizerPair:
             raise ValueError("the state is one optimizer's, not a pair's")
         self.first.load_state_dict(state["first"])
         self.second.load_state_dict(state["second"])
+
+
+def adamw(params, cfg, device):
+    """AdamW; weight decay on matrices only (not norms); the fused kernel on CUDA."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=fused or None)
+
+
+def muon_and_adamw(model, params, cfg, device):
+    """Muon for the blocks' 2-D matrices, AdamW for the rest (embeddings, norms). Muon's groups carry
+    lr_scale = muon_lr / learning_rate, so that one schedule drives both."""
+    in_blocks = {id(p) for p in model.layers.parameters()}
+    matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
+    rest = [p for p in params if not (p.dim() == 2 and id(p) in in_blocks)]
+    muon = Float32Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    for group in muon.param_groups:
+        group["lr_scale"] = cfg.muon_lr / cfg.learning_rate
+    return OptimizerPair(adamw(rest, cfg, device), muon)
+
+
+def build_optimizer(model, cfg, device):
+    """The optimizer of cfg.optimizer over the trained (requires_grad) parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        return muon_and_adamw(model, params, cfg, device)
+    return adamw(params, cfg, device)

@@ -45,9 +45,10 @@ from tqdm import tqdm
 from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint,
                         save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report
-from loader import dtype_name, load_model_and_tokenizer, torch_dtype
-from model import MobileLLM, ModelConfig, block_schedule
-from optim import Float32Muon, OptimizerPair
+from loader import dtype_name, load_model_and_tokenizer
+from model import MobileLLM, ModelConfig
+from mfu import flops_per_token, measure_peak_flops, synchronize
+from optim import build_optimizer
 from quantize import is_quantized
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -282,90 +283,6 @@ def get_batch(shards, batch_size, block_size, generator, device):
 
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
-
-
-# ----------------------------------------------------------------------------------------------------
-# model, optimizer, speed
-
-
-def adamw(params, cfg, device):
-    """AdamW; weight decay on matrices only (not norms); the fused kernel on CUDA."""
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused or None)
-
-
-def muon_and_adamw(model, params, cfg, device):
-    """Muon for the blocks' 2-D matrices, AdamW for the rest (embeddings, norms). Muon's groups carry
-    lr_scale = muon_lr / learning_rate, so that one schedule drives both."""
-    in_blocks = {id(p) for p in model.layers.parameters()}
-    matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
-    rest = [p for p in params if not (p.dim() == 2 and id(p) in in_blocks)]
-    muon = Float32Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-    for group in muon.param_groups:
-        group["lr_scale"] = cfg.muon_lr / cfg.learning_rate
-    return OptimizerPair(adamw(rest, cfg, device), muon)
-
-
-def build_optimizer(model, cfg, device):
-    """The optimizer of cfg.optimizer over the trained (requires_grad) parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "muon":
-        return muon_and_adamw(model, params, cfg, device)
-    return adamw(params, cfg, device)
-
-
-def flops_per_token(config, seq_len, frozen_blocks=(), frozen_embedding=False):
-    """Training FLOPs per token, nanoGPT/PaLM style: each weight use costs 2 forward, 2 for the gradient of
-    its input and 2 for its own gradient. A shared block costs compute every time it is applied, so it counts
-    once per application. Fine-tuning: frozen weights (the unique blocks frozen_blocks, the embedding and head)
-    skip their own gradient, and no backward at all runs below the first trainable weight."""
-    c = config
-    attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    block = attn + c.dim * c.ffn_dim * (3 if c.ffn_type == "swiglu" else 2)   # weights used per application
-    scores = 4 * c.dim * seq_len                       # attention scores and values, forward
-    flops, below = 0, not frozen_embedding             # below: a trainable weight under this point
-    for b in block_schedule(c):
-        trains = b not in frozen_blocks
-        flops += 2 * block + scores
-        if below or trains:
-            flops += 2 * block + 2 * scores + (2 * block if trains else 0)
-        below = below or trains
-    head = c.vocab_size * c.dim                        # the output head (the embedding lookup costs none)
-    return flops + 2 * head + (2 * head if below else 0) + (0 if frozen_embedding else 2 * head)
-
-
-GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-
-
-def measure_peak_flops(device, dtype, n=1024, reps=8):
-    """Peak FLOP/s for MFU: the datasheet bf16 number on known GPUs, else a large matmul in dtype measured
-    here: the fastest of reps timings (the best this device does in the dtype the run trains in; on a shared
-    machine the mean of the timings undercounts it, and MFU then passes 100%)."""
-    if torch.device(device).type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_BF16_PEAK.items():
-            if key in name:
-                return flops
-    a = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
-    b = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
-    for _ in range(2):
-        a @ b
-    seconds = []
-    for _ in range(reps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        seconds.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(seconds)
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ from bench_mobile import in_fresh_process, peak_rss_mb  # noqa: E402
 from bench_train import parse_variants  # noqa: E402
 from configurator import ConfigError, configure_and_report  # noqa: E402
 from experiments.quickstart_vs_nanogpt import machine  # noqa: E402
-from train import (TrainConfig, TrainError, build_optimizer, check_config, estimate_loss, resolve_device,  # noqa: E402
-                   resolve_dtype, start_model, train_step)
+from optim import build_optimizer  # noqa: E402
+from train import (TrainConfig, TrainError, check_config, estimate_loss, resolve_device, resolve_dtype,  # noqa: E402
+                   start_model, train_step)
 
 DEFAULT_VARIANTS = ("freeze_embedding=False,train_blocks=0;"
                     "freeze_embedding=True,train_blocks=0;"
