@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
+from dataset import REPO_DIR, split_files
 from loader import load_model_and_tokenizer, source_kind
 from model import MobileLLM, config_from_dict
 
@@ -264,9 +265,6 @@ def load_float_source(init_from):
 
 # --- measuring: the same validation tokens through every variant ------------------------------------
 
-REPO_DIR = Path(__file__).resolve().parent
-
-
 def validation_tokens(train_config, vocab_size, n_tokens, data_dir=""):
     """The first n_tokens of the validation split the model trained with (train_config: the checkpoint's;
     data/<dataset>/val.bin or val_*.bin shards, uint16, as train.py reads them), or of data_dir, as a
@@ -278,7 +276,7 @@ def validation_tokens(train_config, vocab_size, n_tokens, data_dir=""):
     if not data_dir:
         raise CheckpointError("the checkpoint does not say which dataset it was trained on: pass --data_dir")
     data_dir = Path(data_dir)
-    files = [data_dir / "val.bin"] if (data_dir / "val.bin").is_file() else sorted(data_dir.glob("val_*.bin"))
+    files = split_files(data_dir, "val")
     if not files:
         raise CheckpointError(f"no val.bin (or val_*.bin shards) in {data_dir}: prepare the dataset "
                               f"(python data/<dataset>/prepare.py) or pass --data_dir")

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -36,7 +35,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,14 +43,13 @@ from tqdm import tqdm
 from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint,
                         save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report
+from dataset import DataError, dataset_dir, get_batch, load_dataset, prepare_hint, prepare_if_missing, seeded_generator
 from loader import dtype_name, load_model_and_tokenizer
-from model import MobileLLM, ModelConfig
 from mfu import flops_per_token, measure_peak_flops, synchronize
+from model import MobileLLM, ModelConfig
 from optim import build_optimizer
 from quantize import is_quantized
 
-REPO_DIR = Path(__file__).resolve().parent
-AUTO_PREPARED = ("shakespeare_char", "shakespeare")   # small enough to prepare on the fly when missing
 
 
 @dataclass
@@ -212,75 +209,7 @@ def lr_at(cfg, it):
 
 
 # ----------------------------------------------------------------------------------------------------
-# data: uint16 token files, read through memmaps; every batch is a pure function of (seed, step, index)
-
-
-def dataset_dir(cfg):
-    return Path(cfg.data_dir) if cfg.data_dir else REPO_DIR / "data" / cfg.dataset
-
-
-def split_files(data_dir, split):
-    """train.bin, or the shards train_000000.bin, train_000001.bin, ... of a sharded dataset."""
-    single = data_dir / f"{split}.bin"
-    return [single] if single.is_file() else sorted(data_dir.glob(f"{split}_*.bin"))
-
-
-def prepare_if_missing(cfg):
-    data_dir = dataset_dir(cfg)
-    if split_files(data_dir, "train") or cfg.data_dir or cfg.dataset not in AUTO_PREPARED:
-        return
-    script = REPO_DIR / "data" / cfg.dataset / "prepare.py"
-    if subprocess.run([sys.executable, str(script)]).returncode != 0:
-        raise TrainError(f"preparing dataset {cfg.dataset!r} failed (see above); run {script} yourself, "
-                         "e.g. with --input PATH")
-
-
-def prepare_hint(cfg, source=None):
-    """How to prepare cfg's dataset: its own prepare.py, or for a model to start from (source) any text's
-    prepare.py with that model's tokenizer."""
-    if source is None:
-        return f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
-    return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py --tokenizer={source} "
-            f"--out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with --dataset=<name>")
-
-
-def load_dataset(cfg, source=None):
-    """(meta dict, {"train": [memmap, ...], "val": [...]}) with a clear error for anything missing."""
-    data_dir = dataset_dir(cfg)
-    hint = prepare_hint(cfg, source)
-    meta_file = data_dir / "meta.json"
-    if not meta_file.is_file():
-        raise TrainError(f"dataset {cfg.dataset!r} is not prepared: no {meta_file}; {hint}")
-    meta = json.loads(meta_file.read_text())
-    splits = {}
-    for split in ("train", "val"):
-        files = split_files(data_dir, split)
-        if not files:
-            raise TrainError(f"dataset {cfg.dataset!r} has no {split}.bin (or {split}_*.bin shards) in "
-                             f"{data_dir}; {hint}")
-        splits[split] = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
-        short = [str(f) for f, m in zip(files, splits[split]) if len(m) <= cfg.block_size]
-        if short:
-            raise TrainError(f"{', '.join(short)} holds no more than block_size={cfg.block_size} tokens")
-    return meta, splits
-
-
-def seeded_generator(*keys):
-    """A torch.Generator seeded from integer keys, e.g. (seed, split, iteration, micro-batch index)."""
-    state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
-
-def get_batch(shards, batch_size, block_size, generator, device):
-    """x, y: (B, T) int64 random windows of the token files; y is x shifted by one token."""
-    shard = shards[int(torch.randint(len(shards), (1,), generator=generator))]
-    starts = torch.randint(len(shard) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([shard[i:i + block_size] for i in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([shard[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
-
+# data (dataset.py): every batch is a pure function of (seed, stream, step, index)
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 
@@ -665,7 +594,7 @@ if __name__ == "__main__":
         sys.exit()
     try:
         train(*configure_and_report(TrainConfig(), sys.argv[1:]))
-    except (ConfigError, TrainError, CheckpointError) as e:
+    except (ConfigError, TrainError, DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         sys.exit(f"interrupted: {e}")

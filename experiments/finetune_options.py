@@ -30,6 +30,7 @@ from bench_mobile import in_fresh_process, peak_rss_mb  # noqa: E402
 from bench_train import parse_variants  # noqa: E402
 from configurator import ConfigError, configure_and_report  # noqa: E402
 from experiments.quickstart_vs_nanogpt import machine  # noqa: E402
+from dataset import DataError  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 from train import (TrainConfig, TrainError, check_config, estimate_loss, resolve_device, resolve_dtype,  # noqa: E402
                    start_model, train_step)
@@ -101,5 +102,5 @@ def main(cfg, set_keys):
 if __name__ == "__main__":
     try:
         main(*configure_and_report(OptionsConfig(), sys.argv[1:]))
-    except (ConfigError, TrainError) as e:
+    except (ConfigError, TrainError, DataError) as e:
         sys.exit(f"error: {e}")

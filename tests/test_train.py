@@ -18,6 +18,7 @@ import checkpoint
 import train as train_module
 from configurator import ConfigError, configure
 from model import MobileLLM
+from dataset import DataError
 from optim import build_optimizer
 from train import TrainConfig, TrainError, lr_at, model_config, train
 
@@ -256,7 +257,7 @@ def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
         train(tiny(data_dir, tmp_path, lr_schedule="wsd", cooldown_frac=0))
     with pytest.raises(ConfigError, match="bad model settings: dim .* divisible by n_heads"):
         train(tiny(data_dir, tmp_path, dim=30))
-    with pytest.raises(TrainError, match="not prepared.*prepare.py"):
+    with pytest.raises(DataError, match="not prepared.*prepare.py"):
         train(tiny(tmp_path / "nowhere", tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         train(tiny(data_dir, tmp_path / "empty", init_from="resume"))
