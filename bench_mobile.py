@@ -33,10 +33,8 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from android import android_rows, android_target
 from checkpoint import CheckpointError
 from configurator import accept_old_flags
 from executorch_private import reset_threadpool
@@ -322,76 +321,6 @@ def gemv_gbs(config, dtype, threads, mb=64):
     (cold, hot) GB/s of weights: cold = new weights each time (`mb` MB of them per call), hot = one pair
     re-applied from cache. A kernel that is bandwidth-bound runs far faster hot than cold."""
     return tuple(chain_gbs(config, dtype, threads, mb, hot_pairs)[0] for hot_pairs in (0, 1))
-
-
-# --- timing on an Android phone ----------------------------------------------------------------------
-
-REMOTE_DIR = "/data/local/tmp/nanomobilellm"
-RUNNER_LINE = re.compile(r"Model executed successfully (\d+) time\(s\) in ([0-9.]+) ms")
-
-
-def adb(serial, *args, check=True):
-    cmd = ["adb", *(["-s", serial] if serial else []), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if check and result.returncode:
-        raise BenchError(f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.strip()[-300:]}")
-    return result.stdout
-
-
-def android_device(serial):
-    """The serial to use; one clear error when adb or a device is missing."""
-    if shutil.which("adb") is None:
-        raise BenchError("adb is not on PATH: install Android platform-tools "
-                         "(https://developer.android.com/tools/releases/platform-tools)")
-    lines = adb(None, "devices").splitlines()[1:]
-    devices = [line.split()[0] for line in lines if line.strip().endswith("device")]
-    if not devices:
-        raise BenchError("no Android device: connect one with USB debugging on (`adb devices` lists none)")
-    if serial and serial not in devices:
-        raise BenchError(f"device {serial!r} is not connected; `adb devices` lists: {', '.join(devices)}")
-    if not serial and len(devices) > 1:
-        raise BenchError(f"several devices connected ({', '.join(devices)}): choose one with --serial")
-    return serial or devices[0]
-
-
-def parse_runner_ms(output):
-    """executor_runner's 'Model executed successfully N time(s) in X ms.' -> ms per execution."""
-    match = RUNNER_LINE.search(output)
-    if not match:
-        raise BenchError(f"could not find the runner's timing line in its output:\n{output[-500:]}")
-    return float(match.group(2)) / int(match.group(1))
-
-
-def android_target(runner, serial):
-    """(runner path, device serial) for a run on a phone; one clear error for a missing runner, adb or device."""
-    build = "build ExecuTorch's executor_runner for arm64 with XNNPACK (docs/on-device.md)"
-    if not runner:
-        raise BenchError(f"--device android needs --runner: {build}")
-    if not Path(runner).is_file():
-        raise BenchError(f"runner {str(runner)!r} not found: {build} and pass it with --runner")
-    return Path(runner), android_device(serial)
-
-
-def android_rows(programs, runner, serial, runs, threads):
-    """Push the runner and each program ({label: path}), time `runs` executions of each, clean up.
-    Returns {label: ms per execution}."""
-    runner, serial = android_target(runner, serial)
-    remote_runner = f"{REMOTE_DIR}/{runner.name}"
-    results = {}
-    try:
-        adb(serial, "shell", "mkdir", "-p", REMOTE_DIR)
-        adb(serial, "push", str(runner), remote_runner)
-        adb(serial, "shell", "chmod", "+x", remote_runner)
-        for label, path in programs.items():
-            remote = f"{REMOTE_DIR}/{Path(path).name}"
-            adb(serial, "push", str(path), remote)
-            out = adb(serial, "shell", remote_runner, f"--model_path={remote}", f"--num_executions={runs}",
-                      f"--cpu_threads={threads}")
-            results[label] = parse_runner_ms(out)
-            adb(serial, "shell", "rm", "-f", remote)
-    finally:
-        adb(serial, "shell", "rm", "-rf", REMOTE_DIR, check=False)
-    return results
 
 
 # --- the table and the command line ------------------------------------------------------------------

@@ -1,5 +1,7 @@
 import json
 import os
+import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,50 @@ def pte_fp32(tiny, export_cache):
     import export
     path = export.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=export_cache)
     return path, json.loads(path.with_suffix(".json").read_text())
+
+
+# --- Android, with a fake adb that runs everything on this machine (test_android, test_bench_mobile) ----
+
+FAKE_ADB = """#!{python}
+import os, shutil, subprocess, sys
+log, root = {log!r}, {root!r}
+args = sys.argv[1:]
+with open(log, "a") as f:
+    f.write(" ".join(args) + "\\n")
+if args[:1] == ["-s"]:
+    args = args[2:]
+local = lambda p: p.replace("/data/local/tmp", root)
+if args[0] == "devices":
+    print("List of devices attached")
+    print({devices!r})
+elif args[0] == "push":
+    os.makedirs(os.path.dirname(local(args[2])), exist_ok=True)
+    shutil.copy(args[1], local(args[2]))
+elif args[0] == "shell":
+    sys.exit(subprocess.run([local(a) for a in args[1:]]).returncode)
+"""
+
+FAKE_RUNNER = """#!{python}
+import os, sys
+opts = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
+assert os.path.getsize(opts["model_path"]) > 0             # the program was pushed (running it: test_export.py)
+print("I 00:00:01 executor_runner.cpp:180] Model executed successfully %s time(s) in 12.5 ms." % opts["num_executions"])
+"""
+
+
+def write_script(path, text, **fmt):
+    path.write_text(text.format(python=sys.executable, **fmt))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.fixture
+def fake_adb(tmp_path, monkeypatch):
+    def make(devices="emulator-5554\tdevice"):
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        log = tmp_path / "adb_calls.txt"
+        write_script(bin_dir / "adb", FAKE_ADB, log=str(log), root=str(tmp_path / "device"), devices=devices)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        return log
+    return make

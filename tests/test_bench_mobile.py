@@ -1,10 +1,8 @@
-"""bench_mobile.py: the Android path issues the right adb commands (a fake adb runs the runner locally),
-the host table times programs and eager PyTorch, its bounds count the right bytes, and errors are clear."""
+"""bench_mobile.py: the host table times programs and eager PyTorch, its bounds count the right bytes, a phone
+run checks adb, device and runner before any export (the adb commands themselves: test_android.py), and
+errors are clear."""
 import math
-import os
 import re
-import stat
-import sys
 
 import numpy as np
 import pytest
@@ -12,96 +10,12 @@ import torch
 
 import bench_mobile as bm
 import export
-from conftest import MAX_SEQ_LEN, TINY_LS
+from conftest import FAKE_RUNNER, MAX_SEQ_LEN, TINY_LS, write_script
 from test_export import load_method
 
 pytest.importorskip("executorch.exir")
 
-# --- Android, with a fake adb that runs everything on this machine ----------------------------------
-
-FAKE_ADB = """#!{python}
-import os, shutil, subprocess, sys
-log, root = {log!r}, {root!r}
-args = sys.argv[1:]
-with open(log, "a") as f:
-    f.write(" ".join(args) + "\\n")
-if args[:1] == ["-s"]:
-    args = args[2:]
-local = lambda p: p.replace("/data/local/tmp", root)
-if args[0] == "devices":
-    print("List of devices attached")
-    print({devices!r})
-elif args[0] == "push":
-    os.makedirs(os.path.dirname(local(args[2])), exist_ok=True)
-    shutil.copy(args[1], local(args[2]))
-elif args[0] == "shell":
-    sys.exit(subprocess.run([local(a) for a in args[1:]]).returncode)
-"""
-
-FAKE_RUNNER = """#!{python}
-import os, sys
-opts = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-assert os.path.getsize(opts["model_path"]) > 0             # the program was pushed (running it: test_export.py)
-print("I 00:00:01 executor_runner.cpp:180] Model executed successfully %s time(s) in 12.5 ms." % opts["num_executions"])
-"""
-
-
-def write_script(path, text, **fmt):
-    path.write_text(text.format(python=sys.executable, **fmt))
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path
-
-
-@pytest.fixture
-def fake_adb(tmp_path, monkeypatch):
-    def make(devices="emulator-5554\tdevice"):
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir(exist_ok=True)
-        log = tmp_path / "adb_calls.txt"
-        write_script(bin_dir / "adb", FAKE_ADB, log=str(log), root=str(tmp_path / "device"), devices=devices)
-        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-        return log
-    return make
-
-
-def test_android_pushes_runs_parses_and_cleans_up(fake_adb, pte_fp32, tmp_path):
-    log = fake_adb()
-    runner = write_script(tmp_path / "executor_runner", FAKE_RUNNER)
-    timings = bm.android_rows({"tiny-decode": pte_fp32[0]}, runner, "", runs=3, threads=1)
-    assert timings == {"tiny-decode": 12.5 / 3}                                # the runner's line, parsed
-    calls = log.read_text().splitlines()
-    remote = bm.REMOTE_DIR
-    assert calls[0] == "devices"
-    assert f"-s emulator-5554 push {runner} {remote}/executor_runner" in calls
-    assert f"-s emulator-5554 push {pte_fp32[0]} {remote}/{pte_fp32[0].name}" in calls
-    assert (f"-s emulator-5554 shell {remote}/executor_runner --model_path={remote}/{pte_fp32[0].name} "
-            "--num_executions=3 --cpu_threads=1") in calls
-    assert calls[-1] == f"-s emulator-5554 shell rm -rf {remote}"
-    assert not (tmp_path / "device" / "nanomobilellm").exists()
-
-
-def test_parse_runner_ms():
-    assert bm.parse_runner_ms("x\nModel executed successfully 4 time(s) in 10.0 ms.\n") == 2.5
-    with pytest.raises(bm.BenchError, match="timing line"):
-        bm.parse_runner_ms("Segmentation fault")
-
-
-def test_android_errors(fake_adb, tmp_path, monkeypatch):
-    runner = write_script(tmp_path / "executor_runner", FAKE_RUNNER)
-    with pytest.raises(bm.BenchError, match="runner .* not found"):
-        bm.android_rows({}, tmp_path / "missing_runner", "", 1, 1)
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(bm.BenchError, match="adb is not on PATH"):
-        bm.android_rows({}, runner, "", 1, 1)
-    fake_adb(devices="")
-    with pytest.raises(bm.BenchError, match="no Android device"):
-        bm.android_rows({}, runner, "", 1, 1)
-    fake_adb(devices="A\tdevice\nB\tdevice")
-    with pytest.raises(bm.BenchError, match="choose one with --serial"):
-        bm.android_rows({}, runner, "", 1, 1)
-    with pytest.raises(bm.BenchError, match="'C' is not connected"):
-        bm.android_rows({}, runner, "C", 1, 1)
-
+# --- Android (the adb and runner fakes: test_android.py) ------------------------------------------
 
 def test_android_run_checks_adb_device_and_runner_before_any_export(fake_adb, tmp_path, monkeypatch):
     """A missing adb, device or runner is reported in seconds, not after a multi-minute export."""
