@@ -76,7 +76,8 @@ def run_variant(cfg, set_keys, seconds):
         if not math.isfinite(loss):
             raise TrainError(f"the loss became nan/inf at step {it}")
     return {"dtype": cfg.dtype, "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "s_per_step": statistics.median(step_seconds), "steps": len(step_seconds), "val_before": val_before,
+            "s_per_step": statistics.median(step_seconds), "steps": len(step_seconds),
+            "train_s": sum(step_seconds), "val_before": val_before,
             "val_after": estimate_loss(model, splits, cfg, device, 0, 1)["val"],
             "peak_loading_gib": peak_loading, "peak_training_gib": peak_rss_gib()}
 

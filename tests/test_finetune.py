@@ -288,7 +288,7 @@ def test_finetune_options_runs_each_variant_for_the_same_time_in_its_own_process
     assert full["trained"] == model.num_params()
     assert frozen["trained"] == sum(p.numel() for p in model.layers[-1].parameters()) + model.norm.weight.numel()
     for r in (full, frozen):
-        assert r["steps"] * r["s_per_step"] >= 0.5 * 60 * 0.02          # trained for the time asked (median step)
+        assert r["train_s"] >= 60 * 0.02 and r["steps"] >= 1             # trained for the time asked
         assert r["val_after"] < r["val_before"] and r["dtype"] == "fp32"
         assert 0 < r["peak_training_gib"] and 0 < r["peak_loading_gib"]
     assert capsys.readouterr().out.count("| freeze_embedding=") == 2   # one table row per variant
