@@ -51,7 +51,6 @@ from optim import build_optimizer
 from quantize import is_quantized
 
 
-
 @dataclass
 class TrainConfig:
     # I/O
@@ -211,7 +210,7 @@ def lr_at(cfg, it):
 # ----------------------------------------------------------------------------------------------------
 # data (dataset.py): every batch is a pure function of (seed, stream, step, index)
 
-TRAIN_STREAM, EVAL_STREAM = 0, 1
+TRAIN_STREAM, EVAL_STREAM = 0, 1                    # the streams of seeded_generator's keys
 
 
 # ----------------------------------------------------------------------------------------------------
