@@ -9,6 +9,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import gguf_file  # noqa: E402
+import gguf_vocab  # noqa: E402
 from checkpoint import model_checkpoint, save_checkpoint  # noqa: E402
 from conftest import SHARED  # noqa: E402
 from gguf_file import GGUFFormatError, export_gguf, load_gguf  # noqa: E402
@@ -180,7 +181,7 @@ def test_our_layer_sharing_keys_fold_the_unrolled_layers_back_and_are_checked(tm
 def byte_level_vocab(pre):
     """A tiny gpt2-kind vocabulary: the 256 byte tokens (id = byte value), merges he, Ġt, Ġthe, 12, and two
     control tokens."""
-    alphabet = gguf_file.byte_level_alphabet()
+    alphabet = gguf_vocab.byte_level_alphabet()
     tokens = [alphabet[b] for b in range(256)] + ["he", "Ġt", "Ġthe", "12", "<|im_start|>", "<|endoftext|>"]
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": [1] * 260 + [3, 3], "tokenizer.ggml.merges": ["h e", "Ġ t", "Ġt he", "1 2"],
@@ -208,7 +209,7 @@ def test_gpt2_vocabulary_is_byte_level_bpe_with_its_pre_tokenizer(tmp_path, pre,
 ])
 def test_each_known_pre_tokenizer_splits_text_as_llama_cpp(pre, pieces):
     tokenizers = pytest.importorskip("tokenizers")
-    tok = gguf_file.tokenizer_from_gguf(byte_level_vocab(pre), 262)
+    tok = gguf_vocab.tokenizer_from_gguf(byte_level_vocab(pre), 262)
     hf = tokenizers.Tokenizer.from_str(tok.spec["json"])
     assert [piece for piece, _ in hf.pre_tokenizer.pre_tokenize_str("Hello, world!!! 12345\n\n")] == pieces
 
@@ -319,9 +320,9 @@ def test_export_round_trip_tokenizers_byte_level_bpe(tmp_path):
 def test_tiktoken_gpt2_vocabulary_tokenizes_as_tiktoken(shared_dir):
     """The metadata export writes, read back as the loader reads it (50k tokens: no file, to stay fast)."""
     tok = load_tokenizer({"kind": "tiktoken", "encoding": "gpt2"})
-    meta = gguf_file.vocab_metadata(tok, 50304)                               # nanoGPT's padded embedding
+    meta = gguf_vocab.vocab_metadata(tok, 50304)                               # nanoGPT's padded embedding
     assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.tokens"][50303] == "[PAD50303]"
-    loaded = gguf_file.tokenizer_from_gguf(meta, 50304)
+    loaded = gguf_vocab.tokenizer_from_gguf(meta, 50304)
     for text in ("hello world", "To be, or not to be:  that is 12345 the question.\n\n",
                  "naïve café — 東京 🙂", "<|endoftext|>The end"):
         assert loaded.encode(text) == tok.encode(text), text
@@ -494,7 +495,7 @@ def test_llama_cpp_tokenizes_smollm2_as_our_loader_does(shared_dir):
         pytest.skip(f"{path} is not there")
     llm = llama_cpp_model(path, vocab_only=True)
     meta, _ = gguf_file.read_gguf(path)
-    tok = gguf_file.tokenizer_from_gguf(meta, 49152)
+    tok = gguf_vocab.tokenizer_from_gguf(meta, 49152)
     for text in ("The capital of France is", "Hello world! 123", "  multiple   spaces\n\ttabs",
                  "Café déjà vu: 3.14159 € 東京 🙂", "<|im_start|>user\nHi<|im_end|>\n"):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
