@@ -21,7 +21,7 @@ gradient_checkpointing make a 135M model practical on a CPU.
 
 Writes into out_dir: ckpt.pt (model, optimizer, iteration, config, RNG states, data position; written
 atomically), log.jsonl (one JSON line per eval) and loss.png (when matplotlib is installed).
-Ctrl-C saves a checkpoint and stops; a NaN/inf loss stops the run and keeps the last good checkpoint.
+Ctrl-C or SIGTERM (kill, a scheduler) saves a checkpoint and stops; a NaN/inf loss stops the run and keeps the last good checkpoint.
 """
 import json
 import math
@@ -62,7 +62,7 @@ class TrainConfig:
     eval_interval: int = 500            # iterations between evals (each costs ~13 training steps at the default)
     eval_iters: int = 20
     log_interval: int = 10              # iterations between progress-bar updates of loss, tokens/s, MFU
-    always_save_checkpoint: bool = False  # False: save only when val loss improves (and on Ctrl-C)
+    always_save_checkpoint: bool = False  # False: save only when val loss improves (and on Ctrl-C/SIGTERM)
     quiet: bool = False                 # no progress bar, no printing (for many runs in one process)
     # model: the ModelConfig fields (vocab_size comes from the dataset's meta.json; decoding-only fields
     # such as meta_ls_cache keep their ModelConfig defaults). Resuming or fine-tuning takes them from the model
@@ -365,30 +365,32 @@ def plot_losses(history, path):
 
 
 class StopRequest:
-    """Ctrl-C sets a flag (the loop saves and stops after the current step); a second Ctrl-C kills."""
+    """Ctrl-C (SIGINT) or SIGTERM (kill, a cluster's scheduler, torchrun shutting down) sets a flag: the loop
+    saves and stops after the current step. A second signal kills."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.__exit__()
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, world, device, stop):
     """One optimizer step over gradient_accumulation_steps micro-batches split between the processes
     (DDP syncs gradients only on each process's last micro-step). Returns (mean loss over all processes,
-    whether any process got Ctrl-C (a StopRequest)); a non-finite loss or gradient skips the update and returns nan."""
+    whether any process was asked to stop (a StopRequest)); a non-finite loss or gradient skips the update and returns nan."""
     local_accum = cfg.gradient_accumulation_steps // world
     loss_sum = torch.zeros((), device=device)
     for micro in range(local_accum):
@@ -400,7 +402,7 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
                 loss = train_model(x, y)[1]
             (loss / local_accum).backward()
         loss_sum += loss.detach()
-    # one all-reduce carries the mean loss and whether any process got Ctrl-C
+    # one all-reduce carries the mean loss and whether any process was asked to stop
     stats = all_reduce_sum(torch.stack([loss_sum / local_accum, torch.tensor(float(stop.requested),
                                                                              device=device)]), world)
     train_loss, stop_requested = stats[0].item() / world, stats[1].item() > 0

@@ -133,13 +133,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(data_
     assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 10
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])       # Ctrl-C, or kill / a scheduler
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path, monkeypatch, signum):
     get_batch, calls = train_module.get_batch, []
 
     def interrupt_at_iteration_7(*args):
         calls.append(1)
         if len(calls) == 2 * 2 + 7:             # two evals of 2 batches at iteration 0, then 7 steps
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return get_batch(*args)
 
     monkeypatch.setattr(train_module, "get_batch", interrupt_at_iteration_7)
@@ -147,6 +148,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(data_dir, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 7      # the step in flight finished first
+    assert signal.getsignal(signum) is signal.default_int_handler if signum == signal.SIGINT \
+        else signal.getsignal(signum) == signal.SIG_DFL                 # the handlers are given back
     monkeypatch.setattr(train_module, "get_batch", get_batch)
     assert train(replace(cfg, init_from="resume"))[-1]["iter"] == 20
 
