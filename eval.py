@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_dtype, torch_dtype
 from quantize import set_simulate
 
 
@@ -382,8 +382,9 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences (context + one choice) per forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bf16", type=dtype_name, choices=DTYPES,
-                        help="autocast dtype of the forward (log-probs are always summed in fp32)")
+    parser.add_argument("--dtype", default="auto", type=dtype_name, choices=(*DTYPES, "auto"),
+                        help="autocast dtype of the forward (log-probs are always summed in fp32); auto: bf16 where "
+                             "the hardware has it and it pays, else fp32 (loader.resolve_dtype)")
     parser.add_argument("--simulate_int8", action="store_true",
                         help="an int8 checkpoint's W8A8 products in float on the int8 values (quantize.py's fake-quant "
                              "path: the same rounding, scores equal up to float error), for CPUs whose int8 matmul "
@@ -410,6 +411,7 @@ def main(argv=None):
                  "give a checkpoint or a Hugging Face model")
     if args.simulate_int8:
         set_simulate(model, True)
+    args.dtype = resolve_dtype(args.dtype, args.device, model.config.dim)
     dtype = torch_dtype(args.dtype)
     results = {name: evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
                for name in tasks}

@@ -1,7 +1,7 @@
 """
 The one model loader every script uses: whatever --init_from names becomes (model, tokenizer).
 Also the one set of dtype names every script's --dtype takes: fp32, bf16, fp16 (torch's float32,
-bfloat16, float16 work too).
+bfloat16, float16 work too), and what "auto" means (resolve_dtype).
 
   from loader import load_model_and_tokenizer
   model, tokenizer = load_model_and_tokenizer("out-shakespeare-char")   # our checkpoint (out_dir or ckpt.pt)
@@ -37,6 +37,28 @@ def torch_dtype(name):
         raise ValueError(f"unknown dtype {name!r}: choose from {', '.join(DTYPES)} "
                          f"(or {', '.join(DTYPE_ALIASES)})")
     return DTYPES[dtype_name(name)]
+
+
+# dtype=auto on a CPU: bf16 only for models at least this wide. Below it, autocast's casts cost more than AMX's
+# bf16 products save: `python bench_train.py --dim=D --iters=20 --warmup=3` on a 2-core AMX Xeon, bf16 / fp32
+# tokens/s: 0.88x at dim 128 (the quick default), 0.92x at 192, 1.07x at 256, 1.25x at 384 (docs/training.md).
+CPU_BF16_MIN_DIM = 256
+
+
+def cpu_has_native_bf16():
+    """AVX-512 BF16 or AMX: without them the CPU emulates bf16, far slower than fp32 (docs/training.md)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_dtype(name, device, dim):
+    """The short dtype name to run a model `dim` wide in on device: `name` itself, or for "auto" bf16 where it
+    is native and pays (CUDA with bf16; a CPU with native bf16 for models at least CPU_BF16_MIN_DIM wide),
+    else fp32."""
+    if name != "auto":
+        return dtype_name(name)
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() and dim >= CPU_BF16_MIN_DIM else "fp32"
 
 
 def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):

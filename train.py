@@ -44,7 +44,7 @@ from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkp
                         save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report
 from dataset import DataError, dataset_dir, get_batch, load_dataset, prepare_hint, prepare_if_missing, seeded_generator
-from loader import dtype_name, load_model_and_tokenizer
+from loader import dtype_name, load_model_and_tokenizer, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
 from optim import build_optimizer
@@ -111,7 +111,7 @@ class TrainConfig:
     device: str = "auto"                # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                 # "bf16" (autocast, fp32 master weights), "fp32", or "auto": bf16
                                         # where the hardware has it and it pays (CUDA; CPUs with AVX-512
-                                        # BF16/AMX for dim >= CPU_BF16_MIN_DIM)
+                                        # BF16/AMX for dim >= loader.CPU_BF16_MIN_DIM)
     compile: bool = False               # torch.compile the model (the uncompiled one is what gets saved)
     seed: int = 1337
     peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
@@ -161,27 +161,6 @@ def resolve_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here (use --device=cpu or auto)")
     return name
-
-
-# dtype=auto on a CPU: bf16 only for models at least this wide. Below it, autocast's casts cost more than AMX's
-# bf16 products save: `python bench_train.py --dim=D --iters=20 --warmup=3` on a 2-core AMX Xeon, bf16 / fp32
-# tokens/s: 0.88x at dim 128 (the quick default), 0.92x at 192, 1.07x at 256, 1.25x at 384 (docs/training.md).
-CPU_BF16_MIN_DIM = 256
-
-
-def cpu_has_native_bf16():
-    """AVX-512 BF16 or AMX: without them the CPU emulates bf16, far slower than fp32 (docs/training.md)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_dtype(name, device, dim):
-    """The short dtype name (fp32, bf16) to train a model `dim` wide in. "auto": bf16 where it is native and
-    pays: CUDA with bf16; a CPU with native bf16 for models at least CPU_BF16_MIN_DIM wide; else fp32."""
-    if name != "auto":
-        return dtype_name(name)
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() and dim >= CPU_BF16_MIN_DIM else "fp32"
 
 
 def autocast_context(device, dtype):

@@ -128,6 +128,25 @@ def test_task_adapters_follow_the_harness_formats():
     assert (ex.contexts[0], ex.continuations, ex.label) == ("P.\nQuestion: is it?\nAnswer:", [" no", " yes"], 1)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_default_dtype_is_bf16_only_where_the_cpu_has_it_and_the_model_is_wide(shared_dir, tmp_path, monkeypatch,
+                                                                                native):
+    """A CPU without AVX-512 BF16/AMX emulates bf16 ~100x slower than fp32: eval.py's default must not pick it."""
+    import loader
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
+    piqa = shared_dir / "data" / "piqa" / "valid.jsonl"
+    tok = char_tokenizer("".join(sorted(set(piqa.read_text(encoding="utf-8")))))
+    for dim, wide in ((32, False), (loader.CPU_BF16_MIN_DIM, True)):
+        torch.manual_seed(0)
+        model = MobileLLM(ModelConfig(vocab_size=tok.vocab_size, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2,
+                                      ffn_dim=64, block_size=64))
+        save_checkpoint(model_checkpoint(model, tok.spec), tmp_path / f"ckpt{dim}")
+        out = tmp_path / f"results{dim}.json"
+        ev.main(["--init_from", str(tmp_path / f"ckpt{dim}"), "--tasks", "piqa", "--data", str(piqa), "--limit", "2",
+                 "--device", "cpu", "--out", str(out)])
+        assert json.loads(out.read_text())["dtype"] == ("bf16" if native and wide else "fp32")
+
+
 def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
     piqa = shared_dir / "data" / "piqa" / "valid.jsonl"
     chars = sorted(set(piqa.read_text(encoding="utf-8")) - {"1"})   # examples holding a "1" get skipped

@@ -1,5 +1,8 @@
 import json
 
+import pytest
+
+import loader
 from loader import source_kind
 
 
@@ -15,3 +18,13 @@ def test_source_kind_names_every_init_from_the_loader_takes(tmp_path):
     assert source_kind(str(gguf)) == "gguf" and source_kind("missing/model.gguf") == "gguf"
     assert source_kind(str(hf_dir)) == "hf" and source_kind("HuggingFaceTB/SmolLM2-135M-Instruct") == "hf"
     assert source_kind(str(ckpt_dir)) == "checkpoint" and source_kind("missing/ckpt.pt") == "checkpoint"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_native_and_the_model_is_wide(monkeypatch, native):
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
+    wide, narrow = loader.CPU_BF16_MIN_DIM, loader.CPU_BF16_MIN_DIM - 64
+    assert loader.resolve_dtype("auto", "cpu", wide) == ("bf16" if native else "fp32")
+    assert loader.resolve_dtype("auto", "cpu", narrow) == "fp32"     # the quick default (dim 128)
+    assert loader.resolve_dtype("bf16", "cpu", narrow) == "bf16"     # asked for: never silently ignored
+    assert loader.resolve_dtype("bfloat16", "cpu", narrow) == "bf16"  # torch's name is an alias

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import checkpoint
+import loader
 import train as train_module
 from configurator import ConfigError, configure
-from model import MobileLLM
 from dataset import DataError
+from model import MobileLLM
 from optim import build_optimizer
 from train import TrainConfig, TrainError, lr_at, model_config, train
 
@@ -274,18 +275,8 @@ def test_command_line_reports_errors_in_one_line():
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_dtype_on_a_cpu_is_bf16_only_where_native_and_the_model_is_wide(monkeypatch, native):
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native)
-    wide, narrow = train_module.CPU_BF16_MIN_DIM, train_module.CPU_BF16_MIN_DIM - 64
-    assert train_module.resolve_dtype("auto", "cpu", wide) == ("bf16" if native else "fp32")
-    assert train_module.resolve_dtype("auto", "cpu", narrow) == "fp32"     # the quick default (dim 128)
-    assert train_module.resolve_dtype("bf16", "cpu", narrow) == "bf16"     # asked for: never silently ignored
-    assert train_module.resolve_dtype("bfloat16", "cpu", narrow) == "bf16"  # torch's name is an alias
-
-
 def test_a_run_records_the_dtype_auto_chose_for_its_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
     out = tmp_path / "run"
     train_module.train(TrainConfig(max_iters=1, eval_iters=1, eval_interval=1, batch_size=2, block_size=16,
                                    quiet=True, out_dir=str(out)))
