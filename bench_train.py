@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError, parse_value, apply_settings, configure
-from loader import dtype_name
+from loader import autocast, dtype_name
 from model import MobileLLM
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from optim import build_optimizer
-from train import TrainConfig, autocast_context, check_config, model_config, resolve_device
+from train import TrainConfig, check_config, model_config, resolve_device
 
 
 @dataclass
@@ -55,7 +55,7 @@ def tokens_per_second(cfg, dtype, device, rebuild=None):
             synchronize(device)
             t0 = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
-            with autocast_context(device, dtype):
+            with autocast(device, dtype):
                 loss = step_model(x, x)[1]
             (loss / cfg.gradient_accumulation_steps).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))

@@ -27,7 +27,6 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_dtype, torch_dtype
+from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_dtype, torch_dtype
 from quantize import set_simulate
 
 
@@ -269,12 +268,6 @@ def window(ctx, cont, block_size):
     return tokens[:-1], cont[-block_size:]
 
 
-def autocast(device, dtype):
-    """The forward in dtype through torch.autocast (weights stay fp32); fp32 runs as it is."""
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
-@torch.no_grad()
 def score(model, requests, batch_size=16, device="cpu", dtype=torch.float32, desc="score", greedy=False):
     """Log-likelihood of each continuation given its context. requests: [(ctx_ids, cont_ids)], where ctx_ids
     holds at least one token. Returns a list of floats in the order of requests; with greedy=True, a list of

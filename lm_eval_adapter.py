@@ -41,7 +41,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm import tqdm
 
 import eval as ev
-from loader import load_model_and_tokenizer, torch_dtype
+from loader import autocast, load_model_and_tokenizer, torch_dtype
 from quantize import set_simulate
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class NanoMobileLLM(TemplateLM):
         ids = self.tok_encode(context) or [self.prefix_token_id]
         idx = torch.tensor([ids[-max(1, self.block_size - max_gen_toks):]], device=self._device)
         new, text = [], ""
-        with ev.autocast(self._device, self.dtype):
+        with autocast(self._device, self.dtype):
             for token in self.model.generate_tokens(idx, max_gen_toks, temperature=0):
                 if token.item() == self.tokenizer.eos_id:
                     break

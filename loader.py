@@ -11,6 +11,7 @@ bfloat16, float16 work too), and what "auto" means (resolve_dtype).
   model, tokenizer = load_model_and_tokenizer("mobilellm-125m")         # a preset: random weights, no tokenizer
 """
 import re
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,6 +60,15 @@ def resolve_dtype(name, device, dim):
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_native_bf16() and dim >= CPU_BF16_MIN_DIM else "fp32"
+
+
+def autocast(device, dtype):
+    """The forward in `dtype` (a name such as "bf16", or a torch dtype) through torch.autocast on the device's
+    type; weights (and a trainer's optimizer state) stay fp32. fp32 runs as it is."""
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch_dtype(dtype)
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):

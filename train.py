@@ -44,7 +44,7 @@ from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkp
                         save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report
 from dataset import DataError, dataset_dir, get_batch, load_dataset, prepare_hint, prepare_if_missing, seeded_generator
-from loader import dtype_name, load_model_and_tokenizer, resolve_dtype
+from loader import autocast, dtype_name, load_model_and_tokenizer, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
 from optim import build_optimizer
@@ -161,13 +161,6 @@ def resolve_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here (use --device=cpu or auto)")
     return name
-
-
-def autocast_context(device, dtype):
-    """bf16 autocast on CPU and CUDA (weights and optimizer stay fp32); nothing for fp32."""
-    if dtype_name(dtype) == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def lr_at(cfg, it):
@@ -303,7 +296,7 @@ def estimate_loss(model, splits, cfg, device, rank, world):
         for k in range(rank, cfg.eval_iters, world):
             g = seeded_generator(cfg.seed, EVAL_STREAM, split_id, k)
             x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, g, device)
-            with autocast_context(device, cfg.dtype):
+            with autocast(device, cfg.dtype):
                 losses[k] = model(x, y)[1]
         out[split] = all_reduce_sum(losses, world).mean().item()
     model.train()
@@ -377,7 +370,7 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
         x, y = get_batch(shards, cfg.batch_size, cfg.block_size, g, device)                 # (B, T) each
         last = micro == local_accum - 1
         with train_model.no_sync() if world > 1 and not last else nullcontext():
-            with autocast_context(device, cfg.dtype):
+            with autocast(device, cfg.dtype):
                 loss = train_model(x, y)[1]
             (loss / local_accum).backward()
         loss_sum += loss.detach()
