@@ -268,6 +268,7 @@ def window(ctx, cont, block_size):
     return tokens[:-1], cont[-block_size:]
 
 
+@torch.no_grad()
 def score(model, requests, batch_size=16, device="cpu", dtype=torch.float32, desc="score", greedy=False):
     """Log-likelihood of each continuation given its context. requests: [(ctx_ids, cont_ids)], where ctx_ids
     holds at least one token. Returns a list of floats in the order of requests; with greedy=True, a list of

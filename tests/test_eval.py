@@ -47,6 +47,14 @@ def test_trailing_context_space_moves_to_the_continuation_and_bos_starts_the_con
     assert ctx == [0] + tok.encode("Q: a") and cont == tok.encode(" b")
 
 
+def test_scoring_builds_no_autograd_graph():
+    model = tiny_model(50)
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(out[0].requires_grad))
+    ev.score(model, [([1, 2, 3], [4, 5]), ([6], [7])])
+    assert seen and not any(seen)                      # no activations kept for a backward that never comes
+
+
 def test_batching_and_padding_change_no_score():
     tok, model = char_tokenizer(CHARS), tiny_model(len(CHARS))
     texts = [("a", " b"), ("hello there:", " general"), ("q", " a much longer answer than the rest"),
