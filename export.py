@@ -298,12 +298,14 @@ def untied_copy(model):
 
 
 @torch.no_grad()
-def export_pte(model, dtype="fp32", max_seq_len=256, share_blocks=True, static_len=None):
+def export_pte(model, dtype="fp32", max_seq_len=0, share_blocks=True, static_len=None):
     """Lower a MobileLLM to an ExecuTorch program (bytes) with the XNNPACK delegate and a static KV cache.
     share_blocks: each unique block's halves lowered once and shared by its applications (see the top);
     False is the naive lowering of the whole graph. static_len: a fixed token count instead of a dynamic
-    1..max_seq_len-1 (for runners that fill the inputs themselves). Returns (bytes, info dict)."""
+    1..max_seq_len-1 (for runners that fill the inputs themselves). max_seq_len: the KV cache length
+    (program_seq_len; 0: the model's context, at most MAX_SEQ_LEN). Returns (bytes, info dict)."""
     require_executorch()
+    max_seq_len = program_seq_len(model, max_seq_len)
     if dtype not in PROGRAM_DTYPES:
         raise ExportError(f"dtype must be one of {PROGRAM_DTYPES}, got {dtype!r}")
     t0 = time.perf_counter()
@@ -346,6 +348,7 @@ def lowered_pieces(model, dtype, T, seq):
 def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):
     """export_pte, cached on disk by (config + weights, dtype, options, EXPORT_VERSION): LS-125M int8
     takes minutes to lower. Returns the .pte path."""
+    max_seq_len = program_seq_len(model, max_seq_len)                  # 0 and 256 name one program
     key = hashlib.sha256(json.dumps([source_hash(model), dtype, max_seq_len, share_blocks, static_len,
                                      EXPORT_VERSION[dtype], torch.__version__]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{key}.pte"
@@ -375,10 +378,12 @@ class LiteForward(nn.Module):
 
 
 @torch.no_grad()
-def export_ptl(model, path, max_seq_len=256):
+def export_ptl(model, path, max_seq_len=0):
     """TorchScript for PyTorch Mobile's lite interpreter. TorchScript is deprecated; this is the legacy
-    path (ExecuTorch replaces it). optimize_for_mobile needs a torch built with XNNPACK for TorchScript."""
+    path (ExecuTorch replaces it). optimize_for_mobile needs a torch built with XNNPACK for TorchScript.
+    max_seq_len: as export_pte's."""
     from torch.utils.mobile_optimizer import optimize_for_mobile
+    max_seq_len = program_seq_len(model, max_seq_len)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                                     # torch.jit deprecation notices
@@ -428,8 +433,8 @@ def main(argv=None):
         if args.format == "pte":
             require_executorch()
         model = load_source(args.init_from, args.seed)
-        path = write_program(model, args.format, args.dtype, args.out, program_seq_len(model, args.max_seq_len),
-                             args.lowering == "shared", args.cache_dir)
+        path = write_program(model, args.format, args.dtype, args.out, args.max_seq_len, args.lowering == "shared",
+                             args.cache_dir)
     except ExportError as e:
         sys.exit(f"export.py: {e}")
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")

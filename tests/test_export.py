@@ -174,6 +174,7 @@ def test_the_kv_cache_length_defaults_to_the_models_context_up_to_256(tmp_path, 
     short, long = ex.preset_model(TINY_LS), ex.preset_model("mobilellm-micro:block_size=512")
     assert (ex.program_seq_len(short), ex.program_seq_len(long)) == (64, ex.MAX_SEQ_LEN)   # contexts 64 and 512
     assert ex.program_seq_len(short, 32) == 32
+    assert ex.export_ptl(short, tmp_path / "default.ptl").is_file()    # the Python API defaults alike
     for bad in (65, -1):
         with pytest.raises(ex.ExportError, match=rf"--max_seq_len \({bad}\) must be in 1..64"):
             ex.program_seq_len(short, bad)
