@@ -13,8 +13,9 @@ tokens/s (median of the rounds) and the ratio to the first.
 
 Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup and dtypes. MFU is
 relative to the device's peak in each dtype: the datasheet bf16 number on known GPUs, else a large matmul in
-that dtype measured here first. On CPUs without AVX-512 BF16/AMX, bf16 is emulated and very slow: use
---iters=1 --warmup=0 there (or --dtypes=fp32).
+that dtype measured here first. dtypes=auto (the default) times fp32, and bf16 too where the hardware has
+it: CPUs without AVX-512 BF16/AMX emulate bf16 ~100x slower than fp32 (there, --dtypes=fp32,bf16 --iters=1
+--warmup=0 times it anyway).
 """
 import statistics
 import sys
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError, parse_value, apply_settings, configure
-from loader import autocast, dtype_name
+from loader import autocast, cpu_has_native_bf16, dtype_name
 from model import MobileLLM
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from optim import build_optimizer
@@ -36,7 +37,7 @@ class BenchConfig(TrainConfig):
     vocab_size: int = 65                 # train.py reads it from the dataset; here there is no dataset
     iters: int = 10                      # timed iterations per dtype
     warmup: int = 3                      # untimed iterations first (allocator, compile)
-    dtypes: str = "fp32,bf16"
+    dtypes: str = "auto"                 # comma-separated; auto: fp32, and bf16 where it is native
     compare: str = ""                    # "key=value,...;key=value,...": settings timed against each other
     rounds: int = 5                      # --compare: alternating rounds of iters iterations per setting
 
@@ -81,9 +82,19 @@ def parse_variants(spec, cfg, flag="--compare"):
     return variants
 
 
+def timed_dtypes(spec, device):
+    """The dtypes --dtypes names; "auto": fp32, and bf16 where the device has it natively."""
+    if spec != "auto":
+        return [dtype_name(d) for d in spec.split(",")]
+    native = torch.cuda.is_bf16_supported() if torch.device(device).type == "cuda" else cpu_has_native_bf16()
+    if not native:
+        print("bf16 is emulated on this CPU (~100x slower than fp32): timing fp32 only (--dtypes=fp32,bf16 times both)")
+    return ["fp32", "bf16"] if native else ["fp32"]
+
+
 def compare(cfg, device):
     """tokens/s of each --compare variant, timed in alternating rounds. Returns {label: median tokens/s}."""
-    dtype = dtype_name(cfg.dtypes.split(",")[0])
+    dtype = timed_dtypes(cfg.dtypes, device)[0]
     variants = parse_variants(cfg.compare, cfg)
     rates = {label: [] for label, _ in variants}
     for _ in range(cfg.rounds):
@@ -106,7 +117,7 @@ def main(cfg):
     if cfg.compare:
         return compare(cfg, device)
     results = {}
-    for dtype in map(dtype_name, cfg.dtypes.split(",")):
+    for dtype in timed_dtypes(cfg.dtypes, device):
         peak = cfg.peak_flops or measure_peak_flops(device, dtype)
         tok_s, model = tokens_per_second(cfg, dtype, device)
         results[dtype] = tok_s

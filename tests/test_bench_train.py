@@ -17,6 +17,14 @@ def test_reports_tokens_per_second_and_mfu_per_dtype(capsys):
     assert "tokens/s  MFU" in out and "of 1 GFLOP/s" in out
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_default_dtypes_leave_out_emulated_bf16(capsys, monkeypatch, native):
+    monkeypatch.setattr(bench_train, "cpu_has_native_bf16", lambda: native)
+    results = bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--device=cpu"]))
+    assert list(results) == (["fp32", "bf16"] if native else ["fp32"])
+    assert ("timing fp32 only" in capsys.readouterr().out) != native
+
+
 def test_compare_times_each_variant_in_alternating_rounds(capsys, monkeypatch):
     order = []
     timed = bench_train.tokens_per_second
