@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError, parse_value, apply_settings, configure
-from loader import autocast, cpu_has_native_bf16, dtype_name
+from loader import autocast, dtype_name, native_bf16
 from model import MobileLLM
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from optim import build_optimizer
@@ -86,7 +86,7 @@ def timed_dtypes(spec, device):
     """The dtypes --dtypes names; "auto": fp32, and bf16 where the device has it natively."""
     if spec != "auto":
         return [dtype_name(d) for d in spec.split(",")]
-    native = torch.cuda.is_bf16_supported() if torch.device(device).type == "cuda" else cpu_has_native_bf16()
+    native = native_bf16(device)
     if not native:
         print("bf16 is emulated on this CPU (~100x slower than fp32): timing fp32 only (--dtypes=fp32,bf16 times both)")
     return ["fp32", "bf16"] if native else ["fp32"]

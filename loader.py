@@ -52,15 +52,21 @@ def cpu_has_native_bf16():
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def native_bf16(device):
+    """Whether device computes bf16 in hardware: CUDA with bf16 support, or a CPU with AVX-512 BF16/AMX."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
 def resolve_dtype(name, device, dim):
     """The short dtype name to run a model `dim` wide in on device: `name` itself, or for "auto" bf16 where it
     is native and pays (CUDA with bf16; a CPU with native bf16 for models at least CPU_BF16_MIN_DIM wide),
     else fp32."""
     if name != "auto":
         return dtype_name(name)
-    if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() and dim >= CPU_BF16_MIN_DIM else "fp32"
+    wide_enough = torch.device(device).type == "cuda" or dim >= CPU_BF16_MIN_DIM
+    return "bf16" if wide_enough and native_bf16(device) else "fp32"
 
 
 def autocast(device, dtype):

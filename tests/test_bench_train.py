@@ -1,6 +1,7 @@
 import pytest
 
 import bench_train
+import loader
 from configurator import ConfigError, configure
 
 TINY = ["--n_layers=1", "--dim=16", "--n_heads=2", "--n_kv_heads=1", "--ffn_dim=32", "--block_size=8",
@@ -19,7 +20,7 @@ def test_reports_tokens_per_second_and_mfu_per_dtype(capsys):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_default_dtypes_leave_out_emulated_bf16(capsys, monkeypatch, native):
-    monkeypatch.setattr(bench_train, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
     results = bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--device=cpu"]))
     assert list(results) == (["fp32", "bf16"] if native else ["fp32"])
     assert ("timing fp32 only" in capsys.readouterr().out) != native
