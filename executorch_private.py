@@ -8,6 +8,14 @@ tests/test_export.py and tests/test_bench_mobile.py: they exercise every functio
 import contextlib
 import copy
 
+import torch
+
+
+def tensor_bytes(tensor):
+    """A tensor's raw bytes: what XNNPACK keys its stored constants by (their sha256, see restamped), and what
+    export.py's cache key and program_signature hash."""
+    return tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
 
 def emitted_program(manager):
     """The emitted executorch.exir.schema.Program of an ExecutorchProgramManager, which xnnpack_lowering.py
@@ -127,14 +135,10 @@ def restamped(piece, tensors, new_tensors):
     from executorch.exir._serialize._named_data_store import NamedDataStoreOutput
     from executorch.exir._serialize.data_serializer import DataEntry
     from executorch.exir.lowered_backend_module import LoweredBackendModule
-    import torch
     from torch.export import ExportedProgram
 
-    def data(t):
-        return t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-    digest = {name: hashlib.sha256(data(t)).hexdigest() for name, t in tensors.items()}
-    new_digest = {name: hashlib.sha256(data(t)).hexdigest() for name, t in new_tensors.items()}
+    digest = {name: hashlib.sha256(tensor_bytes(t)).hexdigest() for name, t in tensors.items()}
+    new_digest = {name: hashlib.sha256(tensor_bytes(t)).hexdigest() for name, t in new_tensors.items()}
     swap = {}                                                  # old digest -> (new digest, new tensor)
     for name, d in digest.items():
         if swap.setdefault(d, (new_digest[name], new_tensors[name]))[0] != new_digest[name]:
@@ -153,11 +157,11 @@ def restamped(piece, tensors, new_tensors):
             return None
         renames[key[-64:].encode()] = old[0].encode()
         pte_data[key[:-64] + old[0]] = DataEntry(len(buffers), entry.alignment, entry.tensor_layout)
-        buffers.append(data(old[1]))
+        buffers.append(tensor_bytes(old[1]))
     pattern = re.compile(b"|".join(re.escape(k) for k in renames))
     processed = pattern.sub(lambda m: renames[m.group()], lowered.processed_bytes)
     program = lowered.original_module
-    by_digest = lambda t: swap.get(hashlib.sha256(data(t)).hexdigest()) or (None, t)
+    by_digest = lambda t: swap.get(hashlib.sha256(tensor_bytes(t)).hexdigest()) or (None, t)
     new_program = ExportedProgram(
         root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
         state_dict={k: by_digest(v)[1] for k, v in program.state_dict.items()},
@@ -175,7 +179,6 @@ def restamped(piece, tensors, new_tensors):
 def output_shapes_function(program):
     """A function of a lowered program's inputs returning empty tensors shaped and typed as its outputs (each
     output size either fixed or one of the inputs' sizes), or None where an output's size is anything else."""
-    import torch
     import torch.utils._pytree as pytree
     signature = program.graph_signature
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in signature.user_inputs]

@@ -21,12 +21,7 @@ import torch
 from tqdm import tqdm
 
 from executorch_private import (cia_ops_collected_once, delegates_traced_by_shape, emitted_program, reserialize,
-                                restamped, xnnpack_skip_idle_passes)
-
-
-def tensor_bytes(tensor):
-    """A tensor's raw bytes (what XNNPACK and the cache key hash)."""
-    return tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+                                restamped, tensor_bytes, xnnpack_skip_idle_passes)
 
 
 def one_delegate_partitioner():
