@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from configurator import ConfigError, parse_value, apply_settings, configure
+from configurator import ConfigError, parse_value, apply_settings, configure, exit_if_help
 from loader import autocast, dtype_name, native_bf16
 from model import MobileLLM
 from mfu import flops_per_token, measure_peak_flops, synchronize
@@ -129,6 +129,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    exit_if_help(sys.argv[1:], __doc__, BenchConfig())
     try:
         main(configure(BenchConfig(), sys.argv[1:]))
     except ConfigError as e:

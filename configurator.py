@@ -6,6 +6,7 @@ nanoGPT-style configuration for a dataclass of settings: defaults in the datacla
   python train.py --batch_size 32                      # --key value works too, as in the argparse scripts
 
 An unknown key or a value of the wrong type is an error that names it, never a silent default.
+-h or --help prints the script's docstring and every setting with its default (exit_if_help).
 Also here: accept_old_flags, which keeps renamed command-line flags working in the argparse scripts.
 """
 import ast
@@ -105,6 +106,15 @@ def configure_and_report(config, argv):
         config = apply_settings(config, settings, source)
         applied |= settings.keys()
     return config, applied
+
+
+def exit_if_help(argv, doc, config):
+    """With -h or --help in argv: print doc (the script's usage) and every setting of the dataclass
+    instance config with its default, then exit."""
+    if {"-h", "--help"} & set(argv):
+        print(doc.strip() + "\n\nSettings (--key=value) and their defaults:")
+        print("\n".join(f"  --{k}={v!r}" for k, v in dataclasses.asdict(config).items()))
+        sys.exit()
 
 
 def accept_old_flags(argv, renamed):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint,
                         save_checkpoint)
-from configurator import ConfigError, apply_settings, configure_and_report
+from configurator import ConfigError, apply_settings, configure_and_report, exit_if_help
 from dataset import DataError, dataset_dir, get_batch, load_dataset, prepare_hint, prepare_if_missing, seeded_generator
 from loader import autocast, dtype_name, load_model_and_tokenizer, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
@@ -561,10 +561,7 @@ def run(cfg, set_keys, rank, world, device, stop):
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__ + "\nSettings (--key=value) and their defaults:")
-        print("\n".join(f"  --{k}={v!r}" for k, v in asdict(TrainConfig()).items()))
-        sys.exit()
+    exit_if_help(sys.argv[1:], __doc__, TrainConfig())
     try:
         train(*configure_and_report(TrainConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, DataError, CheckpointError) as e:

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # train.py and bench_train.py live at the repo root
 from bench_mobile import in_fresh_process, peak_rss_mb  # noqa: E402
 from bench_train import parse_variants  # noqa: E402
-from configurator import ConfigError, configure_and_report  # noqa: E402
+from configurator import ConfigError, configure_and_report, exit_if_help  # noqa: E402
 from experiments.quickstart_vs_nanogpt import machine  # noqa: E402
 from dataset import DataError  # noqa: E402
 from optim import build_optimizer  # noqa: E402
@@ -102,6 +102,7 @@ def main(cfg, set_keys):
 
 
 if __name__ == "__main__":
+    exit_if_help(sys.argv[1:], __doc__, OptionsConfig())
     try:
         main(*configure_and_report(OptionsConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, DataError) as e:
