@@ -9,6 +9,7 @@ A checkpoint is one torch file (`<out_dir>/ckpt.pt`) holding a dict:
       quantize.py: quantization = "w8a8" or "w8" and its int8 tensors).
 """
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,6 +56,20 @@ def save_checkpoint(obj, path):
     return atomic_write(checkpoint_file(path), write)
 
 
+def unreadable(path, error):
+    """One line on why torch.load failed: torch's own messages run to a dozen lines of advice."""
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"                # torch.save writes a zip archive
+    if not zipped:
+        return f"{path} is not a readable checkpoint: not a file torch.save writes"
+    refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", str(error), re.MULTILINE)
+    if refused:
+        return (f"{path} is not a readable checkpoint: it holds more than tensors and plain values, which a safe "
+                f"load (weights_only=True) refuses ({refused.group(1).strip()})")
+    first_sentence = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"{path} is not a readable checkpoint, truncated or damaged ({type(error).__name__}: {first_sentence})"
+
+
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """Load with weights_only=True (no arbitrary code from pickles); one clear error when it fails.
     mmap=True maps the tensors from the file instead of reading them (for reading the other keys)."""
@@ -64,7 +79,7 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(unreadable(path, e)) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} is not a nanoMobileLLM checkpoint (it has no 'model' and 'model_config')")
     return ckpt
