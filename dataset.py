@@ -42,8 +42,11 @@ def prepare_if_missing(cfg):
 def prepare_hint(cfg, source=None):
     """How to prepare cfg's dataset: its own prepare.py, or for a model to start from (source) any text's
     prepare.py with that model's tokenizer."""
-    if source is None:
+    if source is None and (REPO_DIR / "data" / cfg.dataset / "prepare.py").is_file():
         return f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
+    if source is None:
+        known = sorted(p.parent.name for p in (REPO_DIR / "data").glob("*/prepare.py"))
+        return f"there is no data/{cfg.dataset}/prepare.py: choose one of {', '.join(known)}, or set data_dir to a prepared folder"
     return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py --tokenizer={source} "
             f"--out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with --dataset=<name>")
 

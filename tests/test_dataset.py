@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 from dataset import DataError, get_batch, load_dataset, seeded_generator
 
 
@@ -33,10 +34,18 @@ def test_batches_depend_only_on_the_generator_keys():
     assert first_shard == {True, False}                             # both shards are drawn from
 
 
-def test_shards_load_and_missing_or_short_data_are_clear_errors(tmp_path):
+def test_shards_load_and_missing_or_short_data_are_clear_errors(tmp_path, monkeypatch):
     cfg = SimpleNamespace(data_dir=str(tmp_path / "d"), dataset="d", block_size=8)
     with pytest.raises(DataError, match="is not prepared: no .*meta.json"):
         load_dataset(cfg)
+    for name in ("books", "plays"):                                 # a repo whose data/ has two datasets
+        (tmp_path / "repo" / "data" / name).mkdir(parents=True)
+        (tmp_path / "repo" / "data" / name / "prepare.py").touch()
+    monkeypatch.setattr(dataset, "REPO_DIR", tmp_path / "repo")
+    with pytest.raises(DataError, match=r"run `python data/plays/prepare.py`"):
+        load_dataset(SimpleNamespace(data_dir="", dataset="plays", block_size=8))
+    with pytest.raises(DataError, match=r"there is no data/nope/prepare.py: choose one of books, plays, or set"):
+        load_dataset(SimpleNamespace(data_dir="", dataset="nope", block_size=8))
     write_dataset(tmp_path / "d", {"train_000000": range(100), "train_000001": range(50), "val": range(30)})
     meta, splits = load_dataset(cfg)
     assert meta["vocab_size"] == 1000 and [len(s) for s in splits["train"]] == [100, 50]
