@@ -72,7 +72,10 @@ def read_prompt(start):
 
 
 def encode_prompt(tokenizer, text, block_size):
-    ids = tokenizer.encode(text)
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:                   # a character-level model meets a character it never saw
+        raise SystemExit(f"error: --start: {e}") from e
     if tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
     if not ids:

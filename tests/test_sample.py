@@ -137,7 +137,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     save_checkpoint(model_checkpoint(tiny_model(), {"kind": "char", "chars": CHARS}), tmp_path)
     with pytest.raises(SystemExit, match="no such file"):
         sample.main(["--init_from", str(tmp_path), "--start", "FILE:/no/such/prompt.txt"])
-    with pytest.raises(ValueError, match="not in this model's vocabulary"):
+    with pytest.raises(SystemExit, match="^error: --start: characters not in this model's vocabulary: 'XYZ'$"):
         sample.main(["--init_from", str(tmp_path), "--start", "XYZ"])
     with pytest.raises(SystemExit):
         sample.main(["--init_from", "mobilellm-micro"])          # a preset has no tokenizer: --benchmark only
