@@ -397,8 +397,7 @@ def export_ptl(model, path, max_seq_len=0):
                       "the .ptl is saved unoptimized", stacklevel=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                      # "Lite Interpreter is deprecated" (see README)
-        scripted._save_for_lite_interpreter(str(path))
-    return Path(path)
+        return atomic_write(path, lambda tmp: scripted._save_for_lite_interpreter(str(tmp)))
 
 
 # --- the command line ----------------------------------------------------------------------------------
@@ -409,8 +408,7 @@ def write_program(model, fmt, dtype, out, max_seq_len, share_blocks=True, cache_
         return export_ptl(model, out or "model.ptl", max_seq_len)
     path = cached_pte(model, dtype, max_seq_len, share_blocks, None, cache_dir)
     if out:
-        shutil.copyfile(path, out)
-        return Path(out)
+        return atomic_write(out, lambda tmp: shutil.copyfile(path, tmp))     # into a new folder, never half a copy
     return path
 
 

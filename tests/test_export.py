@@ -178,11 +178,11 @@ def test_the_kv_cache_length_defaults_to_the_models_context_up_to_256(tmp_path, 
     for bad in (65, -1):
         with pytest.raises(ex.ExportError, match=rf"--max_seq_len \({bad}\) must be in 1..64"):
             ex.program_seq_len(short, bad)
-    out = tmp_path / "tiny.ptl"                       # no --max_seq_len: a 64-token context needs no flag
+    out = tmp_path / "new" / "folder" / "tiny.ptl"    # no --max_seq_len: a 64-token context needs no flag
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ex.main(["--init_from", TINY_LS, "--format", "ptl", "--out", str(out)])
-    assert f"wrote {out}" in capsys.readouterr().out
+    assert f"wrote {out}" in capsys.readouterr().out and [p.name for p in out.parent.iterdir()] == ["tiny.ptl"]
     with pytest.raises(SystemExit, match=r"export.py: --max_seq_len \(256\) must be in 1..64"):
         ex.main(["--init_from", TINY_LS, "--format", "ptl", "--max_seq_len", "256", "--out", str(out)])
 
@@ -206,7 +206,7 @@ def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
 
 
 def test_command_line_writes_a_program_that_computes_the_model(tiny, pte_fp32, export_cache, tmp_path, capsys):
-    out = tmp_path / "tiny.pte"
+    out = tmp_path / "phone" / "tiny.pte"                    # a folder that does not exist yet
     ex.main(["--init_from", TINY_LS, "--max_seq_len", str(MAX_SEQ_LEN), "--out", str(out),
              "--cache_dir", str(export_cache)])
     assert f"wrote {out}" in capsys.readouterr().out
