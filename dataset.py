@@ -46,7 +46,8 @@ def prepare_hint(cfg, source=None):
         return f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
     if source is None:
         known = sorted(p.parent.name for p in (REPO_DIR / "data").glob("*/prepare.py"))
-        return f"there is no data/{cfg.dataset}/prepare.py: choose one of {', '.join(known)}, or set data_dir to a prepared folder"
+        return (f"there is no data/{cfg.dataset}/prepare.py: choose one of {', '.join(known)}, "
+                "or set data_dir to a prepared folder")
     return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py --tokenizer={source} "
             f"--out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with --dataset=<name>")
 
