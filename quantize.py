@@ -354,7 +354,8 @@ def report(model, source, args):
         n = min(args.decode_tokens, model.config.block_size - 2)
         speeds = {name: 1e3 / eager_decode_ms(m, 1, n) for name, m in models.items()}
     c = model.config
-    print(f"\n{c.n_layers} layers x dim {c.dim}, {model.num_params():,} parameters, {torch.get_num_threads()} "
+    shape = f"{c.n_layers} layers" if c.depth == c.n_layers else f"{c.n_layers} blocks in {c.depth} applications"
+    print(f"\n{shape} x dim {c.dim}, {model.num_params():,} parameters, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}")
     print("| variant | val loss | perplexity | loss vs fp32 | size on disk | vs fp32 | decode tokens/s |")
     print("|---|---|---|---|---|---|---|")
