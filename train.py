@@ -3,7 +3,8 @@ Train MobileLLM on a laptop CPU, one GPU, or many GPUs, with one script.
 
   python train.py                                   # default: deep-and-thin MobileLLM-LS on shakespeare_char
   python train.py --max_iters=500 --dtype=fp32
-  python train.py --init_from=resume                # continue exactly where out_dir/ckpt.pt stopped
+  python train.py --init_from=resume                # continue out_dir/ckpt.pt exactly, with the run's own settings
+  python train.py --init_from=resume --max_iters=3000   # ... or with some changed (longer, here)
   python train.py config/finetune_shakespeare.py    # fine-tune a released model (SmolLM2-135M) on a CPU
   torchrun --nproc_per_node=8 train.py config/train_mobilellm_125m.py    # DDP: one process per GPU
 
@@ -193,6 +194,24 @@ def changed_settings(cfg):
     """The fields of cfg that differ from TrainConfig's defaults: what a Python caller chose (the command
     line knows exactly what was set: configurator.configure_and_report)."""
     return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
+
+
+RUN_LOCAL = ("init_from", "out_dir", "device", "quiet")   # where and how this process runs, not the run
+
+
+def resumed_settings(cfg, set_keys, ckpt, say):
+    """cfg for resuming ckpt: the run's own settings (its saved train_config), with what this command set
+    (set_keys) on top, each change from the run reported. So `--init_from=resume` alone continues a run
+    exactly as it was configured, whatever config file or flags started it."""
+    saved = {k: v for k, v in ckpt.get("train_config", {}).items()
+             if k in TrainConfig.__dataclass_fields__ and k not in RUN_LOCAL}
+    changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in sorted(set_keys)
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        say(f"resuming with settings changed from the run's: {', '.join(changed)}")
+    cfg = replace(cfg, **{k: v for k, v in saved.items() if k not in set_keys})
+    check_config(cfg)
+    return cfg
 
 
 def load_source_model(cfg, ckpt):
@@ -443,10 +462,9 @@ def append_log(record, history, out_dir):
     plot_losses(history, out_dir / "loss.png")
 
 
-def start_model(cfg, set_keys, device):
-    """The model a run starts from: new (scratch), out_dir's checkpoint (resume) or init_from's weights.
-    Returns (model, tokenizer spec, cfg with the model's settings, data splits, checkpoint or None)."""
-    ckpt = load_checkpoint(cfg.out_dir, map_location=device) if cfg.init_from == "resume" else None
+def start_model(cfg, set_keys, device, ckpt=None):
+    """The model a run starts from: new (scratch), out_dir's checkpoint (ckpt, for resume) or init_from's
+    weights. Returns (model, tokenizer spec, cfg with the model's settings, data splits)."""
     if cfg.init_from == "scratch":
         meta, splits = load_dataset(cfg)
         model, tokenizer_spec = MobileLLM(model_config(cfg, meta["vocab_size"])), meta["tokenizer"]
@@ -459,25 +477,30 @@ def start_model(cfg, set_keys, device):
     model.to(device).train()
     freeze(model, cfg)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    return model, tokenizer_spec, cfg, splits, ckpt
+    return model, tokenizer_spec, cfg, splits
 
 
 def run(cfg, set_keys, rank, world, device, stop):
     master = rank == 0
     say = print if master and not cfg.quiet else (lambda *a, **k: None)
+    ckpt = load_checkpoint(cfg.out_dir, map_location=device) if cfg.init_from == "resume" else None
+    if ckpt is not None:
+        cfg = resumed_settings(cfg, set_keys, ckpt, say)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the number of processes ({world})")
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    model, tokenizer_spec, cfg, splits, ckpt = start_model(cfg, set_keys, device)
+    model, tokenizer_spec, cfg, splits = start_model(cfg, set_keys, device, ckpt)
     config = model.config
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device, config.dim))
     optimizer = build_optimizer(model, cfg, device)
     iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
     if ckpt is not None:
         iter_num, best_val_loss, elapsed_before, history = resume_state(ckpt, out_dir, optimizer, device)
-        say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}")
+        say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}" + (
+            f": the run already reached max_iters={cfg.max_iters} (raise it to train further)"
+            if iter_num >= cfg.max_iters else ""))
     elif cfg.init_from != "scratch":
         say(f"fine-tuning {cfg.init_from}")
     start_iter = iter_num

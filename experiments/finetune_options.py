@@ -61,7 +61,7 @@ def run_variant(cfg, set_keys, seconds):
     """Load, score, train for seconds, score again (in a process of its own). Returns the variant's numbers."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model, _, cfg, splits, _ = start_model(cfg, set_keys, device)
+    model, _, cfg, splits = start_model(cfg, set_keys, device)
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device, model.config.dim))
     optimizer = build_optimizer(model, cfg, device)
     peak_loading = peak_rss_gib(reset=True)

@@ -71,12 +71,15 @@ def test_training_ends_by_printing_the_command_that_samples_from_it(data_dir, tm
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_continues_exactly(data_dir, tmp_path, optimizer):
+def test_resume_continues_exactly_with_the_runs_own_settings(data_dir, tmp_path, optimizer, capsys):
     common = dict(lr_decay_iters=20, gradient_accumulation_steps=2, always_save_checkpoint=True, optimizer=optimizer)
     straight = train(tiny(data_dir, tmp_path / "a", max_iters=20, **common))
     train(tiny(data_dir, tmp_path / "b", max_iters=10, **common))
-    resumed = train(tiny(data_dir, tmp_path / "b", max_iters=20, init_from="resume", **common))
-    assert resumed[-1]["val_loss"] == straight[-1]["val_loss"]
+    capsys.readouterr()
+    resumed = train(TrainConfig(init_from="resume", out_dir=str(tmp_path / "b"), max_iters=20, peak_flops=1.0))
+    said = capsys.readouterr().out
+    assert "resuming with settings changed from the run's: max_iters 10 -> 20, peak_flops 0.0 -> 1.0\n" in said
+    assert resumed[-1]["val_loss"] == straight[-1]["val_loss"]   # every other setting came from the checkpoint
     a, b = checkpoint.load_checkpoint(tmp_path / "a"), checkpoint.load_checkpoint(tmp_path / "b")
     assert a["iter_num"] == b["iter_num"] == 20
     for name, weight in a["model"].items():
@@ -152,7 +155,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path, m
     assert signal.getsignal(signum) is signal.default_int_handler if signum == signal.SIGINT \
         else signal.getsignal(signum) == signal.SIG_DFL                 # the handlers are given back
     monkeypatch.setattr(train_module, "get_batch", get_batch)
-    assert train(replace(cfg, init_from="resume"))[-1]["iter"] == 20
+    assert train(TrainConfig(init_from="resume", out_dir=str(tmp_path), quiet=True))[-1]["iter"] == 20
 
 
 def test_lr_warms_up_then_decays_by_cosine_to_min_lr():
