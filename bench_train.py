@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError, parse_value, apply_settings, configure, exit_if_help
-from loader import autocast, dtype_name, native_bf16
+from loader import autocast, dtype_name, native_bf16, resolve_device
 from model import MobileLLM
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from optim import build_optimizer
-from train import TrainConfig, check_config, model_config, resolve_device
+from train import TrainConfig, check_config, model_config
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_dtype, torch_dtype
+from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype, torch_dtype
 from quantize import set_simulate
 
 
@@ -375,7 +375,7 @@ def main(argv=None):
                         "without it the data is downloaded once and cached in " + str(CACHE_DIR))
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences (context + one choice) per forward")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     parser.add_argument("--dtype", default="auto", type=dtype_name, choices=(*DTYPES, "auto"),
                         help="autocast dtype of the forward (log-probs are always summed in fp32); auto: bf16 where "
                              "the hardware has it and it pays, else fp32 (loader.resolve_dtype)")
@@ -397,6 +397,7 @@ def main(argv=None):
     except EvalError as e:
         sys.exit(f"eval.py: {e}")
     try:
+        args.device = resolve_device(args.device)
         model, tokenizer = load_model_and_tokenizer(args.init_from, device=args.device)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:   # hf.py and hub downloads raise the last 3
         sys.exit(f"eval.py: cannot load {args.init_from}: {e}")

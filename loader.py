@@ -1,7 +1,7 @@
 """
 The one model loader every script uses: whatever --init_from names becomes (model, tokenizer).
 Also the one set of dtype names every script's --dtype takes: fp32, bf16, fp16 (torch's float32,
-bfloat16, float16 work too), and what "auto" means (resolve_dtype).
+bfloat16, float16 work too), and what "auto" means for a dtype (resolve_dtype) and a device (resolve_device).
 
   from loader import load_model_and_tokenizer
   model, tokenizer = load_model_and_tokenizer("out-shakespeare-char")   # our checkpoint (out_dir or ckpt.pt)
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model
+from configurator import ConfigError
 from model import PRESETS, MobileLLM, config_from_preset
 from tokenizer import load_tokenizer
 
@@ -57,6 +58,15 @@ def native_bf16(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
     return cpu_has_native_bf16()
+
+
+def resolve_device(name):
+    """--device: "auto" is CUDA where there is one, else the CPU; any other name as it is, if it exists here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here (use --device=cpu or auto)")
+    return name
 
 
 def resolve_dtype(name, device, dim):

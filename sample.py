@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from loader import DTYPES, dtype_name, load_model_and_tokenizer, torch_dtype
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype
 from tokenizer import render_chat
 from train import TrainConfig
 
@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     p.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES,
                    help="weights are converted to this dtype (fp16/bf16 halve the bytes read per token; "
                         "which decodes fastest depends on the CPU: see docs/decoding.md)")
@@ -216,6 +216,7 @@ def main(argv=None):
 
     check_default_run(args.init_from)
     try:
+        args.device = resolve_device(args.device)
         model, tokenizer = load_model_and_tokenizer(args.init_from, args.device, args.meta_ls_cache)
     except (CheckpointError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -45,7 +45,7 @@ from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkp
                         save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report, exit_if_help
 from dataset import DataError, dataset_dir, get_batch, load_dataset, prepare_hint, prepare_if_missing, seeded_generator
-from loader import autocast, dtype_name, load_model_and_tokenizer, resolve_dtype
+from loader import autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
 from optim import build_optimizer
@@ -154,14 +154,6 @@ def model_config(cfg, vocab_size):
         return ModelConfig(**settings)
     except ValueError as e:
         raise ConfigError(f"bad model settings: {e}") from e
-
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here (use --device=cpu or auto)")
-    return name
 
 
 def lr_at(cfg, it):

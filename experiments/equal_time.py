@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from bench_train import parse_variants, tokens_per_second  # noqa: E402
 from configurator import ConfigError, configure, exit_if_help  # noqa: E402
-from loader import resolve_dtype  # noqa: E402
-from train import TrainConfig, resolve_device, train  # noqa: E402
+from loader import resolve_device, resolve_dtype  # noqa: E402
+from train import TrainConfig, train  # noqa: E402
 
 
 @dataclass

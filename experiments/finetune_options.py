@@ -32,9 +32,8 @@ from configurator import ConfigError, configure_and_report, exit_if_help  # noqa
 from experiments.quickstart_vs_nanogpt import machine  # noqa: E402
 from dataset import DataError  # noqa: E402
 from optim import build_optimizer  # noqa: E402
-from loader import resolve_dtype  # noqa: E402
-from train import (TrainConfig, TrainError, check_config, estimate_loss, resolve_device, start_model,  # noqa: E402
-                   train_step)
+from loader import resolve_device, resolve_dtype  # noqa: E402
+from train import TrainConfig, TrainError, check_config, estimate_loss, start_model, train_step  # noqa: E402
 
 DEFAULT_VARIANTS = ("freeze_embedding=False,train_blocks=0;"
                     "freeze_embedding=True,train_blocks=0;"

@@ -23,8 +23,8 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from bench_train import BenchConfig, tokens_per_second  # noqa: E402
 from configurator import ConfigError, configure, exit_if_help  # noqa: E402
-from loader import dtype_name  # noqa: E402
-from train import check_config, resolve_device  # noqa: E402
+from loader import dtype_name, resolve_device  # noqa: E402
+from train import check_config  # noqa: E402
 
 
 class FusedPart(nn.Module):

@@ -1,8 +1,10 @@
 import json
 
 import pytest
+import torch
 
 import loader
+from configurator import ConfigError
 from loader import source_kind
 
 
@@ -28,3 +30,10 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_native_and_the_model_is_wide(mon
     assert loader.resolve_dtype("auto", "cpu", narrow) == "fp32"     # the quick default (dim 128)
     assert loader.resolve_dtype("bf16", "cpu", narrow) == "bf16"     # asked for: never silently ignored
     assert loader.resolve_dtype("bfloat16", "cpu", narrow) == "bf16"  # torch's name is an alias
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_auto_device_is_the_cpu_without_cuda_and_asking_for_cuda_is_a_clear_error():
+    assert loader.resolve_device("auto") == "cpu" and loader.resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=r"device='cuda:1' but CUDA is not available here \(use --device=cpu or auto\)"):
+        loader.resolve_device("cuda:1")

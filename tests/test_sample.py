@@ -134,6 +134,9 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"not a torch file")
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         sample.main(["--init_from", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="^error: device='cuda' but CUDA is not available"):
+            sample.main(["--device", "cuda", "--init_from", "mobilellm-micro", "--benchmark"])
     save_checkpoint(model_checkpoint(tiny_model(), {"kind": "char", "chars": CHARS}), tmp_path)
     with pytest.raises(SystemExit, match="no such file"):
         sample.main(["--init_from", str(tmp_path), "--start", "FILE:/no/such/prompt.txt"])
