@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import atomic_write
 from model import MobileLLM, ModelConfig
 from tokenizer import sentencepiece_tokenizer, tokenizers_tokenizer
 
@@ -235,8 +236,10 @@ def export_hf(model, out_dir, tokenizer=None):
     if tokenizer is not None:
         write_tokenizer(tokenizer, out_dir)
         hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    st.save_file(unrolled_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    weights = unrolled_state_dict(model)
+    # each file whole or not at all, and config.json (what marks the directory as a model) last
+    atomic_write(out_dir / "model.safetensors", lambda tmp: st.save_file(weights, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2) + "\n"))
     return out_dir
 
 
