@@ -295,4 +295,8 @@ def report(prefill_tokens, prefill_s, decoded, decode_s):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # Ctrl-C ends a sample or a conversation: no traceback
+        print(file=sys.stderr)
+        sys.exit(130)

@@ -1,5 +1,8 @@
 import argparse
 import io
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,3 +338,14 @@ def test_meta_ls_cache_reproduces_metas_cached_decoding_and_the_default_does_not
 def test_meta_ls_cache_needs_immediate_sharing():
     with pytest.raises(ValueError, match="meta_ls_cache"):
         tiny_model(meta_ls_cache=True)
+
+
+def test_ctrl_c_ends_a_sample_or_a_conversation_without_a_traceback(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "load_model_and_tokenizer", interrupted)
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--init_from", "mobilellm-micro", "--benchmark"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(Path(sample.__file__)), run_name="__main__")
+    assert stop.value.code == 130                                   # the shell's code for Ctrl-C, and no traceback
