@@ -48,8 +48,12 @@ def prepare_hint(cfg, source=None):
         known = sorted(p.parent.name for p in (REPO_DIR / "data").glob("*/prepare.py"))
         return (f"there is no data/{cfg.dataset}/prepare.py: choose one of {', '.join(known)}, "
                 "or set data_dir to a prepared folder")
+    if cfg.data_dir or (REPO_DIR / "data" / cfg.dataset / "prepare.py").is_file():    # keep a built-in dataset
+        return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py "
+                f"--tokenizer={source} --out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with "
+                "--dataset=<name>")
     return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py --tokenizer={source} "
-            f"--out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with --dataset=<name>")
+            f"--out_dir=data/{cfg.dataset}` (or data/gutenberg/prepare.py)")
 
 
 def load_dataset(cfg, source=None):

@@ -17,6 +17,7 @@ import checkpoint
 import loader
 import sample
 from configurator import ConfigError, configure_and_report
+from dataset import DataError
 from model import Block, MobileLLM, ModelConfig
 from tokenizer import char_tokenizer
 from train import MODEL_FIELDS, TrainConfig, TrainError, changed_settings, train
@@ -195,6 +196,9 @@ def test_data_of_another_tokenizer_is_refused_with_the_command_to_prepare_it(sou
     with pytest.raises(TrainError, match=f"holds tokens of a char tokenizer .*of the model {source}.*"
                                          f"prepare.py --tokenizer={source} --out_dir=data/<name>"):
         train(finetune(source, other, tmp_path / "out"))
+    with pytest.raises(DataError, match=rf"'my_text' is not prepared.*prepare.py --tokenizer={source} "
+                                        r"--out_dir=data/my_text` \(or data/gutenberg/prepare.py\)$"):
+        train(finetune(source, "", tmp_path / "out", dataset="my_text"))     # a config's own dataset, named
 
 
 def test_sources_that_cannot_be_fine_tuned_are_refused(source, data_dir, tmp_path):
