@@ -18,7 +18,7 @@ KV cache (model.generate_tokens); --compile compiles the one-token decode step w
 message and prints the assistant's reply, which ends at the tokenizer's end-of-text token (<|im_end|> for
 SmolLM2-Instruct). --interactive keeps a conversation going: one user message per stdin line, until EOF, an
 empty line or /exit; the whole conversation is the prompt of each reply (its oldest turns are dropped when it
-outgrows the context).
+outgrows the context). Ctrl-C stops a reply and leaves that exchange out; Ctrl-C at the "> " prompt quits.
 """
 import argparse
 import sys
@@ -166,14 +166,18 @@ def prompt_ids(tokenizer, args, block_size):
 
 def chat(model, tokenizer, args, generator):
     """--interactive: each stdin line is the user's next message; the whole conversation is re-rendered as the
-    prompt, and the reply streams to stdout and joins the conversation."""
+    prompt, and the reply streams to stdout and joins the conversation. Ctrl-C stops a reply (that exchange
+    is left out of the conversation); Ctrl-C at the prompt ends it."""
     messages = system_message(args.system)
     while (line := read_user_line()) is not None:
-        messages.append({"role": "user", "content": line})
-        ids, messages = encode_chat(tokenizer, messages, model.config.block_size)
-        new, _, _, _ = generate_one(model, ids, args, generator, tokenizer, echo=False)
+        ids, kept = encode_chat(tokenizer, messages + [{"role": "user", "content": line}], model.config.block_size)
+        try:
+            new, _, _, _ = generate_one(model, ids, args, generator, tokenizer, echo=False)
+        except KeyboardInterrupt:
+            print(" [stopped]")
+            continue
         print()
-        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
+        messages = kept + [{"role": "assistant", "content": tokenizer.decode(new)}]
 
 
 def main(argv=None):

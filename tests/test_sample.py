@@ -243,6 +243,23 @@ def test_interactive_keeps_the_conversation(chat_ckpt, capsys, monkeypatch):
     assert tokenizer.decode(prompts[1]) == render_chat(tokenizer.chat_template, CONVERSATION[:3], tokenizer)
 
 
+def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on_without_that_exchange(chat_ckpt, capsys, monkeypatch):
+    prompts, real_generate_one = [], sample.generate_one
+
+    def stopped_first(model, ids, *args, **kwargs):
+        prompts.append(ids)
+        if len(prompts) == 1:
+            raise KeyboardInterrupt
+        return real_generate_one(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate_one", stopped_first)
+    monkeypatch.setattr("sys.stdin", io.StringIO("tell me a long story\nhi\n"))
+    out, err = run(["--init_from", str(chat_ckpt), "--interactive", "--temperature", "0"], capsys)
+    assert out == " [stopped]\nhello there\n" and err == "> " * 3
+    _, tokenizer = loader.load_model_and_tokenizer(str(chat_ckpt))
+    assert tokenizer.decode(prompts[1]) == render_chat(tokenizer.chat_template, CONVERSATION[:1], tokenizer)
+
+
 def test_a_long_conversation_drops_its_oldest_exchange_and_keeps_the_system_message(chat_tokenizer):
     messages = [{"role": "system", "content": "be brief"}] + CONVERSATION + [{"role": "user", "content": "hi"}]
     fits = len(chat_tokenizer.encode(render_chat(chat_tokenizer.chat_template, messages[:1] + messages[3:],
