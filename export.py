@@ -346,15 +346,16 @@ def lowered_pieces(model, dtype, T, seq):
 
 
 def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):
-    """export_pte, cached on disk by (config + weights, dtype, options, EXPORT_VERSION): LS-125M int8
-    takes minutes to lower. Returns the .pte path."""
+    """export_pte, cached on disk by (config + weights, dtype, options, EXPORT_VERSION): a 125M-class program
+    takes a minute or two to lower on 2 cores, the naive lowering far longer. Returns the .pte path."""
     max_seq_len = program_seq_len(model, max_seq_len)                  # 0 and 256 name one program
     key = hashlib.sha256(json.dumps([source_hash(model), dtype, max_seq_len, share_blocks, static_len,
                                      EXPORT_VERSION[dtype], torch.__version__]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{key}.pte"
     if not path.is_file():
+        takes = "a minute or two" if share_blocks else "4 to 20 minutes, lowered naively"
         tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; a 125M "
-                   f"model takes minutes, see docs/on-device.md)")
+                   f"model takes {takes} on 2 cores: docs/on-device.md)")
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))     # a killed export never leaves half a program
         path.with_suffix(".json").write_text(json.dumps(info))
