@@ -45,7 +45,7 @@ from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkp
                         save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report, exit_if_help
 from dataset import DataError, dataset_dir, get_batch, load_dataset, prepare_hint, prepare_if_missing, seeded_generator
-from loader import autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype
+from loader import autocast, dtype_name, load_model_and_tokenizer, native_bf16, resolve_device, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
 from optim import build_optimizer
@@ -191,7 +191,7 @@ def changed_settings(cfg):
 RUN_LOCAL = ("init_from", "out_dir", "device", "quiet")   # where and how this process runs, not the run
 
 
-def resumed_settings(cfg, set_keys, ckpt, say):
+def resumed_settings(cfg, set_keys, ckpt, device, say):
     """cfg for resuming ckpt: the run's own settings (its saved train_config), with what this command set
     (set_keys) on top, each change from the run reported. So `--init_from=resume` alone continues a run
     exactly as it was configured, whatever config file or flags started it."""
@@ -202,6 +202,9 @@ def resumed_settings(cfg, set_keys, ckpt, say):
     if changed:
         say(f"resuming with settings changed from the run's: {', '.join(changed)}")
     cfg = replace(cfg, **{k: v for k, v in saved.items() if k not in set_keys})
+    if cfg.dtype == "bf16" and "dtype" not in set_keys and not native_bf16(device):
+        say("the run trained in bf16, which this device emulates far slower than fp32: --dtype=fp32 continues "
+            "in fp32")
     check_config(cfg)
     return cfg
 
@@ -477,7 +480,7 @@ def run(cfg, set_keys, rank, world, device, stop):
     say = print if master and not cfg.quiet else (lambda *a, **k: None)
     ckpt = load_checkpoint(cfg.out_dir, map_location=device) if cfg.init_from == "resume" else None
     if ckpt is not None:
-        cfg = resumed_settings(cfg, set_keys, ckpt, say)
+        cfg = resumed_settings(cfg, set_keys, ckpt, device, say)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the number of processes ({world})")

@@ -278,6 +278,14 @@ def test_command_line_reports_errors_in_one_line():
     assert "Traceback" not in result.stderr
 
 
+def test_resuming_a_bf16_run_where_bf16_is_emulated_says_how_to_continue_in_fp32(data_dir, tmp_path, monkeypatch,
+                                                                                  capsys):
+    train(tiny(data_dir, tmp_path, max_iters=4, eval_interval=4, dtype="bf16"))
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    train(TrainConfig(init_from="resume", out_dir=str(tmp_path), max_iters=6, peak_flops=1.0))
+    assert "which this device emulates far slower than fp32: --dtype=fp32 continues" in capsys.readouterr().out
+
+
 def test_a_run_records_the_dtype_auto_chose_for_its_model(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
     out = tmp_path / "run"
