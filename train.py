@@ -513,6 +513,9 @@ def run(cfg, set_keys, rank, world, device, stop):
         out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.init_from != "resume":
             (out_dir / "log.jsonl").write_text("")
+            if (out_dir / CKPT_NAME).is_file():
+                say(f"{out_dir / CKPT_NAME} is an earlier run's, which this run replaces at its first save "
+                    "(to continue that run instead: --init_from=resume)")
 
     t_start = time.perf_counter()
 

@@ -65,9 +65,14 @@ def test_a_few_steps_lower_the_loss_and_write_the_log(data_dir, tmp_path):
     assert ckpt["optimizer"]["first"]["state"] and ckpt["optimizer"]["second"]["state"]      # AdamW's and Muon's
 
 
-def test_training_ends_by_printing_the_command_that_samples_from_it(data_dir, tmp_path, capsys):
+def test_training_says_it_replaces_an_earlier_run_and_ends_with_the_command_to_sample(data_dir, tmp_path, capsys):
     train(tiny(data_dir, tmp_path, max_iters=10, quiet=False, peak_flops=1.0))
-    assert capsys.readouterr().out.splitlines()[-1] == f"sample from it: python sample.py --init_from={tmp_path}"
+    said = capsys.readouterr().out
+    assert said.splitlines()[-1] == f"sample from it: python sample.py --init_from={tmp_path}"
+    assert "an earlier run's" not in said
+    train(tiny(data_dir, tmp_path, max_iters=10, quiet=False, peak_flops=1.0))      # the same out_dir again
+    assert f"{tmp_path / 'ckpt.pt'} is an earlier run's, which this run replaces at its first save (to continue " \
+           "that run instead: --init_from=resume)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
