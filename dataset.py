@@ -41,19 +41,18 @@ def prepare_if_missing(cfg):
 
 def prepare_hint(cfg, source=None):
     """How to prepare cfg's dataset: its own prepare.py, or for a model to start from (source) any text's
-    prepare.py with that model's tokenizer."""
-    if source is None and (REPO_DIR / "data" / cfg.dataset / "prepare.py").is_file():
+    prepare.py with that model's tokenizer, into the dataset's folder unless that holds a built-in dataset."""
+    built_in = (REPO_DIR / "data" / cfg.dataset / "prepare.py").is_file()
+    if source is None and built_in:
         return f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
     if source is None:
         known = sorted(p.parent.name for p in (REPO_DIR / "data").glob("*/prepare.py"))
         return (f"there is no data/{cfg.dataset}/prepare.py: choose one of {', '.join(known)}, "
                 "or set data_dir to a prepared folder")
-    if cfg.data_dir or (REPO_DIR / "data" / cfg.dataset / "prepare.py").is_file():    # keep a built-in dataset
-        return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py "
-                f"--tokenizer={source} --out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with "
-                "--dataset=<name>")
-    return (f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py --tokenizer={source} "
-            f"--out_dir=data/{cfg.dataset}` (or data/gutenberg/prepare.py)")
+    tokenize = f"tokenize the text with the model's tokenizer: `python data/shakespeare/prepare.py --tokenizer={source}"
+    if cfg.data_dir or built_in:                      # never over a built-in dataset's own tokens
+        return f"{tokenize} --out_dir=data/<name>` (or data/gutenberg/prepare.py), then train with --dataset=<name>"
+    return f"{tokenize} --out_dir=data/{cfg.dataset}` (or data/gutenberg/prepare.py)"
 
 
 def load_dataset(cfg, source=None):
