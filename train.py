@@ -195,6 +195,12 @@ def resumed_settings(cfg, set_keys, ckpt, device, say):
     """cfg for resuming ckpt: the run's own settings (its saved train_config), with what this command set
     (set_keys) on top, each change from the run reported. So `--init_from=resume` alone continues a run
     exactly as it was configured, whatever config file or flags started it."""
+    if ckpt.get("quantization"):
+        raise TrainError(f"{cfg.out_dir} holds an int8 ({ckpt['quantization']}) checkpoint, whose weights cannot be "
+                         "trained: resume the float run it was quantized from")
+    if "optimizer" not in ckpt:
+        raise TrainError(f"{cfg.out_dir} holds a model, not a training run (no optimizer state to resume): "
+                         f"fine-tune from it instead, with --init_from={cfg.out_dir} and another out_dir")
     saved = {k: v for k, v in ckpt.get("train_config", {}).items()
              if k in TrainConfig.__dataclass_fields__ and k not in RUN_LOCAL}
     changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in sorted(set_keys)

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import loader
+import quantize
 import train as train_module
 from configurator import ConfigError, configure
 from dataset import DataError
@@ -273,6 +274,19 @@ def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
         train(tiny(tmp_path / "nowhere", tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         train(tiny(data_dir, tmp_path / "empty", init_from="resume"))
+
+
+def test_resuming_what_is_not_a_training_run_says_what_to_do_instead(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path / "run", max_iters=2, eval_interval=2))
+    model, ckpt = checkpoint.load_model(tmp_path / "run")
+    checkpoint.save_checkpoint(checkpoint.model_checkpoint(model, ckpt["tokenizer"]), tmp_path / "model")
+    with pytest.raises(TrainError, match=f"{tmp_path / 'model'} holds a model, not a training run .*fine-tune from "
+                                         f"it instead, with --init_from={tmp_path / 'model'} and another out_dir"):
+        train(tiny(data_dir, tmp_path / "model", init_from="resume"))
+    checkpoint.save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8a8"), ckpt, "w8a8"),
+                               tmp_path / "int8")
+    with pytest.raises(TrainError, match="holds an int8 \\(w8a8\\) checkpoint, whose weights cannot be trained"):
+        train(tiny(data_dir, tmp_path / "int8", init_from="resume"))
 
 
 def test_command_line_reports_errors_in_one_line():
