@@ -11,14 +11,14 @@ Train MobileLLM on a laptop CPU, one GPU, or many GPUs, with one script.
 Settings: the TrainConfig defaults below, then config files, then --key=value overrides (configurator.py).
 In python: `from train import TrainConfig, train; log = train(TrainConfig(max_iters=100, quiet=True))`.
 
-Fine-tuning: --init_from=<model source> starts from any model loader.py loads (our checkpoint, a Hugging Face
-dir or hub id, a .gguf file; not an int8 checkpoint: fine-tune the float model). The model's shape comes
-from the source: model settings you leave alone are taken from it, ones you set that contradict it are an
-error. block_size may be set lower than the model's context: training then uses shorter windows, and the
-saved model keeps the source's context (RoPE positions do not depend on it). The data must be tokenized with
-the model's tokenizer (data/shakespeare/prepare.py --tokenizer=<source>); the tokenizer is saved in
-ckpt.pt. --init_from=resume continues a fine-tune exactly, as any run. freeze_embedding, train_blocks and
-gradient_checkpointing make a 135M model practical on a CPU.
+Fine-tuning (warm_start.py, with resuming): --init_from=<model source> starts from any model loader.py loads
+(our checkpoint, a Hugging Face dir or hub id, a .gguf file; not an int8 checkpoint: fine-tune the float
+model). The model's shape comes from the source: model settings you leave alone are taken from it, ones you
+set that contradict it are an error. block_size may be set lower than the model's context: training then uses
+shorter windows, and the saved model keeps the source's context (RoPE positions do not depend on it). The data
+must be tokenized with the model's tokenizer (data/shakespeare/prepare.py --tokenizer=<source>); the tokenizer
+is saved in ckpt.pt. --init_from=resume continues a fine-tune exactly, as any run. freeze_embedding,
+train_blocks and gradient_checkpointing make a 135M model practical on a CPU.
 
 Writes into out_dir: ckpt.pt (model, optimizer, iteration, config, RNG states, data position; written
 atomically), log.jsonl (one JSON line per eval) and loss.png (when matplotlib is installed).
@@ -41,15 +41,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, load_model, model_checkpoint,
-                        save_checkpoint)
+from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
 from configurator import ConfigError, apply_settings, configure_and_report, exit_if_help
-from dataset import DataError, dataset_dir, get_batch, load_dataset, prepare_hint, prepare_if_missing, seeded_generator
-from loader import autocast, dtype_name, load_model_and_tokenizer, native_bf16, resolve_device, resolve_dtype
+from dataset import DataError, get_batch, load_dataset, prepare_if_missing, seeded_generator
+from loader import autocast, dtype_name, resolve_device, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
 from optim import build_optimizer
-from quantize import is_quantized
+from warm_start import (adopt_model_settings, changed_settings, check_data_tokenizer, freeze, load_source_model,
+                        resumed_settings)
 
 
 @dataclass
@@ -118,9 +118,6 @@ class TrainConfig:
     peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
 
 
-MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name in TrainConfig.__dataclass_fields__)
-
-
 class TrainError(RuntimeError):
     """A run that cannot start or go on: bad settings, missing data, a NaN loss."""
 
@@ -176,105 +173,6 @@ def lr_at(cfg, it):
 # data (dataset.py): every batch is a pure function of (seed, stream, step, index)
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1                    # the streams of seeded_generator's keys
-
-
-# ----------------------------------------------------------------------------------------------------
-# starting from a trained model: init_from=<model source>, or out_dir's checkpoint for resume
-
-
-def changed_settings(cfg):
-    """The fields of cfg that differ from TrainConfig's defaults: what a Python caller chose (the command
-    line knows exactly what was set: configurator.configure_and_report)."""
-    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(TrainConfig(), f.name)}
-
-
-RUN_LOCAL = ("init_from", "out_dir", "device", "quiet")   # where and how this process runs, not the run
-
-
-def resumed_settings(cfg, set_keys, ckpt, device, say):
-    """cfg for resuming ckpt: the run's own settings (its saved train_config), with what this command set
-    (set_keys) on top, each change from the run reported. So `--init_from=resume` alone continues a run
-    exactly as it was configured, whatever config file or flags started it."""
-    if ckpt.get("quantization"):
-        raise TrainError(f"{cfg.out_dir} holds an int8 ({ckpt['quantization']}) checkpoint, whose weights cannot be "
-                         "trained: resume the float run it was quantized from")
-    if "optimizer" not in ckpt:
-        raise TrainError(f"{cfg.out_dir} holds a model, not a training run (no optimizer state to resume): "
-                         f"fine-tune from it instead, with --init_from={cfg.out_dir} and another out_dir")
-    saved = {k: v for k, v in ckpt.get("train_config", {}).items()
-             if k in TrainConfig.__dataclass_fields__ and k not in RUN_LOCAL}
-    changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in sorted(set_keys)
-               if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        say(f"resuming with settings changed from the run's: {', '.join(changed)}")
-    cfg = replace(cfg, **{k: v for k, v in saved.items() if k not in set_keys})
-    if cfg.dtype == "bf16" and "dtype" not in set_keys and not native_bf16(device):
-        say("the run trained in bf16, which this device emulates far slower than fp32: --dtype=fp32 continues "
-            "in fp32")
-    check_config(cfg)
-    return cfg
-
-
-def load_source_model(cfg, ckpt):
-    """(float model, tokenizer spec) to train on from: out_dir's checkpoint (ckpt, for resume) or init_from."""
-    if ckpt is not None:
-        return load_model(cfg.out_dir, ckpt=ckpt)[0], ckpt["tokenizer"]
-    if checkpoint_file(cfg.init_from).resolve() == checkpoint_file(cfg.out_dir).resolve():
-        raise ConfigError(f"init_from={cfg.init_from!r} is out_dir's own checkpoint: continue it with "
-                          "--init_from=resume, or fine-tune into another out_dir")
-    try:
-        model, tokenizer = load_model_and_tokenizer(cfg.init_from)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
-        raise TrainError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or a model that loads: {e}") from e
-    if is_quantized(model):
-        raise TrainError(f"init_from={cfg.init_from!r} is an int8 checkpoint, whose weights cannot be trained: "
-                         "fine-tune the float model it was quantized from")
-    if tokenizer is None:
-        raise TrainError(f"init_from={cfg.init_from!r} comes without a tokenizer: no data can be matched to it")
-    return model, tokenizer.spec
-
-
-def adopt_model_settings(cfg, set_keys, config, source):
-    """cfg with the model's settings (config) in its model fields. A field the user set (set_keys) must agree
-    with the model, except block_size, which may be lower: training then uses shorter windows."""
-    conflicts = [f"{k}={getattr(cfg, k)!r} (the model has {k}={getattr(config, k)!r})" for k in MODEL_FIELDS
-                 if k in set_keys and k != "block_size" and getattr(cfg, k) != getattr(config, k)]
-    if "block_size" in set_keys and cfg.block_size > config.block_size:
-        conflicts.append(f"block_size={cfg.block_size} (the model's context is {config.block_size})")
-    if conflicts:
-        raise ConfigError(f"your settings contradict the model {source}: {'; '.join(conflicts)}. Leave them out "
-                          "to take the model's")
-    return replace(cfg, **{k: getattr(config, k) for k in MODEL_FIELDS if k not in set_keys})
-
-
-def tokenizer_identity(spec):
-    """What decides how a tokenizer spec encodes: a tokenizer.json's content (not its chat template or
-    special-token settings), a SentencePiece model file's bytes (not its path), else the whole spec."""
-    if spec.get("kind") == "tokenizers":
-        return json.loads(spec["json"])
-    if spec.get("kind") == "sentencepiece" and Path(spec["model_file"]).is_file():
-        return Path(spec["model_file"]).read_bytes()
-    return spec
-
-
-def check_data_tokenizer(cfg, meta, tokenizer_spec, config, source):
-    """The data must be token ids of the model's own tokenizer."""
-    if tokenizer_identity(meta["tokenizer"]) != tokenizer_identity(tokenizer_spec):
-        raise TrainError(f"{dataset_dir(cfg)} holds tokens of a {meta['tokenizer'].get('kind')} tokenizer "
-                         f"(vocabulary {meta['vocab_size']}), not of the {tokenizer_spec.get('kind')} tokenizer of "
-                         f"the model {source} (vocabulary {config.vocab_size}); {prepare_hint(cfg, source)}")
-
-
-def freeze(model, cfg):
-    """requires_grad False for what cfg keeps fixed: the token embedding and LM head (freeze_embedding),
-    the unique blocks before the last train_blocks."""
-    if cfg.train_blocks > model.config.n_layers:
-        raise ConfigError(f"train_blocks={cfg.train_blocks} but the model has {model.config.n_layers} unique blocks")
-    frozen = [model.tok_embeddings, model.output] if cfg.freeze_embedding else []
-    if cfg.train_blocks:
-        frozen += list(model.layers[:-cfg.train_blocks])
-    for module in frozen:
-        module.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,6 +385,7 @@ def run(cfg, set_keys, rank, world, device, stop):
     ckpt = load_checkpoint(cfg.out_dir, map_location=device) if cfg.init_from == "resume" else None
     if ckpt is not None:
         cfg = resumed_settings(cfg, set_keys, ckpt, device, say)
+        check_config(cfg)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
                           f"by the number of processes ({world})")

@@ -20,7 +20,8 @@ from configurator import ConfigError, configure_and_report
 from dataset import DataError
 from model import Block, MobileLLM, ModelConfig
 from tokenizer import char_tokenizer
-from train import MODEL_FIELDS, TrainConfig, TrainError, changed_settings, train
+from train import TrainConfig, train
+from warm_start import changed_settings, model_fields
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the king and queen of england spoke to a fool who was wise and the fool laughed at them".split()
@@ -193,7 +194,7 @@ def test_data_of_another_tokenizer_is_refused_with_the_command_to_prepare_it(sou
     other.mkdir()
     (other / "input.txt").write_text(sentences(1, 300).upper())
     load_prepare("shakespeare_char").prepare(other / "input.txt", other)
-    with pytest.raises(TrainError, match=f"holds tokens of a char tokenizer .*of the model {source}.*"
+    with pytest.raises(DataError, match=f"holds tokens of a char tokenizer .*of the model {source}.*"
                                          f"prepare.py --tokenizer={source} --out_dir=data/<name>"):
         train(finetune(source, other, tmp_path / "out"))
     with pytest.raises(DataError, match=rf"'my_text' is not prepared.*prepare.py --tokenizer={source} "
@@ -206,13 +207,13 @@ def test_sources_that_cannot_be_fine_tuned_are_refused(source, data_dir, tmp_pat
     model, ckpt = quantize.load_float_source(source)
     checkpoint.save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"),
                                tmp_path / "int8")
-    with pytest.raises(TrainError, match="is an int8 checkpoint.*fine-tune the float model"):
+    with pytest.raises(ConfigError, match="is an int8 checkpoint.*fine-tune the float model"):
         train(finetune(tmp_path / "int8", data_dir, tmp_path / "out"))
     with pytest.raises(ConfigError, match="out_dir's own checkpoint: continue it with --init_from=resume"):
         train(finetune(source, data_dir, source))
-    with pytest.raises(TrainError, match="'nowhere/ckpt.pt' is not 'scratch', 'resume' or a model that loads"):
+    with pytest.raises(ConfigError, match="'nowhere/ckpt.pt' is not 'scratch', 'resume' or a model that loads"):
         train(finetune("nowhere/ckpt.pt", data_dir, tmp_path / "out"))
-    with pytest.raises(TrainError, match="comes without a tokenizer"):
+    with pytest.raises(ConfigError, match="comes without a tokenizer"):
         train(finetune("mobilellm-micro", data_dir, tmp_path / "out"))
 
 
@@ -277,7 +278,7 @@ def test_ddp_fine_tune_with_frozen_parameters_matches_one_process(source, data_d
 
 def test_finetune_config_takes_the_model_settings_from_the_model():
     cfg, set_keys = configure_and_report(TrainConfig(), [str(REPO / "config" / "finetune_shakespeare.py")])
-    assert set(MODEL_FIELDS) & set_keys == {"block_size"}             # the model's shape is the GGUF's
+    assert set(model_fields(TrainConfig())) & set_keys == {"block_size"}             # the model's shape is the GGUF's
     assert cfg.init_from.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and cfg.dataset == "shakespeare_smollm2"
     assert cfg.freeze_embedding and cfg.always_save_checkpoint and cfg.eval_interval < cfg.max_iters
     assert cfg.optimizer == "adamw"

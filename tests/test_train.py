@@ -280,12 +280,12 @@ def test_resuming_what_is_not_a_training_run_says_what_to_do_instead(data_dir, t
     train(tiny(data_dir, tmp_path / "run", max_iters=2, eval_interval=2))
     model, ckpt = checkpoint.load_model(tmp_path / "run")
     checkpoint.save_checkpoint(checkpoint.model_checkpoint(model, ckpt["tokenizer"]), tmp_path / "model")
-    with pytest.raises(TrainError, match=f"{tmp_path / 'model'} holds a model, not a training run .*fine-tune from "
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'model'} holds a model, not a training run .*fine-tune from "
                                          f"it instead, with --init_from={tmp_path / 'model'} and another out_dir"):
         train(tiny(data_dir, tmp_path / "model", init_from="resume"))
     checkpoint.save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8a8"), ckpt, "w8a8"),
                                tmp_path / "int8")
-    with pytest.raises(TrainError, match="holds an int8 \\(w8a8\\) checkpoint, whose weights cannot be trained"):
+    with pytest.raises(ConfigError, match="holds an int8 \\(w8a8\\) checkpoint, whose weights cannot be trained"):
         train(tiny(data_dir, tmp_path / "int8", init_from="resume"))
 
 

@@ -1,0 +1,28 @@
+"""warm_start.py on its own: what a resumed run takes from its checkpoint. Resuming and fine-tuning end to
+end are in test_train.py and test_finetune.py."""
+from dataclasses import asdict
+
+import pytest
+
+from configurator import ConfigError
+from train import TrainConfig
+from warm_start import changed_settings, model_fields, resumed_settings
+
+
+def test_a_resume_takes_the_runs_settings_except_what_this_command_sets_and_where_it_runs():
+    run = TrainConfig(max_iters=3000, batch_size=8, seed=7, dim=256, device="cuda", out_dir="old", quiet=True)
+    ckpt = {"optimizer": {}, "train_config": asdict(run)}
+    said = []
+    now = TrainConfig(init_from="resume", out_dir="here", max_iters=4000)
+    cfg = resumed_settings(now, {"init_from", "out_dir", "max_iters"}, ckpt, "cpu", said.append)
+    assert (cfg.max_iters, cfg.batch_size, cfg.seed, cfg.dim) == (4000, 8, 7, 256)
+    assert (cfg.init_from, cfg.out_dir, cfg.device, cfg.quiet) == ("resume", "here", "auto", False)
+    assert said == ["resuming with settings changed from the run's: max_iters 3000 -> 4000"]
+    with pytest.raises(ConfigError, match="holds a model, not a training run"):
+        resumed_settings(now, set(), {"train_config": asdict(run)}, "cpu", said.append)
+
+
+def test_changed_settings_are_those_off_the_defaults_and_model_fields_are_the_shape():
+    assert changed_settings(TrainConfig(max_iters=7, dim=TrainConfig.dim)) == {"max_iters"}
+    assert {"n_layers", "dim", "share", "block_size"} <= set(model_fields(TrainConfig()))
+    assert not {"max_iters", "vocab_size", "meta_ls_cache"} & set(model_fields(TrainConfig()))

@@ -1,0 +1,118 @@
+"""
+A run that does not start from scratch (train.py's init_from): out_dir's own checkpoint, resumed with the
+run's own settings, or a trained model to fine-tune, whose shape and tokenizer the run then takes. Also the
+fine-tuning options that fix parameters (freeze_embedding, train_blocks).
+
+Errors are ConfigError (a setting that does not fit the checkpoint or model) or DataError (data tokenized
+with another tokenizer), each naming what to do instead.
+"""
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+
+from checkpoint import CheckpointError, checkpoint_file, load_model
+from configurator import ConfigError
+from dataset import DataError, dataset_dir, prepare_hint
+from loader import load_model_and_tokenizer, native_bf16
+from model import ModelConfig
+from quantize import is_quantized
+
+
+def model_fields(cfg):
+    """The ModelConfig fields that the settings cfg (a TrainConfig) has: the model's shape."""
+    return tuple(f.name for f in fields(ModelConfig) if hasattr(cfg, f.name))
+
+
+def changed_settings(cfg):
+    """The fields of cfg that differ from its class's defaults: what a Python caller chose (the command line
+    knows exactly what was set: configurator.configure_and_report)."""
+    defaults = type(cfg)()
+    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+RUN_LOCAL = ("init_from", "out_dir", "device", "quiet")   # where and how this process runs, not the run
+
+
+def resumed_settings(cfg, set_keys, ckpt, device, say):
+    """cfg for resuming ckpt: the run's own settings (its saved train_config), with what this command set
+    (set_keys) on top, each change from the run reported. So `--init_from=resume` alone continues a run
+    exactly as it was configured, whatever config file or flags started it."""
+    if ckpt.get("quantization"):
+        raise ConfigError(f"{cfg.out_dir} holds an int8 ({ckpt['quantization']}) checkpoint, whose weights cannot "
+                          "be trained: resume the float run it was quantized from")
+    if "optimizer" not in ckpt:
+        raise ConfigError(f"{cfg.out_dir} holds a model, not a training run (no optimizer state to resume): "
+                          f"fine-tune from it instead, with --init_from={cfg.out_dir} and another out_dir")
+    settings = {f.name for f in fields(cfg)} - set(RUN_LOCAL)
+    saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k in settings}
+    changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in sorted(set_keys)
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        say(f"resuming with settings changed from the run's: {', '.join(changed)}")
+    cfg = replace(cfg, **{k: v for k, v in saved.items() if k not in set_keys})
+    if cfg.dtype == "bf16" and "dtype" not in set_keys and not native_bf16(device):
+        say("the run trained in bf16, which this device emulates far slower than fp32: --dtype=fp32 continues "
+            "in fp32")
+    return cfg
+
+
+def load_source_model(cfg, ckpt):
+    """(float model, tokenizer spec) to train on from: out_dir's checkpoint (ckpt, for resume) or init_from."""
+    if ckpt is not None:
+        return load_model(cfg.out_dir, ckpt=ckpt)[0], ckpt["tokenizer"]
+    if checkpoint_file(cfg.init_from).resolve() == checkpoint_file(cfg.out_dir).resolve():
+        raise ConfigError(f"init_from={cfg.init_from!r} is out_dir's own checkpoint: continue it with "
+                          "--init_from=resume, or fine-tune into another out_dir")
+    try:
+        model, tokenizer = load_model_and_tokenizer(cfg.init_from)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
+        raise ConfigError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or a model that loads: {e}") from e
+    if is_quantized(model):
+        raise ConfigError(f"init_from={cfg.init_from!r} is an int8 checkpoint, whose weights cannot be trained: "
+                          "fine-tune the float model it was quantized from")
+    if tokenizer is None:
+        raise ConfigError(f"init_from={cfg.init_from!r} comes without a tokenizer: no data can be matched to it")
+    return model, tokenizer.spec
+
+
+def adopt_model_settings(cfg, set_keys, config, source):
+    """cfg with the model's settings (config) in its model fields. A field the user set (set_keys) must agree
+    with the model, except block_size, which may be lower: training then uses shorter windows."""
+    conflicts = [f"{k}={getattr(cfg, k)!r} (the model has {k}={getattr(config, k)!r})" for k in model_fields(cfg)
+                 if k in set_keys and k != "block_size" and getattr(cfg, k) != getattr(config, k)]
+    if "block_size" in set_keys and cfg.block_size > config.block_size:
+        conflicts.append(f"block_size={cfg.block_size} (the model's context is {config.block_size})")
+    if conflicts:
+        raise ConfigError(f"your settings contradict the model {source}: {'; '.join(conflicts)}. Leave them out "
+                          "to take the model's")
+    return replace(cfg, **{k: getattr(config, k) for k in model_fields(cfg) if k not in set_keys})
+
+
+def tokenizer_identity(spec):
+    """What decides how a tokenizer spec encodes: a tokenizer.json's content (not its chat template or
+    special-token settings), a SentencePiece model file's bytes (not its path), else the whole spec."""
+    if spec.get("kind") == "tokenizers":
+        return json.loads(spec["json"])
+    if spec.get("kind") == "sentencepiece" and Path(spec["model_file"]).is_file():
+        return Path(spec["model_file"]).read_bytes()
+    return spec
+
+
+def check_data_tokenizer(cfg, meta, tokenizer_spec, config, source):
+    """The data must be token ids of the model's own tokenizer."""
+    if tokenizer_identity(meta["tokenizer"]) != tokenizer_identity(tokenizer_spec):
+        raise DataError(f"{dataset_dir(cfg)} holds tokens of a {meta['tokenizer'].get('kind')} tokenizer "
+                        f"(vocabulary {meta['vocab_size']}), not of the {tokenizer_spec.get('kind')} tokenizer of "
+                        f"the model {source} (vocabulary {config.vocab_size}); {prepare_hint(cfg, source)}")
+
+
+def freeze(model, cfg):
+    """requires_grad False for what cfg keeps fixed: the token embedding and LM head (freeze_embedding),
+    the unique blocks before the last train_blocks."""
+    if cfg.train_blocks > model.config.n_layers:
+        raise ConfigError(f"train_blocks={cfg.train_blocks} but the model has {model.config.n_layers} unique blocks")
+    frozen = [model.tok_embeddings, model.output] if cfg.freeze_embedding else []
+    if cfg.train_blocks:
+        frozen += list(model.layers[:-cfg.train_blocks])
+    for module in frozen:
+        module.requires_grad_(False)
