@@ -119,7 +119,8 @@ class TrainConfig:
 
 
 class TrainError(RuntimeError):
-    """A run that cannot start or go on: bad settings, missing data, a NaN loss."""
+    """A run that cannot go on: its loss or gradient became NaN/inf (settings, data and checkpoints that do not
+    fit raise ConfigError, DataError and CheckpointError before the first step)."""
 
 
 # ----------------------------------------------------------------------------------------------------
