@@ -41,7 +41,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm import tqdm
 
 import eval as ev
-from loader import autocast, load_model_and_tokenizer, torch_dtype
+from configurator import ConfigError
+from loader import autocast, load_model_and_tokenizer, resolve_device, torch_dtype
 from quantize import set_simulate
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,11 @@ MAX_GEN_TOKS = 256   # the harness's default when a task does not say
 def pick_device(device):
     """The device asked for, or CUDA when there is one; a CUDA device on a machine without CUDA means the CPU
     (lm-eval's CLI asks for cuda:0 unless told otherwise)."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        return resolve_device(device or "auto")
+    except ConfigError:
         log.warning("device %s asked for, but CUDA is not available: using the CPU", device)
         return "cpu"
-    return device
 
 
 def parse_batch_size(value):
