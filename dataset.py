@@ -29,20 +29,25 @@ def split_files(data_dir, split):
     return [single] if single.is_file() else sorted(data_dir.glob(f"{split}_*.bin"))
 
 
+def prepare_script(dataset):
+    """data/<dataset>/prepare.py: it writes the dataset (there is one for each built-in dataset)."""
+    return REPO_DIR / "data" / dataset / "prepare.py"
+
+
 def prepare_if_missing(cfg):
     data_dir = dataset_dir(cfg)
     if split_files(data_dir, "train") or cfg.data_dir or cfg.dataset not in AUTO_PREPARED:
         return
-    script = REPO_DIR / "data" / cfg.dataset / "prepare.py"
+    script = prepare_script(cfg.dataset)
     if subprocess.run([sys.executable, str(script)]).returncode != 0:
         raise DataError(f"preparing dataset {cfg.dataset!r} failed (see above); run {script} yourself, "
-                         "e.g. with --input PATH")
+                        "e.g. with --input PATH")
 
 
 def prepare_hint(cfg, source=None):
     """How to prepare cfg's dataset: its own prepare.py, or for a model to start from (source) any text's
     prepare.py with that model's tokenizer, into the dataset's folder unless that holds a built-in dataset."""
-    built_in = (REPO_DIR / "data" / cfg.dataset / "prepare.py").is_file()
+    built_in = prepare_script(cfg.dataset).is_file()
     if source is None and built_in:
         return f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
     if source is None:
