@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import lm_eval
-import torch
 import yaml
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager

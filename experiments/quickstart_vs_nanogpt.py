@@ -101,8 +101,8 @@ def plot(curves, path):
 
 
 def machine():
-    """What the comparison ran on: the CPU and the flags that decide its speed (AVX-512 BF16 or AMX: our
-    default's dtype=auto trains in bf16 there, in fp32 elsewhere; nanoGPT's CPU quick start is fp32)."""
+    """What the comparison ran on: the CPU and the flags that decide its speed (AVX2, AVX-512, and AVX-512 BF16
+    or AMX, where dtype=auto may pick bf16: loader.resolve_dtype; nanoGPT's CPU quick start is fp32)."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     field = lambda name: next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith(name)), "")
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in field("flags").split()]

@@ -12,7 +12,7 @@ import loader
 import sample
 from checkpoint import load_model, model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig, apply_rope
-from tokenizer import Tokenizer, char_tokenizer, load_tokenizer, render_chat, tokenizers_tokenizer
+from tokenizer import Tokenizer, char_tokenizer, render_chat
 
 CHARS = "abcdefgh \n"
 
