@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
+from configurator import ConfigError
 from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype, torch_dtype
 from quantize import set_simulate
 
@@ -390,14 +391,14 @@ def main(argv=None):
         paths = parse_data(args.data, tasks)
         if args.limit is not None and args.limit < 1:
             raise EvalError(f"--limit must be a positive number of examples, got {args.limit}")
+        args.device = resolve_device(args.device)
         examples = {}
         for name in tasks:       # read every task's data before the model, so a bad file fails fast
             docs = load_docs(name, paths.get(name))[:args.limit]
             examples[name] = build_examples(name, docs, paths.get(name, "the downloaded data"))
-    except EvalError as e:
+    except (EvalError, ConfigError) as e:
         sys.exit(f"eval.py: {e}")
     try:
-        args.device = resolve_device(args.device)
         model, tokenizer = load_model_and_tokenizer(args.init_from, device=args.device)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:   # hf.py and hub downloads raise the last 3
         sys.exit(f"eval.py: cannot load {args.init_from}: {e}")

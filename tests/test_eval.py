@@ -235,6 +235,14 @@ def test_clear_errors_for_unknown_task_malformed_line_and_missing_file(tmp_path)
         ev.main(["--init_from", "unused", "--tasks", "nope"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_device_error_not_a_model_that_cannot_load(tmp_path):
+    data = tmp_path / "piqa.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in piqa_docs([0, 1])))
+    with pytest.raises(SystemExit, match="^eval.py: device='cuda' but CUDA is not available"):
+        ev.main(["--init_from", "unused", "--tasks", "piqa", "--data", str(data), "--device", "cuda"])
+
+
 def test_the_paper_row_is_found_from_the_model_name():
     assert ev.paper_row("facebook/MobileLLM-125M") == ("mobilellm-125m", dict(zip(ev.TASKS, ev.PAPER["mobilellm-125m"])))
     assert ev.paper_row("facebook/MobileLLM-350M-layer-share")[1]["piqa"] == 69.8
