@@ -37,6 +37,7 @@ import argparse
 import copy
 import hashlib
 import json
+import logging
 import re
 import shutil
 import sys
@@ -67,12 +68,22 @@ class ExportError(Exception):
 
 
 def require_executorch():
+    """Import ExecuTorch, without the three lines of noise its import prints on a CPU torch: torchao (which
+    ExecuTorch brings) cannot load its CUDA kernels, and torch calls one of torchao's enums' registration
+    deprecated. Neither concerns a CPU export; the loggers' levels are restored after the import."""
+    noisy = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in noisy]
+    for log in noisy:
+        log.setLevel(logging.ERROR)
     try:
         import executorch.exir  # noqa: F401
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama.*
     except ImportError as e:
         raise ExportError(f"ExecuTorch is not installed ({e}): pip install -r requirements-extra.txt "
                           "(executorch==1.4.0 matches torch 2.13.0)") from e
+    finally:
+        for log, level in zip(noisy, levels):
+            log.setLevel(level)
 
 
 # --- the model source ---------------------------------------------------------------------------------

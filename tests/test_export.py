@@ -1,5 +1,6 @@
 """export.py on a tiny layer-shared model: exported programs agree with eager PyTorch, layer-shared
 blocks share their delegates, the export cache reuses programs, and errors are clear."""
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -191,6 +192,14 @@ def test_missing_executorch_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "executorch.exir", None)
     with pytest.raises(ex.ExportError, match="pip install -r requirements-extra.txt"):
         ex.require_executorch()
+
+
+def test_importing_executorch_prints_nothing_and_leaves_the_loggers_as_they_were():
+    code = ("import logging, export; export.require_executorch(); "
+            "print(logging.getLogger('torchao').level, logging.getLogger('torch.utils._pytree').level)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(ex.__file__).parent)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.split() == ["0", "0"]
 
 
 def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
