@@ -31,7 +31,6 @@ What is measured:
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -52,6 +51,8 @@ from executorch_private import reset_threadpool
 from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, load_source, program_seq_len,
                     quantize_8da4w, require_executorch, write_program)
 from loader import dtype_name, torch_dtype
+from measure import (cached_forward, in_fresh_process, memory_bandwidth_gbs, peak_rss_mb, rss_mb, seconds,
+                     time_generation)
 from model import MobileLLM
 from quantize import validation_tokens
 from xnnpack_lowering import emit_composed, lowered_alike
@@ -62,62 +63,6 @@ class BenchError(ExportError):
 
 
 # --- timing on the host ------------------------------------------------------------------------------
-
-def proc_status_mb(field):
-    """A memory line of /proc/self/status in MB: VmRSS (resident now) or VmHWM (peak resident). Not
-    getrusage's ru_maxrss for the peak: Linux carries that across fork + exec, so a spawned child would
-    report its parent's peak."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
-
-
-def rss_mb():
-    return proc_status_mb("VmRSS")
-
-
-def peak_rss_mb():
-    return proc_status_mb("VmHWM")
-
-
-def time_generation(step, prompt_len, new_tokens, runs, vocab_size):
-    """The one decode timing of the repo (programs, eager models, quantize.py --report, the ablations).
-    step(tokens (1, T), input_pos (T,)) -> last-token logits (1, V). Warm-up once, then `runs` times:
-    prefill a random prompt_len-token prompt and decode new_tokens greedily. Returns (median prefill ms,
-    median decode ms per token)."""
-    prompt = torch.randint(0, vocab_size, (1, prompt_len))
-    prefill_ms, decode_ms = [], []
-    for run in range(runs + 1):
-        t0 = time.perf_counter()
-        logits = step(prompt, torch.arange(prompt_len))
-        t1 = time.perf_counter()
-        for pos in range(prompt_len, prompt_len + new_tokens):
-            logits = step(logits.argmax(-1, keepdim=True), torch.tensor([pos]))
-        t2 = time.perf_counter()
-        if run:                                                   # run 0 is the warm-up
-            prefill_ms.append(1e3 * (t1 - t0))
-            decode_ms.append(1e3 * (t2 - t1) / new_tokens)
-    return statistics.median(prefill_ms), statistics.median(decode_ms)
-
-
-def cached_forward(model, max_seq_len):
-    """A step for time_generation through model.py's own static KV cache (model.clear_cache() frees it)."""
-    model.setup_cache(1, max_seq_len)
-
-    @torch.no_grad()
-    def step(tokens, input_pos):
-        return model(tokens, input_pos=input_pos)[0][:, -1]
-
-    return step
-
-
-def eager_decode_ms(model, prompt_len, new_tokens, runs=1):
-    """Median ms per greedily decoded token of a model in eager PyTorch, through its KV cache."""
-    step = cached_forward(model, prompt_len + new_tokens)
-    try:
-        return time_generation(step, prompt_len, new_tokens, runs, model.config.vocab_size)[1]
-    finally:
-        model.clear_cache()
-
 
 def check_tokens(vocab_size, n, seed):
     """The random token sequence --check_logits feeds (also to llama.cpp, experiments/llama_cpp_reference.py)."""
@@ -206,27 +151,6 @@ def host_eager_row(source, seed, dtype, max_seq_len, prompt_len, new_tokens, run
     return with_outputs(row, step, tokens, windows)
 
 
-def in_fresh_process(fn, *args):
-    """Run fn(*args) in a new process (spawned, so nothing is shared) and return its result."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
-def memory_bandwidth_gbs(threads, mb=512, reps=5):
-    """Read bandwidth of this host: best of `reps` sums over a buffer far larger than the caches."""
-    torch.set_num_threads(threads)
-    x = torch.ones(mb * 2**20 // 4)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(reps))
-    return x.numel() * 4 / best / 1e9
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1, "8da4w": 0.5}       # 8da4w: scales ignored
 
 
@@ -301,7 +225,7 @@ def time_program(path, threads, inputs, runs=20):
     from executorch.runtime import Runtime
     reset_threadpool(threads)
     method = Runtime.get().load_program(Path(path)).load_method("forward")
-    times = [_timed(lambda: method.execute(inputs)) for _ in range(runs + 3)]
+    times = [seconds(lambda: method.execute(inputs)) for _ in range(runs + 3)]
     return statistics.median(times[3:])
 
 

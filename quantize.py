@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
 from dataset import REPO_DIR, split_files
 from loader import load_model_and_tokenizer, source_kind
+from measure import eager_decode_ms
 from model import MobileLLM, config_from_dict
 
 MODES = ("w8a8", "w8")
@@ -341,7 +342,6 @@ def sizes_on_disk(models, source):
 def report(model, source, args):
     """Loss, perplexity, size and decoding speed of fp32 and the --variants (bf16, W8A8, weight-only int8,
     fake-quant W8A8), on the same validation tokens, as one markdown table."""
-    from bench_mobile import eager_decode_ms
     models = variants(model, args.variants.split(","))
     sizes, losses, speeds = sizes_on_disk(models, source), {}, {}
     if args.eval_tokens:

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # model.py and train.py live at the repo root
 from checkpoint import atomic_write  # noqa: E402
+from measure import eager_decode_ms  # noqa: E402
 from model import MobileLLM, ModelConfig, config_from_preset  # noqa: E402
 
 STUDIES = ("swiglu", "depth", "embedding_sharing", "gqa", "layer_sharing")
@@ -251,8 +252,7 @@ def summarize(runs, variants):
 
 def decode_ms_per_token(cfg, n_tokens, repeats, prompt_len=8):
     """Greedy one-token decode steps through the KV cache, batch 1, fp32: median of repeats, in ms/token
-    (bench_mobile.eager_decode_ms). Weights are random: speed does not depend on their values."""
-    from bench_mobile import eager_decode_ms
+    (measure.eager_decode_ms). Weights are random: speed does not depend on their values."""
     torch.manual_seed(0)
     return eager_decode_ms(MobileLLM(ModelConfig(**cfg)).eval(), prompt_len, n_tokens, repeats)
 

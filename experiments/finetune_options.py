@@ -26,13 +26,13 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # train.py and bench_train.py live at the repo root
-from bench_mobile import in_fresh_process, peak_rss_mb  # noqa: E402
 from bench_train import parse_variants  # noqa: E402
 from configurator import ConfigError, configure_and_report, exit_if_help  # noqa: E402
 from experiments.quickstart_vs_nanogpt import machine  # noqa: E402
 from dataset import DataError  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 from loader import resolve_device, resolve_dtype  # noqa: E402
+from measure import in_fresh_process, peak_rss_mb  # noqa: E402
 from train import TrainConfig, TrainError, check_config, estimate_loss, start_model, train_step  # noqa: E402
 
 DEFAULT_VARIANTS = ("freeze_embedding=False,train_blocks=0;"
@@ -48,7 +48,7 @@ class OptionsConfig(TrainConfig):
 
 
 def peak_rss_gib(reset=False):
-    """This process's peak resident memory so far (bench_mobile.peak_rss_mb) in GiB, then (reset) start Linux's
+    """This process's peak resident memory so far (measure.peak_rss_mb) in GiB, then (reset) start Linux's
     count afresh."""
     peak = peak_rss_mb() / 1024
     if reset:

@@ -105,15 +105,6 @@ def test_logit_agreement_measures_the_difference_and_the_chosen_tokens():
     assert torch.equal(tokens, bm.check_tokens(50, 6, seed=3)) and not torch.equal(tokens, bm.check_tokens(50, 6, 4))
 
 
-def test_peak_memory_of_a_fresh_process_is_its_own():
-    """The host table's memory column: a spawned child must not report its parent's peak (getrusage
-    would, on Linux: ru_maxrss survives fork + exec)."""
-    ballast = torch.ones(256 * 2**20 // 4)                   # 256 MB touched in this (parent) process
-    child_peak = bm.in_fresh_process(bm.peak_rss_mb)
-    assert bm.peak_rss_mb() - child_peak > 128, (bm.peak_rss_mb(), child_peak)
-    del ballast
-
-
 def test_weight_reads_count_each_block_application_and_which_are_cached():
     """125M: 30 blocks of 576x(9+3+3+9)x64 attention and 3 x 576x1536 SwiGLU weights, plus the 32000x576 head."""
     from model import config_from_preset
