@@ -96,18 +96,36 @@ def encode(tokenizer, text, desc, chunk_chars=1 << 20):
     return np.array([i for chunk in ids for i in chunk], dtype=np.uint16)
 
 
+def start_dataset(out_dir):
+    """Empty out_dir of an earlier preparation before writing a new one: meta.json first, so that a folder
+    whose preparation is killed reads as not prepared (train.py needs meta.json, written last), then the
+    token files (an earlier run's extra shards would otherwise be read with the new ones). Returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for split in ("train", "val"):
+        for old in [out_dir / f"{split}.bin", *out_dir.glob(f"{split}_[0-9]*.bin")]:
+            old.unlink(missing_ok=True)
+    return out_dir
+
+
+def write_tokens(ids, path):
+    """uint16 token ids to path, atomically (a kill mid-write leaves no half file)."""
+    atomic_write(path, lambda tmp: np.asarray(ids, dtype=np.uint16).tofile(tmp))
+
+
 def write_meta(out_dir, tokenizer):
+    """meta.json, the last file of a preparation: its presence says the token files are whole."""
     meta = {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size}
-    (Path(out_dir) / "meta.json").write_text(json.dumps(meta))
+    atomic_write(Path(out_dir) / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
 def write_dataset(out_dir, tokenizer, train_text, val_text):
-    """Encode both splits and write train.bin, val.bin and meta.json into out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Encode both splits and write train.bin, val.bin and (last) meta.json into out_dir."""
+    out_dir = start_dataset(out_dir)
     for split, text in (("train", train_text), ("val", val_text)):
         ids = encode(tokenizer, text, desc=f"encoding {split}")
-        ids.tofile(out_dir / f"{split}.bin")
+        write_tokens(ids, out_dir / f"{split}.bin")
         print(f"{split}: {len(ids):,} tokens -> {out_dir / f'{split}.bin'}")
     write_meta(out_dir, tokenizer)
 

@@ -83,6 +83,43 @@ def test_fineweb_tokenize_and_shard_on_local_documents(shared_dir, tmp_path):
         "".join(eot + d for d in docs)
 
 
+def test_preparing_again_leaves_none_of_the_earlier_shards(shared_dir, tmp_path):
+    docs = [d for d in (shared_dir / "data/tinyshakespeare/input.txt").read_text()[:30_000].split("\n\n") if d.strip()]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    prepare = load_prepare("fineweb_edu")
+    documents = prepare.local_documents([tmp_path / "docs.jsonl"])
+    many = prepare.tokenize_and_shard(documents, tmp_path / "out", shard_tokens=2000, workers=1)
+    few = prepare.tokenize_and_shard(prepare.local_documents([tmp_path / "docs.jsonl"]), tmp_path / "out",
+                                     shard_tokens=2000, workers=1, max_tokens=3000)
+    assert len(many) > 2 and [p.name for p in few] == ["val_000000.bin", "train_000001.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000001.bin", "val_000000.bin"]
+
+
+def test_a_preparation_killed_midway_leaves_a_folder_that_reads_as_not_prepared(shakespeare_slice, tmp_path,
+                                                                                monkeypatch):
+    from dataset import DataError, load_dataset
+    from train import TrainConfig
+    load_prepare("shakespeare_char")                          # puts data/ on the path, for prepare_common
+    import prepare_common
+    text = shakespeare_slice[1]
+    tokenizer = load_tokenizer({"kind": "char", "chars": "".join(sorted(set(text)))})
+    prepare_common.write_dataset(tmp_path, tokenizer, text[:15_000], text[15_000:])
+    assert load_dataset(TrainConfig(data_dir=str(tmp_path)))[0]["vocab_size"] == tokenizer.vocab_size
+
+    real_encode = prepare_common.encode
+
+    def killed_at_val(tokenizer, text, desc):
+        if desc == "encoding val":
+            raise KeyboardInterrupt
+        return real_encode(tokenizer, text, desc)
+
+    monkeypatch.setattr(prepare_common, "encode", killed_at_val)
+    with pytest.raises(KeyboardInterrupt):                   # train.bin rewritten, val.bin not: a mixed folder
+        prepare_common.write_dataset(tmp_path, tokenizer, text[:15_000], text[15_000:])
+    with pytest.raises(DataError, match="is not prepared: no .*meta.json"):
+        load_dataset(TrainConfig(data_dir=str(tmp_path)))
+
+
 @pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])
 def test_shakespeare_prepares_offline_from_the_copy_in_data(name, tmp_path, monkeypatch):
     def offline(*args, **kwargs):

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import read_text, write_meta  # noqa: E402
+from prepare_common import read_text, start_dataset, write_meta, write_tokens  # noqa: E402
 from tokenizer import tiktoken_tokenizer  # noqa: E402
 
 REMOTE = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
@@ -65,14 +65,13 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
     """Tokenize documents in a process pool and write fixed-size uint16 shards into out_dir; the first
     shard is val, the rest train. A document that overflows a shard continues in the next one.
     Returns the shard paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = start_dataset(out_dir)
     buffer, filled, paths, total = np.empty(shard_tokens, dtype=np.uint16), 0, [], 0
     bar = tqdm(total=shard_tokens, unit="tok", desc="shard 0")
 
     def flush(n):
         path = out_dir / f"{'val' if not paths else 'train'}_{len(paths):06d}.bin"
-        buffer[:n].tofile(path)
+        write_tokens(buffer[:n], path)
         paths.append(path)
         bar.reset()
         bar.set_description(f"shard {len(paths)}")
