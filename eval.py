@@ -418,11 +418,10 @@ def main(argv=None):
               f"{r['truncated_contexts']} contexts cut to block_size")
     print(markdown_table(results, paper_name, paper))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(init_from=str(args.init_from), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                   limit=args.limit, simulate_int8=args.simulate_int8, torch=torch.__version__, results=results,
                   paper={paper_name: paper} if paper else None)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     print(f"results written to {out}")
     return results
 

@@ -368,8 +368,8 @@ def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, ca
         tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; a 125M "
                    f"model takes {takes} on 2 cores: docs/on-device.md)")
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
-        atomic_write(path, lambda tmp: tmp.write_bytes(data))     # a killed export never leaves half a program
-        path.with_suffix(".json").write_text(json.dumps(info))
+        atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))   # what the program is ...
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))     # ... then the program: never half of one
         phases = ", ".join(f"{k[:-2]} {v} s" for k, v in info.items() if k.endswith("_s") and k != "export_s")
         tqdm.write(f"exported in {info['export_s']} s" + (f" ({phases})" if phases else ""))
     return path
