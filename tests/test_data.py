@@ -94,6 +94,16 @@ def test_preparing_again_leaves_none_of_the_earlier_shards(shared_dir, tmp_path)
     assert len(many) > 2 and [p.name for p in few] == ["val_000000.bin", "train_000001.bin"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000001.bin", "val_000000.bin"]
 
+    def offline():
+        raise OSError("no route to host")
+        yield
+
+    with pytest.raises(OSError):                          # a stream that fails at once replaces nothing
+        prepare.tokenize_and_shard(offline(), tmp_path / "out", shard_tokens=2000, workers=1)
+    assert len(list((tmp_path / "out").glob("*.bin"))) == 2 and (tmp_path / "out" / "meta.json").is_file()
+    with pytest.raises(SystemExit, match="no text"):
+        prepare.tokenize_and_shard(iter([]), tmp_path / "empty", shard_tokens=2000, workers=1)
+
 
 def test_a_preparation_killed_midway_leaves_a_folder_that_reads_as_not_prepared(shakespeare_slice, tmp_path,
                                                                                 monkeypatch):

@@ -65,11 +65,13 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
     """Tokenize documents in a process pool and write fixed-size uint16 shards into out_dir; the first
     shard is val, the rest train. A document that overflows a shard continues in the next one.
     Returns the shard paths."""
-    out_dir = start_dataset(out_dir)
+    out_dir = Path(out_dir)
     buffer, filled, paths, total = np.empty(shard_tokens, dtype=np.uint16), 0, [], 0
     bar = tqdm(total=shard_tokens, unit="tok", desc="shard 0")
 
     def flush(n):
+        if not paths:               # the documents stream: only now is an earlier preparation replaced
+            start_dataset(out_dir)
         path = out_dir / f"{'val' if not paths else 'train'}_{len(paths):06d}.bin"
         write_tokens(buffer[:n], path)
         paths.append(path)
@@ -94,6 +96,8 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
     if filled:
         flush(filled)
     bar.close()
+    if not paths:
+        raise SystemExit("the documents hold no text: nothing written")
     write_meta(out_dir, tiktoken_tokenizer("gpt2"))
     return paths
 
