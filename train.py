@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, CheckpointError, atomic_write, load_checkpoint, model_checkpoint, save_checkpoint
 from configurator import ConfigError, apply_settings, configure_and_report, exit_if_help
 from dataset import DataError, get_batch, load_dataset, prepare_if_missing, seeded_generator
 from loader import autocast, dtype_name, resolve_device, resolve_dtype
@@ -319,7 +319,8 @@ def resume_state(ckpt, out_dir, optimizer, device):
     restore_rng_state(ckpt["rng"], device)
     log_file = Path(out_dir) / "log.jsonl"
     history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"], history
+    history = [r for r in history if r["iter"] <= ckpt["iter_num"]]     # a killed run may have logged evals past
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"], history   # its checkpoint: they are redone
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,6 +353,11 @@ def evaluate(model, splits, cfg, device, rank, world, iter_num, lr, tokens, elap
                          f"last good checkpoint in {cfg.out_dir}")
     return {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
             "tokens": tokens, "elapsed_s": round(elapsed_s, 3)}
+
+
+def write_log(history, out_dir):
+    """out_dir/log.jsonl holding these eval records alone (none for a new run)."""
+    atomic_write(out_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in history)))
 
 
 def append_log(record, history, out_dir):
@@ -416,12 +422,10 @@ def run(cfg, set_keys, rank, world, device, stop):
     say(f"{model.num_params():,} parameters, {trained:,} trained ({config.n_layers} blocks applied {config.depth} "
         f"times, dim {config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.init_from != "resume":
-            (out_dir / "log.jsonl").write_text("")
-            if (out_dir / CKPT_NAME).is_file():
-                say(f"{out_dir / CKPT_NAME} is an earlier run's, which this run replaces at its first save "
-                    "(to continue that run instead: --init_from=resume)")
+        write_log(history, out_dir)
+        if cfg.init_from != "resume" and (out_dir / CKPT_NAME).is_file():
+            say(f"{out_dir / CKPT_NAME} is an earlier run's, which this run replaces at its first save "
+                "(to continue that run instead: --init_from=resume)")
 
     t_start = time.perf_counter()
 

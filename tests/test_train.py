@@ -94,6 +94,17 @@ def test_resume_continues_exactly_with_the_runs_own_settings(data_dir, tmp_path,
     assert log == [0, 10, 20]                            # no duplicate eval at the resume point
 
 
+def test_resume_drops_evals_logged_past_the_checkpoint(data_dir, tmp_path):
+    """A run killed outright (no save on the way out) may have logged evals after its last checkpoint:
+    the resumed run redoes them, and the log holds each iteration once."""
+    train(tiny(data_dir, tmp_path, max_iters=10, eval_interval=5, always_save_checkpoint=True))
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write(json.dumps(dict(iter=15, train_loss=9.0, val_loss=9.0)) + "\n")
+    train(TrainConfig(init_from="resume", out_dir=str(tmp_path), max_iters=20))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [0, 5, 10, 15, 20] and log[3]["val_loss"] < 9
+
+
 def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
     """With Muon, the default (AdamW under DDP: tests/test_finetune.py's DDP test)."""
     common = dict(max_iters=6, eval_interval=6, gradient_accumulation_steps=2, always_save_checkpoint=True,
