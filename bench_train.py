@@ -26,7 +26,7 @@ import torch
 
 from configurator import ConfigError, parse_value, apply_settings, configure, exit_if_help
 from loader import autocast, dtype_name, native_bf16, resolve_device
-from model import MobileLLM
+from model import MobileLLM, ModelConfig
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from optim import build_optimizer
 from train import TrainConfig, check_config, model_config
@@ -129,7 +129,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    exit_if_help(sys.argv[1:], __doc__, BenchConfig())
+    exit_if_help(sys.argv[1:], __doc__, BenchConfig(), more_comments=(ModelConfig,))
     try:
         main(configure(BenchConfig(), sys.argv[1:]))
     except ConfigError as e:

@@ -6,12 +6,17 @@ nanoGPT-style configuration for a dataclass of settings: defaults in the datacla
   python train.py --batch_size 32                      # --key value works too, as in the argparse scripts
 
 An unknown key or a value of the wrong type is an error that names it, never a silent default.
--h or --help prints the script's docstring and every setting with its default (exit_if_help).
+-h or --help prints the script's docstring and every setting with its default and the comment beside it in the
+source (exit_if_help).
 Also here: accept_old_flags, which keeps renamed command-line flags working in the argparse scripts.
 """
 import ast
 import dataclasses
+import inspect
+import io
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 
@@ -108,12 +113,47 @@ def configure_and_report(config, argv):
     return config, applied
 
 
-def exit_if_help(argv, doc, config):
+def field_comments(cls):
+    """{field: the comment beside it in cls's source}, a comment that goes on in the comment-only lines
+    below it (at the same column) joined into one line. What --help says about each setting."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):                     # no source (e.g. a class made in an interpreter)
+        return {}
+    body = [node for node in ast.parse(source).body[0].body if isinstance(node, ast.AnnAssign)]
+    fields, indent = {node.lineno: node.target.id for node in body}, body[0].col_offset if body else 0
+    lines, comments, last = source.splitlines(), {}, None      # last: (field, row) of the latest comment line
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        (row, column), text = tok.start, tok.string.lstrip("#").strip()
+        if row in fields:
+            comments[fields[row]], last = text, (fields[row], row)
+        elif last and row == last[1] + 1 and column > indent and not lines[row - 1][:column].strip():
+            comments[last[0]] += " " + text                   # a comment-only line indented past the fields
+            last = (last[0], row)
+        else:
+            last = None                                       # e.g. a section heading "# system"
+    return comments
+
+
+def exit_if_help(argv, doc, config, more_comments=()):
     """With -h or --help in argv: print doc (the script's usage) and every setting of the dataclass
-    instance config with its default, then exit."""
+    instance config with its default and its comment in the source (or in a dataclass it extends), then
+    exit. more_comments: other dataclasses whose comments describe settings that have none of their own
+    (TrainConfig's model fields: ModelConfig)."""
     if {"-h", "--help"} & set(argv):
-        print(doc.strip() + "\n\nSettings (--key=value) and their defaults:")
-        print("\n".join(f"  --{k}={v!r}" for k, v in dataclasses.asdict(config).items()))
+        comments = {}
+        for cls in (*more_comments, *reversed(type(config).__mro__)):     # a subclass's own comments last
+            if dataclasses.is_dataclass(cls):
+                comments.update(field_comments(cls))
+        print(doc.strip() + "\n\nSettings (--key=value), their defaults and what they are:")
+        for key, value in dataclasses.asdict(config).items():
+            setting = f"  --{key}={value!r}"
+            comment = comments.get(key, "")
+            print(setting if not comment else textwrap.fill(
+                comment, width=max(100, len(setting) + 40), initial_indent=f"{setting:<38}",
+                subsequent_indent=" " * 38))
         sys.exit()
 
 

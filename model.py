@@ -28,8 +28,8 @@ FFN_TYPES = ("swiglu", "gelu", "relu")
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000     # tokenizer size; the paper uses LLaMA-2's 32k SentencePiece vocabulary
-    dim: int = 576              # embedding width; §2.2.2: sub-billion models should be thin ...
-    n_layers: int = 30          # ... and deep (§2.2.2). Number of *unique* transformer blocks
+    dim: int = 576              # embedding width; §2.2.2: sub-billion models should be thin (576 at 125M) ...
+    n_layers: int = 30          # number of *unique* transformer blocks; §2.2.2: ... and deep (30 at 125M)
     n_heads: int = 9            # query heads (head dim = dim / n_heads = 64 in every paper model)
     n_kv_heads: int = 3         # §2.2.4 grouped-query attention: key/value heads shared by n_heads/n_kv_heads queries
     ffn_dim: int = 1536         # §2.2.1 hidden size of the feed-forward network

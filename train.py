@@ -55,13 +55,13 @@ from warm_start import (adopt_model_settings, changed_settings, check_data_token
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out-shakespeare-char"
-    dataset: str = "shakespeare_char"
+    out_dir: str = "out-shakespeare-char"  # where ckpt.pt, log.jsonl and loss.png go
+    dataset: str = "shakespeare_char"  # data/<dataset>/ as its prepare.py writes it (shakespeare: on first use)
     data_dir: str = ""                  # folder with train.bin, val.bin, meta.json; "" = data/<dataset>
     init_from: str = "scratch"          # "scratch", "resume" (from out_dir/ckpt.pt), or a model source to fine-tune:
                                         # our checkpoint, an HF dir or hub id, a .gguf file (see loader.py)
     eval_interval: int = 500            # iterations between evals (each costs ~13 training steps at the default)
-    eval_iters: int = 20
+    eval_iters: int = 20                # batches per split in each eval (the same ones every eval)
     log_interval: int = 10              # iterations between progress-bar updates of loss, tokens/s, MFU
     always_save_checkpoint: bool = False  # False: save only when val loss improves (and on Ctrl-C/SIGTERM)
     quiet: bool = False                 # no progress bar, no printing (for many runs in one process)
@@ -92,13 +92,13 @@ class TrainConfig:
     min_lr: float = 0.0                 # where the decay ends: 0 for the quick default (docs/quickstart.md), 10%
                                         # of learning_rate in the paper's configs; Muon's floor is the same
                                         # fraction of muon_lr
-    warmup_iters: int = 100
+    warmup_iters: int = 100             # linear warmup from 0 to the peak learning rates
     lr_schedule: str = "cosine"         # after warmup: "cosine" decay to min_lr, or "wsd" (warmup-stable-decay):
                                         # the peak until the last cooldown_frac of lr_decay_iters, then linear
     cooldown_frac: float = 0.2          # "wsd": the fraction of lr_decay_iters spent decaying to min_lr
     lr_decay_iters: Optional[int] = None  # None: max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
+    weight_decay: float = 0.1           # decoupled, on the 2-D matrices only (AdamW and Muon alike)
+    beta1: float = 0.9                  # AdamW's betas and eps
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0              # 0 disables clipping
@@ -114,7 +114,7 @@ class TrainConfig:
                                         # where the hardware has it and it pays (CUDA; CPUs with AVX-512
                                         # BF16/AMX for dim >= loader.CPU_BF16_MIN_DIM)
     compile: bool = False               # torch.compile the model (the uncompiled one is what gets saved)
-    seed: int = 1337
+    seed: int = 1337                    # the init, and every batch (a function of seed and iteration)
     peak_flops: float = 0.0             # for MFU; 0: the GPU's datasheet bf16 peak, or measured on CPU
 
 
@@ -492,7 +492,7 @@ def run(cfg, set_keys, rank, world, device, stop):
 
 
 if __name__ == "__main__":
-    exit_if_help(sys.argv[1:], __doc__, TrainConfig())
+    exit_if_help(sys.argv[1:], __doc__, TrainConfig(), more_comments=(ModelConfig,))
     try:
         train(*configure_and_report(TrainConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, DataError, CheckpointError) as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from bench_train import parse_variants, tokens_per_second  # noqa: E402
 from configurator import ConfigError, configure, exit_if_help  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from loader import resolve_device, resolve_dtype  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
 
@@ -66,7 +67,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    exit_if_help(sys.argv[1:], __doc__, EqualTimeConfig())
+    exit_if_help(sys.argv[1:], __doc__, EqualTimeConfig(), more_comments=(ModelConfig,))
     try:
         main(configure(EqualTimeConfig(), sys.argv[1:]))
     except ConfigError as e:

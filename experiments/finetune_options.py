@@ -30,6 +30,7 @@ from bench_train import parse_variants  # noqa: E402
 from configurator import ConfigError, configure_and_report, exit_if_help  # noqa: E402
 from experiments.quickstart_vs_nanogpt import machine  # noqa: E402
 from dataset import DataError  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 from loader import resolve_device, resolve_dtype  # noqa: E402
 from measure import in_fresh_process, peak_rss_mb  # noqa: E402
@@ -101,7 +102,7 @@ def main(cfg, set_keys):
 
 
 if __name__ == "__main__":
-    exit_if_help(sys.argv[1:], __doc__, OptionsConfig())
+    exit_if_help(sys.argv[1:], __doc__, OptionsConfig(), more_comments=(ModelConfig,))
     try:
         main(*configure_and_report(OptionsConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, DataError) as e:

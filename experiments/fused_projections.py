@@ -23,6 +23,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from bench_train import BenchConfig, tokens_per_second  # noqa: E402
 from configurator import ConfigError, configure, exit_if_help  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from loader import dtype_name, resolve_device  # noqa: E402
 from train import check_config  # noqa: E402
 
@@ -88,7 +89,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     defaults = BenchConfig(dtypes="fp32", iters=20, warmup=3)
-    exit_if_help(sys.argv[1:], __doc__, defaults)
+    exit_if_help(sys.argv[1:], __doc__, defaults, more_comments=(ModelConfig,))
     try:
         main(configure(defaults, sys.argv[1:]))
     except ConfigError as e:

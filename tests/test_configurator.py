@@ -1,9 +1,13 @@
-"""configurator.py's --help, through every script whose settings it reads."""
+"""configurator.py's --help, through every script whose settings it reads, each setting with its comment."""
+import dataclasses
+import re
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
+
+import configurator
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train.py", "bench_train.py", "experiments/equal_time.py", "experiments/finetune_options.py",
@@ -19,5 +23,27 @@ def test_help_prints_the_usage_and_every_setting_then_exits(script, flag, monkey
     assert stop.value.code is None                                  # exit status 0, nothing run
     out = capsys.readouterr().out
     assert out.startswith(runpy.run_path(str(REPO / script))["__doc__"].strip()[:40])
-    assert "Settings (--key=value) and their defaults:" in out
+    assert "Settings (--key=value), their defaults and what they are:" in out
     assert "  --max_iters=" in out and "  --seed=1337" in out
+    assert re.search(r"--share='immediate' +MobileLLM-LS: each block applied twice in a row\n", out)
+    assert re.search(r"--n_kv_heads=2 +§2.2.4 grouped-query attention", out)     # ModelConfig's comment
+
+
+def test_each_setting_is_described_by_the_comment_beside_it():
+    @dataclasses.dataclass
+    class Base:
+        # a section heading, not a description
+        a: int = 1                  # the first
+                                    # over two lines
+        b: str = "#"                # a '#' in a default is not a comment
+        c: float = 0.5
+        # another heading
+        d: bool = False             # d's own
+
+    @dataclasses.dataclass
+    class Sub(Base):
+        d: bool = True              # the subclass's word on d
+
+    assert configurator.field_comments(Base) == {"a": "the first over two lines",
+                                                 "b": "a '#' in a default is not a comment", "d": "d's own"}
+    assert configurator.field_comments(Sub) == {"d": "the subclass's word on d"}
