@@ -21,6 +21,7 @@ empty line or /exit; the whole conversation is the prompt of each reply (its old
 outgrows the context). Ctrl-C stops a reply and leaves that exchange out; Ctrl-C at the "> " prompt quits.
 """
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -304,3 +305,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:                 # Ctrl-C ends a sample or a conversation: no traceback
         print(file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:                   # the reader went away (sample.py | head): stop quietly, as
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # cat does; the exit flush goes nowhere
+        sys.exit(141)                         # 128 + SIGPIPE, what a shell reports for such a stop

@@ -1,6 +1,7 @@
 import argparse
 import io
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -355,6 +356,17 @@ def test_meta_ls_cache_reproduces_metas_cached_decoding_and_the_default_does_not
 def test_meta_ls_cache_needs_immediate_sharing():
     with pytest.raises(ValueError, match="meta_ls_cache"):
         tiny_model(meta_ls_cache=True)
+
+
+def test_a_reader_that_goes_away_ends_the_sample_quietly(trained_ckpt):
+    """python sample.py | head: exit code 141 (128 + SIGPIPE) and no BrokenPipeError traceback."""
+    run = subprocess.Popen([sys.executable, str(Path(sample.__file__)), "--init_from", str(trained_ckpt),
+                            "--start", "abc", "--max_new_tokens", "100000", "--temperature", "0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert run.stdout.read(10)                                      # the sample has started streaming ...
+    run.stdout.close()                                              # ... and the reader leaves
+    err = run.stderr.read().decode()
+    assert run.wait(timeout=60) == 141 and "Traceback" not in err, err
 
 
 def test_ctrl_c_ends_a_sample_or_a_conversation_without_a_traceback(monkeypatch):
