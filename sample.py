@@ -103,7 +103,8 @@ def generate_one(model, ids, args, generator, tokenizer=None, out=None, echo=Tru
     new, steps = [], 0
     t0 = time.perf_counter()
     t_first = t_last = t0
-    stream = model.generate_tokens(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+    stream = model.generate_tokens(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
+                                   generator)
     for token in stream:
         t_last = time.perf_counter()
         t_first, steps = (t_last if steps == 0 else t_first), steps + 1
@@ -195,7 +196,7 @@ def main(argv=None):
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (0: from all)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
@@ -214,8 +215,8 @@ def main(argv=None):
     args.chat |= args.interactive
     if args.system is not None and not args.chat:
         p.error("--system needs --chat or --interactive")
-    if args.temperature < 0 or args.max_new_tokens < 1 or args.num_samples < 1:
-        p.error("--temperature must be >= 0, --max_new_tokens and --num_samples >= 1")
+    if args.temperature < 0 or args.top_k < 0 or min(args.max_new_tokens, args.num_samples, args.prompt_tokens) < 1:
+        p.error("--temperature and --top_k must be >= 0, --max_new_tokens, --num_samples and --prompt_tokens >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
 

@@ -149,6 +149,24 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--init_from", "mobilellm-micro"])          # a preset has no tokenizer: --benchmark only
     assert "--benchmark" in capsys.readouterr().err
+    for bad in (["--top_k", "-1"], ["--benchmark", "--prompt_tokens", "0"]):   # argparse errors (usage on stderr)
+        with pytest.raises(SystemExit):
+            sample.main(["--init_from", "mobilellm-micro"] + bad)
+        assert "--top_k must be >= 0, --max_new_tokens, --num_samples and --prompt_tokens >= 1" in \
+            capsys.readouterr().err
+
+
+def test_top_k_0_samples_from_every_token(trained_ckpt, monkeypatch, capsys):
+    seen, real = [], MobileLLM.generate_tokens
+
+    def spy(self, idx, max_new_tokens, temperature, top_k, top_p, generator):
+        seen.append(top_k)
+        return real(self, idx, max_new_tokens, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr(MobileLLM, "generate_tokens", spy)
+    for k in ("0", "5"):
+        run(["--init_from", str(trained_ckpt), "--start", "ab", "--max_new_tokens", "3", "--top_k", k], capsys)
+    assert seen == [None, 5]
 
 
 def test_benchmark_runs_on_a_preset(capsys):
