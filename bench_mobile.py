@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from android import android_rows, android_target
 from checkpoint import CheckpointError
-from configurator import accept_old_flags
+from configurator import accept_old_flags, at_least
 from executorch_private import reset_threadpool
 from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, load_source, program_seq_len,
                     quantize_8da4w, require_executorch, write_program)
@@ -290,11 +290,11 @@ def main(argv=None):
     p.add_argument("--device", default="host", choices=("host", "android", "none"))
     p.add_argument("--serial", default="", help="adb serial (--device android)")
     p.add_argument("--runner", default="", help="executor_runner built for the phone (--device android)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up; medians are reported")
-    p.add_argument("--max_seq_len", type=int, default=0,
+    p.add_argument("--threads", type=at_least(1), default=os.cpu_count())
+    p.add_argument("--prompt_len", type=at_least(1), default=64)
+    p.add_argument("--new_tokens", type=at_least(1), default=32)
+    p.add_argument("--runs", type=at_least(1), default=5, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--max_seq_len", type=at_least(0), default=0,
                    help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
     p.add_argument("--kernel_bound", action="store_true",
                    help="also measure what XNNPACK's matrix-vector kernels stream (cold and from cache) and add "
@@ -307,7 +307,7 @@ def main(argv=None):
     p.add_argument("--val_data", default="",
                    help="a prepared dataset folder (val.bin, in the model's tokenizer): also score each row's loss "
                         "on its first --val_tokens tokens, in windows of --max_seq_len fed one token at a time")
-    p.add_argument("--val_tokens", type=int, default=4096)
+    p.add_argument("--val_tokens", type=at_least(1), default=4096)
     p.add_argument("--cache_dir", default=str(CACHE_DIR))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(accept_old_flags(argv, OLD_FLAGS))

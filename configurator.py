@@ -8,8 +8,10 @@ nanoGPT-style configuration for a dataclass of settings: defaults in the datacla
 An unknown key or a value of the wrong type is an error that names it, never a silent default.
 -h or --help prints the script's docstring and every setting with its default and the comment beside it in the
 source (exit_if_help).
-Also here: accept_old_flags, which keeps renamed command-line flags working in the argparse scripts.
+Also here, for the argparse scripts: at_least (an integer option's lower bound) and accept_old_flags (renamed
+flags keep working).
 """
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -155,6 +157,18 @@ def exit_if_help(argv, doc, config, more_comments=()):
                 comment, width=max(100, len(setting) + 40), initial_indent=f"{setting:<38}",
                 subsequent_indent=" " * 38))
         sys.exit()
+
+
+def at_least(minimum):
+    """An argparse type: an integer >= minimum (a count of tokens, runs, threads; 0 where it means "none"
+    or "the default"), so that a bad count is a usage error naming the option, not a traceback later."""
+    def integer(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    integer.__name__ = "integer"                     # argparse: "invalid integer value: 'abc'"
+    return integer
 
 
 def accept_old_flags(argv, renamed):

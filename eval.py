@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import ConfigError
+from configurator import ConfigError, at_least
 from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype, torch_dtype
 from quantize import set_simulate
 
@@ -374,8 +374,8 @@ def main(argv=None):
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--data", default=None, help="local jsonl: PATH (one task) or task=PATH,task=PATH; "
                         "without it the data is downloaded once and cached in " + str(CACHE_DIR))
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences (context + one choice) per forward")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="score only the first N examples of each task")
+    parser.add_argument("--batch_size", type=at_least(1), default=16, help="sequences (context + one choice) per forward")
     parser.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     parser.add_argument("--dtype", default="auto", type=dtype_name, choices=(*DTYPES, "auto"),
                         help="autocast dtype of the forward (log-probs are always summed in fp32); auto: bf16 where "
@@ -389,8 +389,6 @@ def main(argv=None):
     try:
         tasks = parse_tasks(args.tasks)
         paths = parse_data(args.data, tasks)
-        if args.limit is not None and args.limit < 1:
-            raise EvalError(f"--limit must be a positive number of examples, got {args.limit}")
         args.device = resolve_device(args.device)
         examples = {}
         for name in tasks:       # read every task's data before the model, so a bad file fails fast

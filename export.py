@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
+from configurator import at_least
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
@@ -432,7 +433,7 @@ def main(argv=None):
                    help="fp32, int8 (W8A8: dynamic per-token activations) or 8da4w (int4 weights, groups of 32)")
     p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ExecuTorch or lite interpreter (fp32)")
     p.add_argument("--out", default="", help="copy the program here (default: leave it in --cache_dir)")
-    p.add_argument("--max_seq_len", type=int, default=0,
+    p.add_argument("--max_seq_len", type=at_least(0), default=0,
                    help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
     p.add_argument("--lowering", default="shared", choices=("shared", "naive"),
                    help="shared: identical block delegates shared (MobileLLM-LS); naive: ExecuTorch's own")

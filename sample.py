@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
+from configurator import at_least
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype
 from tokenizer import render_chat
 from train import TrainConfig
@@ -193,10 +194,10 @@ def main(argv=None):
     p.add_argument("--interactive", action="store_true",
                    help="a conversation (implies --chat): user messages are read from stdin, one per line")
     p.add_argument("--system", default=None, help="--chat/--interactive: the system message")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--num_samples", type=at_least(1), default=1)
+    p.add_argument("--max_new_tokens", type=at_least(1), default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (0: from all)")
+    p.add_argument("--top_k", type=at_least(0), default=200, help="sample from the k most likely tokens (0: from all)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
@@ -208,15 +209,15 @@ def main(argv=None):
                    help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
     p.add_argument("--benchmark", action="store_true",
                    help="time greedy decoding of --max_new_tokens after a random --prompt_tokens prompt")
-    p.add_argument("--prompt_tokens", type=int, default=64, help="--benchmark prompt length")
+    p.add_argument("--prompt_tokens", type=at_least(1), default=64, help="--benchmark prompt length")
     p.add_argument("--transformers_reference", action="store_true",
                    help="--benchmark also times transformers' LlamaForCausalLM with the same weights")
     args = p.parse_args(argv)
     args.chat |= args.interactive
     if args.system is not None and not args.chat:
         p.error("--system needs --chat or --interactive")
-    if args.temperature < 0 or args.top_k < 0 or min(args.max_new_tokens, args.num_samples, args.prompt_tokens) < 1:
-        p.error("--temperature and --top_k must be >= 0, --max_new_tokens, --num_samples and --prompt_tokens >= 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top_p must be in (0, 1]")
 

@@ -1,4 +1,5 @@
 """configurator.py's --help, through every script whose settings it reads, each setting with its comment."""
+import argparse
 import dataclasses
 import re
 import runpy
@@ -47,3 +48,13 @@ def test_each_setting_is_described_by_the_comment_beside_it():
     assert configurator.field_comments(Base) == {"a": "the first over two lines",
                                                  "b": "a '#' in a default is not a comment", "d": "d's own"}
     assert configurator.field_comments(Sub) == {"d": "the subclass's word on d"}
+
+
+def test_at_least_makes_a_bad_count_a_usage_error_naming_the_option(capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=configurator.at_least(1), default=5)
+    assert parser.parse_args(["--runs", "3"]).runs == 3 and parser.parse_args([]).runs == 5
+    for bad, says in (("0", "must be an integer >= 1, got 0"), ("abc", "invalid integer value: 'abc'")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--runs", bad])
+        assert f"argument --runs: {says}" in capsys.readouterr().err

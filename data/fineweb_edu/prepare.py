@@ -20,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import read_text, start_dataset, write_meta, write_tokens  # noqa: E402
+from prepare_common import read_text, start_dataset, write_meta, write_tokens  # noqa: E402  (puts the repo on the path)
+from configurator import at_least  # noqa: E402
 from tokenizer import tiktoken_tokenizer  # noqa: E402
 
 REMOTE = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
@@ -105,9 +106,9 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="local .jsonl or text files instead of streaming")
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000)
-    parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores - 1)")
+    parser.add_argument("--shard_tokens", type=at_least(1), default=100_000_000)
+    parser.add_argument("--max_tokens", type=at_least(1), default=None, help="stop after this many tokens")
+    parser.add_argument("--workers", type=at_least(1), default=None, help="tokenizer processes (default: cores - 1)")
     parser.add_argument("--out_dir", default=str(Path(__file__).parent), help="where to write the shards")
     args = parser.parse_args()
     docs = local_documents(args.input) if args.input else stream_remote()
