@@ -117,7 +117,8 @@ def configure_and_report(config, argv):
 
 def field_comments(cls):
     """{field: the comment beside it in cls's source}, a comment that goes on in the comment-only lines
-    below it (at the same column) joined into one line. What --help says about each setting."""
+    below it (indented past the fields, unlike a section heading) joined into one line. What --help says
+    about each setting."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):                     # no source (e.g. a class made in an interpreter)

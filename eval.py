@@ -375,7 +375,8 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="local jsonl: PATH (one task) or task=PATH,task=PATH; "
                         "without it the data is downloaded once and cached in " + str(CACHE_DIR))
     parser.add_argument("--limit", type=at_least(1), default=None, help="score only the first N examples of each task")
-    parser.add_argument("--batch_size", type=at_least(1), default=16, help="sequences (context + one choice) per forward")
+    parser.add_argument("--batch_size", type=at_least(1), default=16,
+                        help="sequences (context + one choice) per forward")
     parser.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     parser.add_argument("--dtype", default="auto", type=dtype_name, choices=(*DTYPES, "auto"),
                         help="autocast dtype of the forward (log-probs are always summed in fp32); auto: bf16 where "

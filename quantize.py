@@ -401,11 +401,14 @@ def main(argv=None):
                         help=f"--report: which of {', '.join(VARIANTS)} (fp32 always). On CPUs without AVX-512, bf16 "
                              "is emulated and the int8 kernels are slow on long inputs: the -fake variants give the "
                              "same losses (float error aside) at fp32 speed")
-    parser.add_argument("--eval_tokens", type=at_least(0), default=32768, help="--report: validation tokens to score (0: skip)")
-    parser.add_argument("--block_size", type=at_least(0), default=0, help="--report: evaluation window (default: the model's, <= 512)")
+    parser.add_argument("--eval_tokens", type=at_least(0), default=32768,
+                        help="--report: validation tokens to score (0: skip)")
+    parser.add_argument("--block_size", type=at_least(0), default=0,
+                        help="--report: evaluation window (default: the model's, <= 512)")
     parser.add_argument("--batch_size", type=at_least(1), default=8)
     parser.add_argument("--data_dir", default="", help="--report: folder with val.bin (default: the training data)")
-    parser.add_argument("--decode_tokens", type=at_least(0), default=32, help="--report: tokens to time per variant (0: skip)")
+    parser.add_argument("--decode_tokens", type=at_least(0), default=32,
+                        help="--report: tokens to time per variant (0: skip)")
     parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     init_from = args.init_from or args.ckpt_dir

@@ -319,8 +319,8 @@ def resume_state(ckpt, out_dir, optimizer, device):
     restore_rng_state(ckpt["rng"], device)
     log_file = Path(out_dir) / "log.jsonl"
     history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-    history = [r for r in history if r["iter"] <= ckpt["iter_num"]]     # a killed run may have logged evals past
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"], history   # its checkpoint: they are redone
+    history = [r for r in history if r["iter"] <= ckpt["iter_num"]]     # a run killed outright may have logged
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"], history   # evals past its checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
