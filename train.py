@@ -135,12 +135,18 @@ def check_config(cfg):
         value = getattr(cfg, name)
         if (dtype_name(value) if name == "dtype" else value) not in allowed:
             raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
-    for name in ("max_iters", "eval_iters", "eval_interval", "log_interval", "batch_size",
-                 "gradient_accumulation_steps"):
-        if getattr(cfg, name) < (0 if name == "max_iters" else 1):
+    for name in ("eval_iters", "eval_interval", "log_interval", "batch_size", "gradient_accumulation_steps"):
+        if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.train_blocks < 0:
-        raise ConfigError(f"train_blocks must be 0 (all) or positive, got {cfg.train_blocks}")
+    for name in ("max_iters", "warmup_iters", "train_blocks", "learning_rate", "muon_lr", "min_lr", "weight_decay",
+                 "eps", "grad_clip", "peak_flops"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.lr_decay_iters is not None and cfg.lr_decay_iters < 1:
+        raise ConfigError(f"lr_decay_iters must be positive (or None: max_iters), got {cfg.lr_decay_iters}")
     if not 0 < cfg.cooldown_frac <= 1:
         raise ConfigError(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
 

@@ -281,6 +281,13 @@ def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
         train(tiny(data_dir, tmp_path, lr_schedule="wsd", cooldown_frac=0))
     with pytest.raises(ConfigError, match="bad model settings: dim .* divisible by n_heads"):
         train(tiny(data_dir, tmp_path, dim=30))
+    for bad, says in (({"learning_rate": -1.0}, "learning_rate must be >= 0, got -1.0"),
+                      ({"beta2": 1.0}, r"beta2 must be in \[0, 1\), got 1.0"),
+                      ({"max_iters": -1}, "max_iters must be >= 0, got -1"),
+                      ({"batch_size": 0}, "batch_size must be positive, got 0"),
+                      ({"lr_decay_iters": 0}, "lr_decay_iters must be positive")):   # before torch sees them
+        with pytest.raises(ConfigError, match=says):
+            train(tiny(data_dir, tmp_path, **bad))
     with pytest.raises(DataError, match="not prepared.*prepare.py"):
         train(tiny(tmp_path / "nowhere", tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
