@@ -372,12 +372,16 @@ def report(model, source, args):
 
 
 def int8_path(init_from, out_dir, mode):
-    """Where the int8 checkpoint goes: out_dir, else <source out_dir>-<mode> (out-<name>-<mode> for a hub id)."""
+    """Where the int8 checkpoint goes: out_dir, else a folder beside our source (out-x -> out-x-w8a8, runs/m.pt
+    -> runs/m-w8a8), or for a GGUF file or a hub id, whose folders are not ours, out-<name>-<mode> here."""
     if out_dir:
         return Path(out_dir) / CKPT_NAME
     source = Path(init_from)
-    base = source.parent if source.name == CKPT_NAME else source
-    return Path(f"{base}-{mode}" if source.exists() else f"out-{source.name}-{mode}") / CKPT_NAME
+    source = source.parent if source.name == CKPT_NAME else source
+    source = source if source.name else source.resolve()                   # "." names the folder it is
+    if source.suffix == ".gguf" or not source.exists():
+        return Path(f"out-{source.stem if source.suffix == '.gguf' else source.name}-{mode}") / CKPT_NAME
+    return source.with_name(f"{source.stem if source.is_file() else source.name}-{mode}") / CKPT_NAME
 
 
 def variant_names(text):
@@ -393,7 +397,8 @@ def main(argv=None):
     parser.add_argument("--init_from", default="", help="the float model: our checkpoint (out_dir or ckpt.pt), "
                                                         "an HF dir or repo id")
     parser.add_argument("ckpt_dir", nargs="?", default="", help=argparse.SUPPRESS)   # the old spelling of --init_from
-    parser.add_argument("--out_dir", default="", help="where to write the int8 ckpt.pt (default: <init_from>-<mode>)")
+    parser.add_argument("--out_dir", default="", help="where to write the int8 ckpt.pt (default: <init_from>-<mode>; "
+                                                       "for a .gguf or a hub id, out-<name>-<mode> here)")
     parser.add_argument("--mode", default="w8a8", choices=MODES,
                         help="w8a8: int8 weights and per-token int8 activations; w8: int8 weights only")
     parser.add_argument("--report", action="store_true", help="then compare every variant (fp32, bf16, w8a8, w8)")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,20 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked
     assert "unknown variant(s) fp16" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="already quantized"):
         main(["--init_from", str(tmp_path / "src-w8a8"), "--out_dir", str(tmp_path / "again")])
+
+
+def test_the_int8_checkpoint_goes_beside_our_run_and_here_for_a_gguf_or_a_hub_id(tmp_path, monkeypatch):
+    from quantize import int8_path
+    (tmp_path / "run").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "SmolLM2.Q4_1.gguf").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert int8_path("run", "", "w8a8") == int8_path("run/ckpt.pt", "", "w8a8") == Path("run-w8a8/ckpt.pt")
+    (tmp_path / "run" / "model.pt").write_bytes(b"")                                   # a checkpoint file
+    assert int8_path("run/model.pt", "", "w8a8") == Path("run/model-w8a8/ckpt.pt")
+    assert int8_path("models/SmolLM2.Q4_1.gguf", "", "w8") == Path("out-SmolLM2.Q4_1-w8/ckpt.pt")  # not in models/
+    assert int8_path("facebook/MobileLLM-1.5B", "", "w8a8") == Path("out-MobileLLM-1.5B-w8a8/ckpt.pt")
+    assert int8_path("run", "elsewhere", "w8a8") == Path("elsewhere/ckpt.pt")
 
 
 def test_load_quantized_refuses_float_and_foreign_checkpoints(tmp_path):
