@@ -232,6 +232,7 @@ def export_hf(model, out_dir, tokenizer=None):
     st = _require("safetensors.torch", "safetensors").torch
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").unlink(missing_ok=True)    # what marks a directory as a model: gone until all is written
     hf_config = config_to_hf(model.config)
     if tokenizer is not None:
         write_tokenizer(tokenizer, out_dir)
@@ -297,18 +298,17 @@ def write_tokenizer(tokenizer, out_dir):
     """tokenizer.json + tokenizer_config.json for the tokenizers kind, tokenizer.model for SentencePiece."""
     spec = tokenizer.spec
     if spec.get("kind") == "sentencepiece":
-        (out_dir / SENTENCEPIECE_FILE).write_bytes(Path(spec["model_file"]).read_bytes())
+        atomic_write(out_dir / SENTENCEPIECE_FILE, lambda tmp: tmp.write_bytes(Path(spec["model_file"]).read_bytes()))
         return
     if spec.get("kind") != "tokenizers":
         raise HFFormatError(f"a {spec.get('kind')!r} tokenizer has no Hugging Face files here (only the tokenizers "
                             "and sentencepiece kinds): export the model without it")
     tokenizer_json = with_bos_post_processor(spec["json"], spec["bos"], tokenizer.bos_id)
-    (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
               "add_bos_token": spec["add_bos"], "chat_template": spec["chat_template"]}
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, ensure_ascii=False) + "\n",
-        encoding="utf-8")
+    config_json = json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, ensure_ascii=False) + "\n"
+    for name, text in (("tokenizer.json", tokenizer_json), ("tokenizer_config.json", config_json)):
+        atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def with_bos_post_processor(tokenizer_json, bos, bos_id):

@@ -199,6 +199,20 @@ def test_hf_dir_tokenizer_config_forms(tmp_path, chat_tokenizer):
     assert (tokenizer.bos_id, tokenizer.chat_template) == (None, "{{ messages }}")
 
 
+def test_an_export_that_fails_midway_leaves_no_directory_that_looks_like_a_model(tmp_path, monkeypatch):
+    safetensors = pytest.importorskip("safetensors.torch")
+    hf.export_hf(tiny_model(), tmp_path)                                  # an earlier, whole export
+    assert (tmp_path / "config.json").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        hf.export_hf(tiny_model(share="immediate"), tmp_path)            # new weights never written
+    assert not (tmp_path / "config.json").exists()                         # so the old weights are not read as it
+
+
 def test_export_refuses_a_tokenizer_without_hf_files(tmp_path):
     with pytest.raises(hf.HFFormatError, match="'char' tokenizer has no Hugging Face files"):
         hf.export_hf(tiny_model(), tmp_path, char_tokenizer("abc"))
