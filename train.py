@@ -257,7 +257,7 @@ def plot_losses(history, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))   # never half an image
     plt.close(fig)
 
 
