@@ -1,5 +1,6 @@
 """train.py and configurator.py on tiny models and tiny data: learning, exact resume, DDP equivalence,
 crash-safe checkpoints, Ctrl-C, NaN stops, clear errors, the shipped configs."""
+import importlib.util
 import json
 import os
 import random
@@ -8,8 +9,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import importlib.util
 
 import pytest
 import torch
@@ -60,6 +59,9 @@ def test_a_few_steps_lower_the_loss_and_write_the_log(data_dir, tmp_path):
     assert lines == records
     assert {"iter", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"} <= set(lines[-1])
     assert lines[-1]["iter"] == 30 and lines[-1]["tokens"] == 30 * 4 * 32
+    plotted = importlib.util.find_spec("matplotlib") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "log.jsonl"] + ["loss.png"] * plotted
+    assert not plotted or (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"    # no temporary file, a whole image
     model, ckpt = checkpoint.load_model(tmp_path)        # weights_only=True loading of everything we store
     assert ckpt["iter_num"] == 30 and ckpt["tokenizer"]["kind"] == "char"
     assert ckpt["data_state"]["iter_num"] == 30 and "torch" in ckpt["rng"]
