@@ -142,7 +142,7 @@ def host_eager_row(source, seed, dtype, max_seq_len, prompt_len, new_tokens, run
     torch.set_num_threads(threads)
     base = rss_mb()
     t0 = time.perf_counter()
-    model = load_source(source, seed).to(torch_dtype(dtype))
+    model = load_source(source, seed)[0].to(torch_dtype(dtype))
     t1 = time.perf_counter()
     step = cached_forward(model, max_seq_len)
     prefill, decode = time_generation(step, prompt_len, new_tokens, runs, model.config.vocab_size)
@@ -327,7 +327,7 @@ def with_logit_agreement(row, reference):
 
 def checked_source(args, source):
     """(model, its programs' KV cache length: export.program_seq_len), checked against the tokens to time."""
-    model = load_source(source, args.seed)
+    model = load_source(source, args.seed)[0]
     seq_len = program_seq_len(model, args.max_seq_len)
     if args.prompt_len + args.new_tokens > seq_len:
         raise BenchError(f"--prompt_len + --new_tokens ({args.prompt_len + args.new_tokens}) must fit in "

@@ -1,11 +1,14 @@
 """
-Make a phone program from a MobileLLM: an ExecuTorch .pte with the XNNPACK delegate (fp32, the paper's
-int8 W8A8, or 8da4w) or a TorchScript lite-interpreter .ptl. bench_mobile.py times what this makes.
+Export a MobileLLM: a phone program, an ExecuTorch .pte with the XNNPACK delegate (fp32, the paper's int8
+W8A8, or 8da4w) or a TorchScript lite-interpreter .ptl, which bench_mobile.py times; or the model for
+llama.cpp (a .gguf, gguf_file.py) or transformers (a Hugging Face directory, hf.py).
 
   python export.py --init_from out-shakespeare-char --dtype int8 --out model.pte   # our checkpoint -> .pte
   python export.py --init_from out-quant --dtype int8 --out model.pte              # an int8 checkpoint (below)
   python export.py --init_from mobilellm-125m-ls:n_layers=2 --dtype 8da4w           # a preset, random weights
   python export.py --init_from facebook/MobileLLM-125M --format ptl --out model.ptl # lite interpreter
+  python export.py --init_from out-shakespeare-char --format gguf --dtype fp16 --out model.gguf   # llama.cpp
+  python export.py --init_from model.gguf --format hf --out out-hf                  # transformers, lm-eval's hf
 
 In Python: `path = export.cached_pte(model, "int8", max_seq_len=256)` (exported once per weights and
 options, kept in out-mobile/cache/), or `data, info = export.export_pte(model, "int8")` for the bytes.
@@ -60,6 +63,8 @@ from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
 EXPORT_VERSION = {"fp32": 3, "int8": 4, "8da4w": 4}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
+GGUF_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}      # --dtype -> llama.cpp's name
+FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYPES), "hf": ("fp32",)}
 MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
 
@@ -138,17 +143,18 @@ def program_seq_len(model, requested=0):
 
 
 def load_source(init_from, seed=0):
-    """The float MobileLLM to export: a preset with overrides (random weights, seeded), or anything
-    loader.load_model_and_tokenizer reads (our checkpoints, HF dirs, ...); an int8 model is dequantized."""
+    """(the float MobileLLM to export, its tokenizer): a preset with overrides (random weights, seeded; no
+    tokenizer), or anything loader.load_model_and_tokenizer reads (our checkpoints, HF dirs, GGUF files, ...);
+    an int8 model is dequantized."""
     from quantize import is_quantized
     name = init_from.partition(":")[0]
     if not Path(init_from).exists() and (name in PRESETS or ":" in init_from):
-        return preset_model(init_from, seed)
+        return preset_model(init_from, seed), None
     try:
-        model = load_model_and_tokenizer(init_from)[0]
-    except (CheckpointError, ValueError, RuntimeError) as e:
+        model, tokenizer = load_model_and_tokenizer(init_from)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
         raise ExportError(f"--init_from {init_from!r}: {e}") from e
-    return dequantized(model) if is_quantized(model) else model
+    return (dequantized(model) if is_quantized(model) else model), tokenizer
 
 
 def source_hash(model):
@@ -425,14 +431,38 @@ def write_program(model, fmt, dtype, out, max_seq_len, share_blocks=True, cache_
     return path
 
 
+def write_model_files(model, tokenizer, fmt, dtype, out):
+    """--format gguf (one file, its matrices in dtype) or hf (a directory): the model with its tokenizer, for
+    llama.cpp or transformers. Returns what was written, as a line to print."""
+    from gguf_file import export_gguf
+    from hf import export_hf
+    try:
+        if fmt == "gguf":
+            path = export_gguf(model, tokenizer, out, GGUF_TYPES[dtype])
+            vocab = "no vocabulary" if tokenizer is None else f"{tokenizer.spec['kind']} vocabulary"
+            return f"{path} ({path.stat().st_size / 2**20:.1f} MB, {dtype}, {len(model.schedule)} layers, {vocab})"
+        if tokenizer is not None and tokenizer.spec.get("kind") not in ("tokenizers", "sentencepiece"):
+            print(f"a {tokenizer.spec.get('kind')!r} tokenizer has no Hugging Face files: writing the model alone")
+            tokenizer = None
+        path = export_hf(model, out, tokenizer)
+    except (ValueError, RuntimeError, OSError) as e:        # their format errors are ValueErrors; a missing package
+        raise ExportError(f"--format {fmt}: {e}") from e
+    return f"{path}: config.json, model.safetensors ({len(model.schedule)} layers)" + (
+        "" if tokenizer is None else " and the tokenizer's files")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default="mobilellm-125m",
-                   help="our checkpoint (an int8 one is dequantized), an HF dir or repo id, or preset[:field=value+...]")
-    p.add_argument("--dtype", default="fp32", type=dtype_name, choices=PROGRAM_DTYPES,
-                   help="fp32, int8 (W8A8: dynamic per-token activations) or 8da4w (int4 weights, groups of 32)")
-    p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ExecuTorch or lite interpreter (fp32)")
-    p.add_argument("--out", default="", help="copy the program here (default: leave it in --cache_dir)")
+                   help="our checkpoint (an int8 one is dequantized), a GGUF file, an HF dir or repo id, or "
+                        "preset[:field=value+...]")
+    p.add_argument("--format", default="pte", choices=FORMAT_DTYPES,
+                   help="pte (ExecuTorch), ptl (lite interpreter), gguf (llama.cpp) or hf (transformers)")
+    p.add_argument("--dtype", default="fp32", type=dtype_name,
+                   help="pte: fp32, int8 (W8A8: dynamic per-token activations) or 8da4w (int4 weights, groups of "
+                        "32); gguf: fp32, fp16, bf16 or q8_0 (llama.cpp's F32, F16, BF16, Q8_0); ptl, hf: fp32")
+    p.add_argument("--out", default="", help="where to write (pte: default, leave the program in --cache_dir; "
+                                             "gguf, hf: needed)")
     p.add_argument("--max_seq_len", type=at_least(0), default=0,
                    help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
     p.add_argument("--lowering", default="shared", choices=("shared", "naive"),
@@ -440,10 +470,18 @@ def main(argv=None):
     p.add_argument("--cache_dir", default=str(CACHE_DIR))
     p.add_argument("--seed", type=int, default=0, help="for a preset's random weights")
     args = p.parse_args(argv)
+    if args.dtype not in FORMAT_DTYPES[args.format]:
+        p.error(f"--format {args.format} takes --dtype {', '.join(FORMAT_DTYPES[args.format])}, not {args.dtype!r}")
+    if args.format in ("gguf", "hf") and not args.out:
+        p.error(f"--format {args.format} needs --out: the {'.gguf file' if args.format == 'gguf' else 'directory'}"
+                " to write")
     try:
         if args.format == "pte":
             require_executorch()
-        model = load_source(args.init_from, args.seed)
+        model, tokenizer = load_source(args.init_from, args.seed)
+        if args.format in ("gguf", "hf"):
+            print(f"wrote {write_model_files(model, tokenizer, args.format, args.dtype, args.out)}")
+            return
         path = write_program(model, args.format, args.dtype, args.out, args.max_seq_len, args.lowering == "shared",
                              args.cache_dir)
     except ExportError as e:

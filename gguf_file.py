@@ -2,8 +2,8 @@
 GGUF in and out: llama.cpp's model files load as MobileLLMs, and our models export to llama.cpp with their
 vocabulary (`pip install gguf`).
 
-  python gguf_file.py --init_from=out-shakespeare-char --out=model.gguf              # F32
-  python gguf_file.py --init_from facebook/MobileLLM-125M --out m.gguf --type F16    # anything loader.py takes
+  python export.py --init_from=out-shakespeare-char --format=gguf --out=model.gguf              # fp32 (F32)
+  python export.py --init_from=facebook/MobileLLM-125M --format=gguf --dtype=fp16 --out=m.gguf  # anything loader.py takes
 
   from gguf_file import load_gguf, export_gguf
   model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # also: loader.py takes any *.gguf path
@@ -26,8 +26,6 @@ merges; llama.cpp assumes EOS id 2 for a llama vocabulary without one), tiktoken
 tiktoken's ranks), sentencepiece -> llama (the .model's pieces, scores and types), tokenizers (byte-level
 BPE) -> gpt2. Padded embeddings get unused [PADn] tokens, as llama.cpp's converter writes them.
 """
-import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -315,24 +313,3 @@ def _write_gguf(gguf, model, tokenizer, tmp, tensor_type):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init_from", required=True, help="anything loader.py takes: checkpoint, HF dir or repo id, ...")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--type", default="F32", choices=EXPORT_TYPES, help="tensor type of the matrices")
-    args = p.parse_args(argv)
-    from checkpoint import CheckpointError
-    from loader import load_model_and_tokenizer
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.init_from)
-        path = export_gguf(model, tokenizer, args.out, args.type)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as e:   # GGUFFormatError, HFFormatError are ValueErrors
-        sys.exit(f"error: {e}")
-    vocab = "no vocabulary" if tokenizer is None else f"{tokenizer.spec['kind']} vocabulary"
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB, {args.type}, {len(model.schedule)} layers, {vocab})")
-
-
-if __name__ == "__main__":
-    main()

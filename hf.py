@@ -6,8 +6,8 @@ and export our models in the format that transformers' LlamaForCausalLM loads un
   model, tokenizer = load_hf("facebook/MobileLLM-125M")     # repo id (downloads) or a local HF-format dir
   export_hf(model, "out-hf", tokenizer)                     # config.json + model.safetensors + tokenizer files
 
-  python hf.py --init_from=model.gguf --out=out-hf          # the same from the command line, for anything
-                                                            # loader.py loads (transformers, lm-eval --model hf)
+  python export.py --init_from=model.gguf --format=hf --out=out-hf   # the same from the command line, for
+                                                                     # anything loader.py loads
 
 The layouts are the same up to names: our RoPE already uses the HF "rotate half" pairing, so no weight is
 permuted, only renamed. Meta's configs carry two fields of their own (their modeling code, checked):
@@ -21,9 +21,7 @@ Tokenizers come in two formats. tokenizer.json (SmolLM2 and most newer repos) is
 beside it gives the BOS/EOS tokens, add_bos_token and the chat template (chat_template.jinja, when present, wins,
 as in transformers). Without tokenizer.json, tokenizer.model is Meta's LLaMA-2 SentencePiece model.
 """
-import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -325,29 +323,3 @@ def with_bos_post_processor(tokenizer_json, bos, bos_id):
                                   "pair": [special[0], text[0], special[1], text[1]],
                                   "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
     return json.dumps(data, ensure_ascii=False)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--init_from", required=True, help="anything loader.py takes: checkpoint, GGUF, HF dir or repo id")
-    p.add_argument("--out", required=True, help="the directory to write")
-    args = p.parse_args(argv)
-    from checkpoint import CheckpointError
-    from loader import load_model_and_tokenizer
-    from quantize import is_quantized
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.init_from)
-        if is_quantized(model):
-            raise ValueError(f"{args.init_from} is an int8 checkpoint: export the float model it was quantized from")
-        if tokenizer is not None and tokenizer.spec.get("kind") not in ("tokenizers", "sentencepiece"):
-            print(f"a {tokenizer.spec.get('kind')!r} tokenizer has no Hugging Face files: writing the model alone")
-            tokenizer = None
-        out = export_hf(model, args.out, tokenizer)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as e:   # HFFormatError is a ValueError
-        sys.exit(f"hf.py: {e}")
-    print(f"wrote {out}: config.json, model.safetensors ({len(model.schedule)} layers)"
-          + ("" if tokenizer is None else " and the tokenizer's files"))
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 PIQA through eval.py and lm-evaluation-harness on the same model and examples, compared example by example,
 with the throughput (examples/s) of each: lm-eval's own `hf` backend (transformers) and ours (`nanomobilellm`,
 lm_eval_adapter.py). For all three runners the model must be a Hugging Face dir or repo id, the one format both
-load (`python hf.py --init_from=model.gguf --out=out-hf` writes one); lm-eval's hf backend needs accelerate.
+load (`python export.py --init_from=model.gguf --format=hf --out=out-hf` writes one); lm-eval's hf backend needs accelerate.
 
   python experiments/bench_lm_eval.py --init_from=out-hf --data=../shared/data/piqa/valid.jsonl
   python experiments/bench_lm_eval.py --init_from=out-w8a8 --data=../shared/data/piqa/valid.jsonl --runners=eval.py,nanomobilellm --simulate_int8

@@ -139,7 +139,7 @@ def main(argv=None):
     try:
         for source in sources:
             with torch.no_grad():
-                model = load_source(source, args.seed).eval()
+                model = load_source(source, args.seed)[0].eval()
                 tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed)
                 reference = model(tokens[None])[0][0] if args.check_logits else None          # (T, V)
             files = gguf_files(model, quants, args.llama_cpp, args.out_dir)

@@ -208,7 +208,7 @@ def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
     float_model = ex.preset_model(TINY_LS, seed=1)
     qmodel = quantize_model(ex.preset_model(TINY_LS, seed=1), "w8a8")
     save_checkpoint(model_checkpoint(qmodel, {"kind": "char", "chars": "ab"}, quantization="w8a8"), tmp_path / "ckpt.pt")
-    model = ex.load_source(str(tmp_path))
+    model = ex.load_source(str(tmp_path))[0]
     assert model.output.weight is model.tok_embeddings.weight                  # still tied, not untied
     w, ref = model.layers[0].feed_forward.w1.weight, float_model.layers[0].feed_forward.w1.weight
     assert 0 < (w - ref).abs().max() <= ref.abs().amax(dim=1).max() / 127      # int8 rounding, no more

@@ -112,13 +112,13 @@ def test_fine_tune_lowers_the_loss_and_keeps_the_model_and_its_tokenizer(source,
 
 
 def test_a_fine_tuned_checkpoint_exports_and_quantizes_like_any_other(source, data_dir, tmp_path):
-    gguf_file = pytest.importorskip("gguf_file")
     pytest.importorskip("gguf")
+    import export
     import quantize
     train(finetune(source, data_dir, tmp_path / "ft", max_iters=4))
     model, tokenizer = loader.load_model_and_tokenizer(str(tmp_path / "ft"))
     idx = torch.tensor([tokenizer.encode("The king and the fool")])
-    gguf_file.main(["--init_from", str(tmp_path / "ft"), "--out", str(tmp_path / "ft.gguf")])
+    export.main(["--init_from", str(tmp_path / "ft"), "--format", "gguf", "--out", str(tmp_path / "ft.gguf")])
     again, tok = loader.load_model_and_tokenizer(str(tmp_path / "ft.gguf"))
     assert torch.allclose(again(idx)[0], model(idx)[0], atol=1e-5) and tok.encode("The king") == tokenizer.encode("The king")
     quantize.main(["--init_from", str(tmp_path / "ft"), "--out_dir", str(tmp_path / "q")])

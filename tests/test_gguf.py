@@ -8,6 +8,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+import export  # noqa: E402
 import gguf_file  # noqa: E402
 import gguf_vocab  # noqa: E402
 from checkpoint import model_checkpoint, save_checkpoint  # noqa: E402
@@ -254,13 +255,15 @@ def test_export_round_trip_char_model_gives_identical_logits_and_ids(tmp_path, s
     assert torch.equal(logits(loaded, tok.encode(text)), logits(model, tok.encode(text)))
 
 
-@pytest.mark.parametrize("tensor_type, tolerance", [("F16", 2e-3), ("BF16", 2e-2), ("Q8_0", 2e-2)])
-def test_export_tensor_types_through_the_cli(tmp_path, tensor_type, tolerance, capsys):
+@pytest.mark.parametrize("dtype, tensor_type, tolerance", [("fp16", "F16", 2e-3), ("bf16", "BF16", 2e-2),
+                                                     ("q8_0", "Q8_0", 2e-2)])
+def test_export_tensor_types_through_export_py(tmp_path, dtype, tensor_type, tolerance, capsys):
     tok = char_tokenizer(CHARS)
     model = tiny_model()
     save_checkpoint(model_checkpoint(model, tok.spec), tmp_path / "out")
-    gguf_file.main([f"--init_from={tmp_path / 'out'}", "--out", str(tmp_path / "m.gguf"), "--type", tensor_type])
-    assert "wrote" in capsys.readouterr().out
+    export.main([f"--init_from={tmp_path / 'out'}", "--format=gguf", "--out", str(tmp_path / "m.gguf"),
+                 "--dtype", dtype])
+    assert f"MB, {dtype}, 2 layers, char vocabulary)" in capsys.readouterr().out
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == tensor_type and types["blk.0.attn_norm.weight"] == "F32"
     loaded, _ = load_model_and_tokenizer(str(tmp_path / "m.gguf"))           # through the one loader

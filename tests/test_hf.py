@@ -219,21 +219,26 @@ def test_export_refuses_a_tokenizer_without_hf_files(tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_command_line_exports_a_checkpoint_and_refuses_an_int8_one(tmp_path, chat_tokenizer, capsys):
+def test_export_py_writes_a_checkpoint_with_its_tokenizer_and_an_int8_one_as_its_float_weights(
+        tmp_path, chat_tokenizer, capsys):
+    import export
     from checkpoint import model_checkpoint, save_checkpoint
     from quantize import quantize_model
     model = tiny_model(vocab_size=320)
     save_checkpoint(model_checkpoint(model, chat_tokenizer.spec), tmp_path / "ckpt" / "ckpt.pt")
-    hf.main(["--init_from", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+    export.main(["--init_from", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
     assert "and the tokenizer's files" in capsys.readouterr().out
     back, tokenizer = hf.load_hf(tmp_path / "hf")
     idx = torch.randint(320, (1, 12))
     assert torch.equal(model(idx)[0], back(idx)[0]) and tokenizer.encode(TEXT) == chat_tokenizer.encode(TEXT)
     qmodel = quantize_model(tiny_model(vocab_size=320), "w8a8")
     save_checkpoint(model_checkpoint(qmodel, chat_tokenizer.spec, quantization="w8a8"), tmp_path / "q" / "ckpt.pt")
-    with pytest.raises(SystemExit, match="hf.py: .* is an int8 checkpoint"):
-        hf.main(["--init_from", str(tmp_path / "q"), "--out", str(tmp_path / "hf_q")])
-    assert not (tmp_path / "hf_q").exists()
+    export.main(["--init_from", str(tmp_path / "q"), "--format", "hf", "--out", str(tmp_path / "hf_q")])
+    back = hf.load_hf(tmp_path / "hf_q")[0]
+    assert torch.equal(back.layers[1].feed_forward.w2.weight, export.dequantized(qmodel).layers[1].feed_forward.w2.weight)
+    with pytest.raises(SystemExit):
+        export.main(["--init_from", str(tmp_path / "ckpt"), "--format", "hf"])          # no --out
+    assert "--format hf needs --out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, message", [
