@@ -3,7 +3,7 @@ GGUF in and out: llama.cpp's model files load as MobileLLMs, and our models expo
 vocabulary (`pip install gguf`).
 
   python export.py --init_from=out-shakespeare-char --format=gguf --out=model.gguf              # fp32 (F32)
-  python export.py --init_from=facebook/MobileLLM-125M --format=gguf --dtype=fp16 --out=m.gguf  # anything loader.py takes
+  python export.py --init_from=facebook/MobileLLM-125M --format=gguf --dtype=fp16 --out=m.gguf  # any source
 
   from gguf_file import load_gguf, export_gguf
   model, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # also: loader.py takes any *.gguf path
