@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
 from configurator import at_least
+from gguf_file import EXPORT_TYPES as GGUF_TYPES, export_gguf
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
@@ -63,7 +64,6 @@ from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
 EXPORT_VERSION = {"fp32": 3, "int8": 4, "8da4w": 4}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
-GGUF_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}      # --dtype -> llama.cpp's name
 FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYPES), "hf": ("fp32",)}
 MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
@@ -434,11 +434,10 @@ def write_program(model, fmt, dtype, out, max_seq_len, share_blocks=True, cache_
 def write_model_files(model, tokenizer, fmt, dtype, out):
     """--format gguf (one file, its matrices in dtype) or hf (a directory): the model with its tokenizer, for
     llama.cpp or transformers. Returns what was written, as a line to print."""
-    from gguf_file import export_gguf
     from hf import export_hf
     try:
         if fmt == "gguf":
-            path = export_gguf(model, tokenizer, out, GGUF_TYPES[dtype])
+            path = export_gguf(model, tokenizer, out, GGUF_TYPES[dtype])            # fp16 -> llama.cpp's F16
             vocab = "no vocabulary" if tokenizer is None else f"{tokenizer.spec['kind']} vocabulary"
             return f"{path} ({path.stat().st_size / 2**20:.1f} MB, {dtype}, {len(model.schedule)} layers, {vocab})"
         if tokenizer is not None and tokenizer.spec.get("kind") not in ("tokenizers", "sentencepiece"):

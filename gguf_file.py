@@ -43,7 +43,7 @@ BLOCK_TENSORS = {                 # llama.cpp's name in blk.i -> ours in layers.
 }
 TOP_TENSORS = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 SHARE_KEYS = ("nanomobilellm.share", "nanomobilellm.share_repeats", "nanomobilellm.n_layers")
-EXPORT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+EXPORT_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}   # export.py --dtype -> tensor type
 
 
 def _require_gguf():
@@ -283,8 +283,8 @@ def export_gguf(model, tokenizer, path, tensor_type="F32"):
     tensor_type: F32, F16, BF16 or Q8_0 for the matrices. A layer-shared model is unrolled (one blk.i per block
     application) and our nanomobilellm.* keys record how to fold it back."""
     gguf = _require_gguf()
-    if tensor_type not in EXPORT_TYPES:
-        raise ValueError(f"tensor_type must be one of {EXPORT_TYPES}, got {tensor_type!r}")
+    if tensor_type not in EXPORT_TYPES.values():
+        raise ValueError(f"tensor_type must be one of {', '.join(EXPORT_TYPES.values())}, got {tensor_type!r}")
     return atomic_write(path, lambda tmp: _write_gguf(gguf, model, tokenizer, tmp, tensor_type))
 
 
