@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -163,16 +164,16 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path, m
     def interrupt_at_iteration_7(*args):
         calls.append(1)
         if len(calls) == 2 * 2 + 7:             # two evals of 2 batches at iteration 0, then 7 steps
-            os.kill(os.getpid(), signum)
+            signal.pthread_kill(threading.main_thread().ident, signum)       # to this thread, handled at once
         return get_batch(*args)
 
     monkeypatch.setattr(train_module, "get_batch", interrupt_at_iteration_7)
     cfg = tiny(data_dir, tmp_path, max_iters=20)
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 7      # the step in flight finished first
-    assert signal.getsignal(signum) is signal.default_int_handler if signum == signal.SIGINT \
-        else signal.getsignal(signum) == signal.SIG_DFL                 # the handlers are given back
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers   # given back as they were
     monkeypatch.setattr(train_module, "get_batch", get_batch)
     assert train(TrainConfig(init_from="resume", out_dir=str(tmp_path), quiet=True))[-1]["iter"] == 20
 
