@@ -41,6 +41,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm import tqdm
 
 import eval as ev
+from checkpoint import CheckpointError
 from configurator import ConfigError
 from loader import autocast, load_model_and_tokenizer, resolve_device, torch_dtype
 from quantize import set_simulate
@@ -183,7 +184,10 @@ def main(argv=None):
     """lm-eval's CLI (`lm-eval run`) with this backend as --model (a later --model in argv still wins)."""
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["lm-eval", "run", "--model", "nanomobilellm", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (CheckpointError, ValueError) as e:         # a model that does not load: one line, not lm-eval's traceback
+        sys.exit(f"lm_eval_adapter.py: {e}")
 
 
 if __name__ == "__main__":

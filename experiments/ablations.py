@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # model.py and train.py live at the repo root
 from checkpoint import atomic_write  # noqa: E402
+from configurator import at_least  # noqa: E402
 from measure import eager_decode_ms  # noqa: E402
 from model import MobileLLM, ModelConfig, config_from_preset  # noqa: E402
 
@@ -474,9 +475,9 @@ def main(argv=None):
     parser.add_argument("--out_dir", help="where <study>.json/.png go (default experiments/results; "
                                           "--quick: a temporary folder)")
     parser.add_argument("--cpu_lock", help="flock file: shared while training, exclusive while timing")
-    parser.add_argument("--max_iters", type=int, help="override the study's training length")
+    parser.add_argument("--max_iters", type=at_least(1), help="override the study's training length")
     parser.add_argument("--data_root", default=str(DATA_DIR), help="folder holding the prepared datasets")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1: one per "
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads while training (default 1: one per "
                         "tiny run; docs/experiments.md says why)")
     args = parser.parse_args(argv)
     if args.markdown:

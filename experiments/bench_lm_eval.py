@@ -24,6 +24,7 @@ from lm_eval.tasks import TaskManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # eval.py and the adapter live at the repo root
 import eval as ev  # noqa: E402
 import lm_eval_adapter  # noqa: E402
+from configurator import at_least  # noqa: E402
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype  # noqa: E402
 from quantize import set_simulate  # noqa: E402
 
@@ -65,8 +66,8 @@ def main():
     parser.add_argument("--init_from", required=True, help="a Hugging Face model dir or repo id (or, without the "
                                                            "hf runner, anything loader.py loads)")
     parser.add_argument("--data", required=True, help="PIQA validation jsonl (goal, sol1, sol2, label)")
-    parser.add_argument("--limit", type=int, default=None, help="the first N examples (default: all)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--limit", type=at_least(1), default=None, help="the first N examples (default: all)")
+    parser.add_argument("--batch_size", type=at_least(1), default=16)
     parser.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     parser.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES, help="autocast dtype")
     parser.add_argument("--simulate_int8", action="store_true", help="as eval.py --simulate_int8 (eval.py, nanomobilellm)")

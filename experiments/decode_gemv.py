@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # sample.py lives at the repo root
+from configurator import at_least  # noqa: E402
 from loader import dtype_name, torch_dtype  # noqa: E402
 from sample import MATRIX_VECTOR_LOOPS  # noqa: E402
 
@@ -67,11 +68,11 @@ def stream_gbs(dtype, dim, out_dim, mb, rounds):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16")
-    p.add_argument("--dim", type=int, default=576, help="input width (MobileLLM-125M: 576)")
-    p.add_argument("--out_dim", type=int, default=1536, help="output width (MobileLLM-125M's ffn_dim: 1536)")
+    p.add_argument("--dim", type=at_least(1), default=576, help="input width (MobileLLM-125M: 576)")
+    p.add_argument("--out_dim", type=at_least(1), default=1536, help="output width (MobileLLM-125M's ffn_dim: 1536)")
     p.add_argument("--mb", type=float, default=64, help="MB of weights per pass (above the L3 cache: read from DRAM)")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=at_least(1), default=7)
+    p.add_argument("--threads", type=at_least(1), default=torch.get_num_threads())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.dim} -> {args.out_dim} matrix-vector products, {args.mb:g} MB of weights per pass, "

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
 from bench_mobile import BenchError, check_tokens, logit_agreement  # noqa: E402
 from checkpoint import atomic_write  # noqa: E402
-from configurator import accept_old_flags  # noqa: E402
+from configurator import accept_old_flags, at_least  # noqa: E402
 from export import ExportError, load_source, source_hash  # noqa: E402
 from gguf_file import GGUFFormatError, export_gguf  # noqa: E402
 
@@ -121,10 +121,10 @@ def main(argv=None):
     p.add_argument("--compare", default="", help="comma-separated --init_from values, one table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", default="F32,F16,Q8_0,Q4_0", help=f"comma-separated, from {QUANTS}")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=at_least(1), default=2)
+    p.add_argument("--prompt_len", type=at_least(1), default=64)
+    p.add_argument("--new_tokens", type=at_least(1), default=32)
+    p.add_argument("--runs", type=at_least(1), default=5)
     p.add_argument("--out_dir", default="out-llamacpp", help="where the GGUF files are kept")
     p.add_argument("--check_logits", action="store_true",
                    help="also compare llama.cpp's logits with model.py's (needs llama-cpp-python)")

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))                                  # configurator.py lives at the repo root
+from configurator import at_least  # noqa: E402
 EVAL_LINE = re.compile(r"(?:iter|step) (\d+): train loss ([\d.]+|nan|inf), val loss ([\d.]+|nan|inf)")
 NANOGPT_CPU_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                     "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
@@ -128,12 +130,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)     # a train.py key is never taken for one of these
     parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
-    parser.add_argument("--minutes", type=int, default=10, help="wall time of each run")
-    parser.add_argument("--nanogpt_iters", type=int, default=6300, help="nanoGPT's max_iters = lr_decay_iters")
+    parser.add_argument("--minutes", type=at_least(1), default=10, help="wall time of each run")
+    parser.add_argument("--nanogpt_iters", type=at_least(1), default=6300, help="nanoGPT's max_iters = lr_decay_iters")
     parser.add_argument("--input", type=Path, default=REPO / "data" / "tinyshakespeare.txt",
                         help="the text both train on (default: the tiny shakespeare that ships in data/)")
     parser.add_argument("--out_dir", type=Path, default=REPO / "out-quickstart-vs-nanogpt")
     args, ours_args = parser.parse_known_args(argv)
+    if not (args.nanogpt / "train.py").is_file():
+        parser.error(f"--nanogpt {args.nanogpt}: no nanoGPT checkout there (no train.py); "
+                     "git clone https://github.com/karpathy/nanoGPT")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     prepare(args.nanogpt.resolve(), args.input)
     commands = {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
 from bench_mobile import chain_gbs  # noqa: E402
+from configurator import at_least  # noqa: E402
 from export import PROGRAM_DTYPES, parse_model_spec  # noqa: E402
 from model import config_from_preset  # noqa: E402
 
@@ -25,7 +26,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="fp32", choices=PROGRAM_DTYPES)
     p.add_argument("--hot_pairs", default="1,2,4", help="working sets to time, in pairs of FFN matrices")
     p.add_argument("--mb", type=float, default=64, help="MB of weights read per call")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
     name, overrides = parse_model_spec(args.init_from)
     config = config_from_preset(name, **overrides)

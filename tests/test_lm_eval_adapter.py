@@ -216,3 +216,6 @@ def test_runner_reads_a_piqa_copy_named_by_an_including_yaml(tmp_path, monkeypat
     acc = sum(ev.argmax(lls) == d["label"] for d in docs) / 3
     acc_norm = sum(ev.argmax([lls[0] / 4, lls[1] / 2]) == d["label"] for d in docs) / 3
     assert (result["acc,none"], result["acc_norm,none"]) == (pytest.approx(acc), pytest.approx(acc_norm))
+    with pytest.raises(SystemExit, match="^lm_eval_adapter.py: no checkpoint at .*nowhere"):     # one line
+        adapter.main(["--model_args", f"init_from={tmp_path / 'nowhere'},device=cpu", "--include_path", str(tasks),
+                      "--tasks", "piqa_mine", "--output_path", str(tmp_path / "out")])

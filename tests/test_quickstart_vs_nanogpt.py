@@ -1,6 +1,8 @@
 import json
 import sys
 
+import pytest
+
 from experiments import quickstart_vs_nanogpt as qvn
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,6 +51,11 @@ def test_main_runs_both_commands_for_the_same_time_and_writes_json_and_png(tmp_p
 
     monkeypatch.setattr(qvn, "run_timed", fake_run)
     monkeypatch.setattr(qvn, "prepare", lambda nanogpt, input_file: None)
+    with pytest.raises(SystemExit):                                       # not a nanoGPT checkout (yet)
+        qvn.main(["--nanogpt", str(tmp_path / "nanoGPT")])
+    assert "no nanoGPT checkout there" in capsys.readouterr().err
+    (tmp_path / "nanoGPT").mkdir()
+    (tmp_path / "nanoGPT" / "train.py").write_text("")
     result = qvn.main(["--nanogpt", str(tmp_path / "nanoGPT"), "--minutes", "2", "--out_dir", str(tmp_path / "out"),
                        "--max_iters=300"])
     (ours, ours_cwd, t1), (theirs, theirs_cwd, t2) = calls
