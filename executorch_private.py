@@ -7,6 +7,8 @@ tests/test_export.py and tests/test_bench_mobile.py: they exercise every functio
 """
 import contextlib
 import copy
+import os
+import sys
 
 import torch
 
@@ -41,9 +43,19 @@ def reserialize(manager):
 def reset_threadpool(threads):
     """Set the number of threads the Python runtime's CPU kernels (XNNPACK) use; the runtime has no
     public setting for it. Reaches into: executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool.
-    If it changes: an ImportError when timing on the host (bench_mobile.py)."""
+    If it changes: an ImportError when timing on the host (bench_mobile.py). Its C++ logs "Resetting
+    threadpool to N threads." at every call, which no Python setting silences: stderr (fd 2) goes to
+    /dev/null for the call."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-    _unsafe_reset_threadpool(threads)
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        _unsafe_reset_threadpool(threads)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def deserialized_program(data):

@@ -194,11 +194,12 @@ def test_missing_executorch_is_one_clear_error(monkeypatch):
         ex.require_executorch()
 
 
-def test_importing_executorch_prints_nothing_and_leaves_the_loggers_as_they_were():
-    code = ("import logging, export; export.require_executorch(); "
+def test_executorch_import_and_thread_setting_print_nothing_and_leave_stderr_and_loggers_as_they_were():
+    code = ("import logging, sys, export, executorch_private; export.require_executorch(); "
+            "executorch_private.reset_threadpool(1); print('still here', file=sys.stderr); "
             "print(logging.getLogger('torchao').level, logging.getLogger('torch.utils._pytree').level)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(ex.__file__).parent)
-    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.returncode == 0 and run.stderr == "still here\n", run.stderr
     assert run.stdout.split() == ["0", "0"]
 
 
