@@ -408,19 +408,18 @@ def main(argv=None):
         set_simulate(model, True)
     args.dtype = resolve_dtype(args.dtype, args.device, model.config.dim)
     dtype = torch_dtype(args.dtype)
-    results = {name: evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
-               for name in tasks}
     paper_name, paper = paper_row(args.init_from)
-    for name, r in results.items():
+    out, results = Path(args.out), {}
+    for name in tasks:        # each task's line and the JSON report as it finishes: a stopped run keeps those done
+        r = results[name] = evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
         print(f"{name}: {r['n']} examples ({r['skipped']} skipped: not encodable) in {r['seconds']:.1f} s, "
               f"{r['examples_per_s']:.2f} examples/s, {r['tokens_per_s']:.0f} tokens/s; "
               f"{r['truncated_contexts']} contexts cut to block_size")
+        report = dict(init_from=str(args.init_from), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                      limit=args.limit, simulate_int8=args.simulate_int8, torch=torch.__version__, results=results,
+                      paper={paper_name: paper} if paper else None)
+        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     print(markdown_table(results, paper_name, paper))
-    out = Path(args.out)
-    report = dict(init_from=str(args.init_from), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                  limit=args.limit, simulate_int8=args.simulate_int8, torch=torch.__version__, results=results,
-                  paper={paper_name: paper} if paper else None)
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     print(f"results written to {out}")
     return results
 

@@ -182,6 +182,26 @@ def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
     assert int8["n"] == r["n"] and abs(int8["acc"] - r["acc"]) <= 0.25
 
 
+def test_a_run_stopped_after_its_first_task_keeps_that_tasks_results(tmp_path, monkeypatch):
+    tok = char_tokenizer(CHARS + "P")
+    save_checkpoint(model_checkpoint(tiny_model(tok.vocab_size), tok.spec), tmp_path / "ckpt")
+    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in piqa_docs([0, 1])))
+    (tmp_path / "boolq.jsonl").write_text(json.dumps(dict(passage="P.", question="is it", answer=True)) + "\n")
+    real_evaluate = ev.evaluate
+
+    def stopped_at_the_second(model, tokenizer, name, *args):
+        if name == "boolq":
+            raise KeyboardInterrupt
+        return real_evaluate(model, tokenizer, name, *args)
+
+    monkeypatch.setattr(ev, "evaluate", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(["--init_from", str(tmp_path / "ckpt"), "--tasks", "piqa,boolq", "--device", "cpu", "--dtype", "fp32",
+                 "--data", f"piqa={tmp_path / 'piqa.jsonl'},boolq={tmp_path / 'boolq.jsonl'}",
+                 "--out", str(tmp_path / "r.json")])
+    assert list(json.loads((tmp_path / "r.json").read_text())["results"]) == ["piqa"]
+
+
 class RowsAPI(BaseHTTPRequestHandler):
     """The dataset viewer's /rows endpoint over the server's records, at most `length` per request."""
 
