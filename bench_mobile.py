@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from android import android_rows, android_target
 from checkpoint import CheckpointError
-from configurator import accept_old_flags, at_least
+from configurator import HelpFormatter, accept_old_flags, at_least
 from executorch_private import reset_threadpool
 from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, load_source, program_seq_len,
                     quantize_8da4w, require_executorch, write_program)
@@ -276,7 +276,7 @@ OLD_FLAGS = {"--prompt-len": "--prompt_len", "--new-tokens": "--new_tokens", "--
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--init_from", default="mobilellm-125m",
                    help="preset[:field=value+...] (random weights), our checkpoint (an int8 one is dequantized), "
                         "or an HF dir or repo id")
@@ -287,12 +287,13 @@ def main(argv=None):
     p.add_argument("--eager", default="", help="also time eager PyTorch in these dtypes, e.g. fp32,bf16")
     p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ptl: only export (see export.py)")
     p.add_argument("--out", default="", help="copy the exported program here")
-    p.add_argument("--device", default="host", choices=("host", "android", "none"))
+    p.add_argument("--device", default="host", choices=("host", "android", "none"),
+                   help="where to time the programs (none: only export them)")
     p.add_argument("--serial", default="", help="adb serial (--device android)")
     p.add_argument("--runner", default="", help="executor_runner built for the phone (--device android)")
-    p.add_argument("--threads", type=at_least(1), default=os.cpu_count())
-    p.add_argument("--prompt_len", type=at_least(1), default=64)
-    p.add_argument("--new_tokens", type=at_least(1), default=32)
+    p.add_argument("--threads", type=at_least(1), default=os.cpu_count(), help="CPU threads")
+    p.add_argument("--prompt_len", type=at_least(1), default=64, help="tokens of the timed prefill")
+    p.add_argument("--new_tokens", type=at_least(1), default=32, help="tokens decoded one at a time after it")
     p.add_argument("--runs", type=at_least(1), default=5, help="timed runs after one warm-up; medians are reported")
     p.add_argument("--max_seq_len", type=at_least(0), default=0,
                    help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
@@ -307,9 +308,9 @@ def main(argv=None):
     p.add_argument("--val_data", default="",
                    help="a prepared dataset folder (val.bin, in the model's tokenizer): also score each row's loss "
                         "on its first --val_tokens tokens, in windows of --max_seq_len fed one token at a time")
-    p.add_argument("--val_tokens", type=at_least(1), default=4096)
-    p.add_argument("--cache_dir", default=str(CACHE_DIR))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val_tokens", type=at_least(1), default=4096, help="--val_data: tokens scored")
+    p.add_argument("--cache_dir", default=str(CACHE_DIR), help="where exported programs are kept (export.cached_pte)")
+    p.add_argument("--seed", type=int, default=0, help="for a preset's random weights, and the --check_logits tokens")
     args = p.parse_args(accept_old_flags(argv, OLD_FLAGS))
     try:
         run(args)

@@ -8,8 +8,8 @@ nanoGPT-style configuration for a dataclass of settings: defaults in the datacla
 An unknown key or a value of the wrong type is an error that names it, never a silent default.
 -h or --help prints the script's docstring and every setting with its default and the comment beside it in the
 source (exit_if_help).
-Also here, for the argparse scripts: at_least (an integer option's lower bound) and accept_old_flags (renamed
-flags keep working).
+Also here, for the argparse scripts: HelpFormatter (defaults in --help), at_least (an integer option's lower
+bound) and accept_old_flags (renamed flags keep working).
 """
 import argparse
 import ast
@@ -158,6 +158,18 @@ def exit_if_help(argv, doc, config, more_comments=()):
                 comment, width=max(100, len(setting) + 40), initial_indent=f"{setting:<38}",
                 subsequent_indent=" " * 38))
         sys.exit()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of the argparse scripts: the usage docstring as written, and each option's default after its
+    help, as train.py's --help lists every setting's. Not for flags, nor for None, 0 and blank strings: those
+    mean "off" or "decided when run", which the option's help says."""
+
+    def _get_help_string(self, action):                  # argparse's documented hook for this (its subclasses')
+        if action.default in (None, False, 0, argparse.SUPPRESS) or not str(action.default).strip() \
+                or "%(default)" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
 
 
 def at_least(minimum):

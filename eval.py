@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import ConfigError, at_least
+from configurator import ConfigError, HelpFormatter, at_least
 from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype, torch_dtype
 from quantize import set_simulate
 
@@ -368,7 +368,7 @@ def markdown_table(results, paper_name=None, paper=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--init_from", required=True, help="our checkpoint (dir or file), an int8 checkpoint, "
                         "or a Hugging Face repo id / local HF dir")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import at_least
+from configurator import HelpFormatter, at_least
 from gguf_file import EXPORT_TYPES as GGUF_TYPES, export_gguf
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
@@ -451,7 +451,7 @@ def write_model_files(model, tokenizer, fmt, dtype, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--init_from", default="mobilellm-125m",
                    help="our checkpoint (an int8 one is dequantized), a GGUF file, an HF dir or repo id, or "
                         "preset[:field=value+...]")
@@ -466,7 +466,8 @@ def main(argv=None):
                    help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
     p.add_argument("--lowering", default="shared", choices=("shared", "naive"),
                    help="shared: identical block delegates shared (MobileLLM-LS); naive: ExecuTorch's own")
-    p.add_argument("--cache_dir", default=str(CACHE_DIR))
+    p.add_argument("--cache_dir", default=str(CACHE_DIR),
+                   help="where .pte programs are kept, one per weights and options")
     p.add_argument("--seed", type=int, default=0, help="for a preset's random weights")
     args = p.parse_args(argv)
     if args.dtype not in FORMAT_DTYPES[args.format]:

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
-from configurator import at_least
+from configurator import HelpFormatter, at_least
 from dataset import REPO_DIR, split_files
 from loader import load_model_and_tokenizer, source_kind
 from measure import eager_decode_ms
@@ -393,7 +393,7 @@ def variant_names(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--init_from", default="", help="the float model: our checkpoint (out_dir or ckpt.pt), "
                                                         "an HF dir or repo id")
     parser.add_argument("ckpt_dir", nargs="?", default="", help=argparse.SUPPRESS)   # the old spelling of --init_from
@@ -410,7 +410,7 @@ def main(argv=None):
                         help="--report: validation tokens to score (0: skip)")
     parser.add_argument("--block_size", type=at_least(0), default=0,
                         help="--report: evaluation window (default: the model's, <= 512)")
-    parser.add_argument("--batch_size", type=at_least(1), default=8)
+    parser.add_argument("--batch_size", type=at_least(1), default=8, help="--report: windows per forward")
     parser.add_argument("--data_dir", default="", help="--report: folder with val.bin (default: the training data)")
     parser.add_argument("--decode_tokens", type=at_least(0), default=32,
                         help="--report: tokens to time per variant (0: skip)")

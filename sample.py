@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from configurator import at_least
+from configurator import HelpFormatter, at_least
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype
 from tokenizer import render_chat
 from train import TrainConfig
@@ -184,22 +184,21 @@ def chat(model, tokenizer, args, generator):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--init_from", default=TrainConfig.out_dir,
-                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name "
-                        "(default: train.py's default out_dir)")
+                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--chat", action="store_true",
                    help="--start is the user's message in the model's chat template; print the assistant's reply")
     p.add_argument("--interactive", action="store_true",
                    help="a conversation (implies --chat): user messages are read from stdin, one per line")
     p.add_argument("--system", default=None, help="--chat/--interactive: the system message")
-    p.add_argument("--num_samples", type=at_least(1), default=1)
-    p.add_argument("--max_new_tokens", type=at_least(1), default=200)
+    p.add_argument("--num_samples", type=at_least(1), default=1, help="samples from the one prompt")
+    p.add_argument("--max_new_tokens", type=at_least(1), default=200, help="tokens to generate (fewer at end-of-text)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=at_least(0), default=200, help="sample from the k most likely tokens (0: from all)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching p")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="of the sampling")
     p.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     p.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES,
                    help="weights are converted to this dtype (fp16/bf16 halve the bytes read per token; "

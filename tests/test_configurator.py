@@ -58,3 +58,15 @@ def test_at_least_makes_a_bad_count_a_usage_error_naming_the_option(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--runs", bad])
         assert f"argument --runs: {says}" in capsys.readouterr().err
+
+
+def test_argparse_help_names_each_options_default_unless_it_means_off(capsys):
+    parser = argparse.ArgumentParser(formatter_class=configurator.HelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs")
+    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    parser.add_argument("--start", default="\n", help="prompt")
+    parser.add_argument("--out", default=None, help="where to")
+    parser.add_argument("--compile", action="store_true", help="compile it")
+    help_text = " ".join(parser.format_help().split())
+    assert "timed runs (default: 5)" in help_text
+    assert help_text.count("(default:") == 1                        # not for 0, a blank string, None or a flag
