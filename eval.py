@@ -425,4 +425,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                   # Ctrl-C: no traceback; the finished tasks are in the report
+        print("\neval.py: stopped; the tasks that finished are in the --out report", file=sys.stderr)
+        sys.exit(130)

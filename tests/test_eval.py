@@ -1,4 +1,6 @@
 import json
+import runpy
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -9,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as ev
+import loader
 import quantize
 from checkpoint import model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig
@@ -200,6 +203,16 @@ def test_a_run_stopped_after_its_first_task_keeps_that_tasks_results(tmp_path, m
                  "--data", f"piqa={tmp_path / 'piqa.jsonl'},boolq={tmp_path / 'boolq.jsonl'}",
                  "--out", str(tmp_path / "r.json")])
     assert list(json.loads((tmp_path / "r.json").read_text())["results"]) == ["piqa"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "load_model_and_tokenizer", interrupted)    # eval.py's own import of it, re-run
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--init_from", str(tmp_path / "ckpt"), "--tasks", "boolq",
+                                      "--data", str(tmp_path / "boolq.jsonl"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as stop:                       # from the command line: Ctrl-C, no traceback
+        runpy.run_path(ev.__file__, run_name="__main__")
+    assert stop.value.code == 130
 
 
 class RowsAPI(BaseHTTPRequestHandler):
