@@ -57,6 +57,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, atomic_write
 from configurator import HelpFormatter, at_least
 from gguf_file import EXPORT_TYPES as GGUF_TYPES, export_gguf
+from hf import export_hf
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
@@ -434,7 +435,6 @@ def write_program(model, fmt, dtype, out, max_seq_len, share_blocks=True, cache_
 def write_model_files(model, tokenizer, fmt, dtype, out):
     """--format gguf (one file, its matrices in dtype) or hf (a directory): the model with its tokenizer, for
     llama.cpp or transformers. Returns what was written, as a line to print."""
-    from hf import export_hf
     try:
         if fmt == "gguf":
             path = export_gguf(model, tokenizer, out, GGUF_TYPES[dtype])            # fp16 -> llama.cpp's F16
