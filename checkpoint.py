@@ -104,7 +104,7 @@ def load_model(path, device="cpu", ckpt=None):
     ckpt = ckpt or load_checkpoint(path)
     if ckpt.get("quantization"):
         raise CheckpointError(f"{checkpoint_file(path)} is an int8 ({ckpt['quantization']}) checkpoint: "
-                              "load it with quantize.load_quantized")
+                              "load it with int8.load_quantized")
     try:
         model = MobileLLM(config_from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])

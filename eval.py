@@ -37,7 +37,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, atomic_write
 from configurator import ConfigError, HelpFormatter, at_least
 from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype, torch_dtype
-from quantize import set_simulate
+from int8 import set_simulate
 
 
 class EvalError(Exception):

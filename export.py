@@ -58,6 +58,7 @@ from checkpoint import CheckpointError, atomic_write
 from configurator import HelpFormatter, at_least
 from gguf_file import EXPORT_TYPES as GGUF_TYPES, export_gguf
 from hf import export_hf
+from int8 import Int8Embedding, Int8Linear, dequantize_per_channel, is_quantized, quantize_per_channel
 from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
@@ -119,10 +120,9 @@ def preset_model(spec, seed=0):
 
 
 def dequantized(qmodel):
-    """An int8 model (quantize.py) as the float model its int8 weights stand for (w = q * scale), ready
+    """An int8 model (int8.py) as the float model its int8 weights stand for (w = q * scale), ready
     for ExecuTorch's own int8 flow, which makes the same per-channel symmetric int8 weights again. The
     tied embedding/head stays one tensor."""
-    from quantize import Int8Embedding, Int8Linear, dequantize_per_channel
     model = MobileLLM(qmodel.config).eval()
     float_state = {}
     for name, module in qmodel.named_modules():
@@ -147,7 +147,6 @@ def load_source(init_from, seed=0):
     """(the float MobileLLM to export, its tokenizer): a preset with overrides (random weights, seeded; no
     tokenizer), or anything loader.load_model_and_tokenizer reads (our checkpoints, HF dirs, GGUF files, ...);
     an int8 model is dequantized."""
-    from quantize import is_quantized
     name = init_from.partition(":")[0]
     if not Path(init_from).exists() and (name in PRESETS or ":" in init_from):
         return preset_model(init_from, seed), None
@@ -256,7 +255,6 @@ class ExportLLM(nn.Module):
             raise ExportError(f"max_seq_len ({max_seq_len}) exceeds the model's block_size ({c.block_size})")
         self.model, self.max_seq_len, self.int8_embedding = model, max_seq_len, int8_embedding
         if int8_embedding:              # quantize.py's int8 embedding: symmetric per row, as the int8 head
-            from quantize import quantize_per_channel
             table, scale = quantize_per_channel(model.tok_embeddings.weight.detach())       # (V, C), (V,)
             self.register_buffer("embedding_int8", table, persistent=False)
             self.register_buffer("embedding_scale", scale[:, None], persistent=False)        # (V, 1)

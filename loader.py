@@ -5,7 +5,7 @@ bfloat16, float16 work too), and what "auto" means for a dtype (resolve_dtype) a
 
   from loader import load_model_and_tokenizer
   model, tokenizer = load_model_and_tokenizer("out-shakespeare-char")   # our checkpoint (out_dir or ckpt.pt)
-  model, tokenizer = load_model_and_tokenizer("out-w8a8")               # an int8 checkpoint (quantize.py)
+  model, tokenizer = load_model_and_tokenizer("out-w8a8")               # an int8 checkpoint (quantize.py, int8.py)
   model, tokenizer = load_model_and_tokenizer("facebook/MobileLLM-125M") # an HF dir or hub repo id (hf.py)
   model, tokenizer = load_model_and_tokenizer("SmolLM2-135M.Q4_1.gguf")  # a llama.cpp GGUF file (gguf_file.py)
   model, tokenizer = load_model_and_tokenizer("mobilellm-125m")         # a preset: random weights, no tokenizer
@@ -19,8 +19,10 @@ import torch
 
 from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model
 from configurator import ConfigError
+from int8 import load_quantized
 from model import PRESETS, MobileLLM, config_from_preset
 from tokenizer import load_tokenizer
+from torch_private import cpu_has_native_bf16
 
 HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a missing .pt path
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,11 +48,6 @@ def torch_dtype(name):
 # Xeon, bf16 / fp32 tokens/s: 0.88x at dim 128 (the quick default), 0.92x at 192, 1.07x at 256, 1.25x at 384; in
 # the training loop 0.83x at 128 and 1.14x at 256 (docs/training.md).
 CPU_BF16_MIN_DIM = 256
-
-
-def cpu_has_native_bf16():
-    """AVX-512 BF16 or AMX: without them the CPU emulates bf16, far slower than fp32 (docs/training.md)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def native_bf16(device):
@@ -130,8 +127,7 @@ def _load(init_from, device):
     if "tokenizer" not in ckpt:
         raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")
     if ckpt.get("quantization"):
-        import quantize
-        model, ckpt = quantize.load_quantized(path, device, ckpt)
+        model, ckpt = load_quantized(path, device, ckpt)
     else:
         model, ckpt = load_model(path, device, ckpt)
     return model, load_tokenizer(ckpt["tokenizer"])

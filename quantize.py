@@ -1,6 +1,7 @@
 """
 int8 post-training quantization of a trained MobileLLM, the way the paper does it (§3.5, Fig. 7):
 per-token min/max quantization of weights and activations to 8 bits (W8A8), with no retraining.
+The math and the int8 modules are in int8.py; this is the command that applies them and measures the cost.
 
 Usage:
   python quantize.py --init_from=out-shakespeare-char         # W8A8 checkpoint in out-shakespeare-char-w8a8/
@@ -9,44 +10,10 @@ Usage:
   python quantize.py --init_from=out-x --report --eval_tokens=65536 --decode_tokens=64
 
 It writes the int8 checkpoint (checkpoint.py's format plus "quantization": "w8a8" | "w8"). --init_from
-takes what loader.py loads (our checkpoints, HF dirs, ...). `python sample.py --init_from=<int8 out_dir>`
-samples from it; in Python, `model, ckpt = quantize.load_quantized(out_dir)`.
+takes what loader.py loads (our checkpoints, HF dirs, GGUF files, ...). `python sample.py --init_from=<int8
+out_dir>` samples from it; in Python, `model, ckpt = int8.load_quantized(out_dir)`.
 --report then prints, on the same validation tokens, loss and perplexity in fp32, bf16, W8A8 and
 weight-only int8, the size on disk against fp32, and eager decoding speed.
-
-The math (everything below is these few lines, applied to every Linear of the model):
-
-  int8 holds the integers -128 .. 127. A float tensor x is stored as integers q and a float step `scale`:
-      q = clamp(round(x / scale) + zero, -128, 127)          quantize
-      x ~ (q - zero) * scale                                  dequantize; error <= scale / 2 inside [lo, hi]
-  "min/max" means the range [lo, hi] that the 256 levels cover is simply the smallest and largest value.
-
-  Weights W (out, in): symmetric, one scale per output channel (row), zero = 0:
-      scale_w[n] = max(|W[n, :]|) / 127,  q_w = round(W / scale_w)       levels -127 .. 127
-  Activations x (tokens, in): asymmetric, one scale and zero point per token (row), computed at run time:
-      lo = min(x[t, :], 0), hi = max(x[t, :], 0)     (0 is kept in range so it is exactly representable)
-      scale_x[t] = (hi - lo) / 255,  zero[t] = -128 - round(lo / scale_x[t])     lo -> -128, hi -> 127
-  Then a Linear y = x W^T becomes one integer matmul plus a float rescale per output:
-      y[t, n] = scale_x[t] * scale_w[n] * sum_k (q_x[t, k] - zero[t]) * q_w[n, k]
-              = scale_x[t] * scale_w[n] * (acc[t, n] - zero[t] * wsum[n])
-      acc = q_x @ q_w^T  (int8 x int8 -> int32, torch._int_mm),  wsum[n] = sum_k q_w[n, k]  (precomputed)
-  Symmetric weights make the weight zero point vanish, so no cross terms; the per-token activation zero
-  point costs one multiply-add per output. This is also how XNNPACK's dynamically quantized linear works
-  (per-token asymmetric int8 activations x per-channel symmetric int8 weights), the kernel ExecuTorch uses
-  on phones. The same formula evaluated in float on dequantized tensors is the "simulated" (fake-quant)
-  path; it must give the same numbers as the integer path (tests/test_quantize.py checks it).
-
-  Weight-only int8 ("w8") keeps activations in float: y = (x @ q_w^T) * scale_w, 1/4 of the weight bytes.
-
-Embeddings and the tied LM head (§2.2.3): the token embedding and the output projection are ONE matrix
-E (vocab, dim). It is quantized once, per row: a row of E is the embedding of one token *and* one output
-channel of the LM head, so per-row scales are at the same time per-token (for the lookup) and
-per-output-channel (for the head). The int8 embedding looks rows up and dequantizes them (a gather: there is
-no matmul, so nothing to quantize on the activation side); the LM head is an Int8Linear holding the very
-same int8 tensor and scales (the same Python objects, saved once), so the tie survives quantization. The
-checkpoint is then ~1/4 of fp32 even when the embedding is most of the model (small models, GPT-2's 50k
-vocabulary). An untied model gets two independent int8 matrices. RMSNorm weights (a few thousand numbers)
-stay float.
 """
 import argparse
 import copy
@@ -57,197 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
 from configurator import HelpFormatter, at_least
 from dataset import REPO_DIR, split_files
+from int8 import MODES, TRAINING_RECORD, is_quantized, quantize_model, quantized_checkpoint, set_simulate
 from loader import load_model_and_tokenizer, source_kind
 from measure import eager_decode_ms
-from model import MobileLLM, config_from_dict
-
-MODES = ("w8a8", "w8")
-QMIN, QMAX = -128, 127
-MIN_SCALE = 1e-12        # an all-zero row still gets a positive scale (its integers are then all zero-point)
-
-
-# --- the quantization math -------------------------------------------------------------------------
-
-def quantize_per_channel(w):
-    """Symmetric min/max int8 per output channel. w (N, K) float -> q (N, K) int8 in [-127, 127], scale (N,)."""
-    scale = (w.float().abs().amax(dim=1) / 127).clamp_min(MIN_SCALE)                  # (N,)
-    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)        # (N, K)
-    return q, scale
-
-
-def dequantize_per_channel(q, scale):
-    return q.float() * scale[:, None]                                                   # (N, K)
-
-
-def quantize_per_token(x):
-    """Asymmetric min/max int8 per token (row). x (M, K) float -> q (M, K) int8, scale (M,), zero (M,) int32."""
-    x = x.float()
-    lo = x.amin(dim=1).clamp(max=0)                                                     # (M,)
-    hi = x.amax(dim=1).clamp(min=0)                                                     # (M,)
-    scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(MIN_SCALE)                            # (M,)
-    zero = QMIN - torch.round(lo / scale)                                               # (M,) in [-128, 127]
-    q = (torch.round(x / scale[:, None]) + zero[:, None]).clamp(QMIN, QMAX).to(torch.int8)
-    return q, scale, zero.to(torch.int32)
-
-
-def dequantize_per_token(q, scale, zero):
-    return (q.int() - zero[:, None]).float() * scale[:, None]                           # (M, K)
-
-
-def int_mm(a, b):
-    """Exact (M, K) int8 @ (K, N) int8 -> (M, N) int32. torch._int_mm takes any shape on CPU; on CUDA it
-    wants M > 16 and K, N multiples of 8, so there the operands are zero-padded (zeros add nothing)."""
-    if a.is_cuda:
-        M, K, N = a.size(0), a.size(1), b.size(1)
-        a = F.pad(a, (0, -K % 8, 0, max(17 - M, 0)))
-        b = F.pad(b, (0, -N % 8, 0, -K % 8))
-        return torch._int_mm(a, b)[:M, :N]
-    return torch._int_mm(a, b)
-
-
-def w8a8_linear(x, qweight, scale, weight_sum):
-    """The real int8 path. x (M, K) float; qweight (N, K) int8; scale (N,); weight_sum (N,) int32 -> (M, N)."""
-    q_x, scale_x, zero_x = quantize_per_token(x)
-    acc = int_mm(q_x, qweight.t())                                                      # (M, N) int32
-    acc = acc - zero_x[:, None] * weight_sum[None, :]                                   # remove the zero point
-    return acc.float() * scale_x[:, None] * scale.float()[None, :]
-
-
-def w8a8_linear_simulated(x, qweight, scale):
-    """The fake-quant path: the same rounding, the matmul in float on dequantized tensors."""
-    return F.linear(dequantize_per_token(*quantize_per_token(x)), dequantize_per_channel(qweight, scale))
-
-
-def w8_linear(x, qweight, scale):
-    """Weight-only int8: float activations times int8 weights, rescaled per output channel."""
-    if x.device.type == "cpu":          # a fused CPU kernel that reads the int8 weights directly
-        return torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), qweight, scale.float())
-    return F.linear(x.float(), qweight.float()) * scale.float()
-
-
-def w8_linear_simulated(x, qweight, scale):
-    return F.linear(x.float(), dequantize_per_channel(qweight, scale))
-
-
-# --- the modules that replace nn.Linear and nn.Embedding ----------------------------------------------
-
-class Int8Linear(nn.Module):
-    """A bias-free Linear with int8 weights. mode "w8a8": activations quantized per token at run time and an
-    int8 x int8 -> int32 matmul; "w8": float activations. simulate=True runs the fake-quant float path."""
-
-    def __init__(self, qweight, scale, mode="w8a8", simulate=False):
-        super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode, self.simulate = mode, simulate
-        self.in_features, self.out_features = qweight.size(1), qweight.size(0)
-        self.register_buffer("qweight", qweight)                                        # (N, K) int8
-        self.register_buffer("scale", scale)                                            # (N,) float32
-        self.register_buffer("weight_sum", None, persistent=False)                       # (N,) int32
-        self.refresh_weight_sum()
-
-    def refresh_weight_sum(self):
-        """sum_k q_w[n, k], the zero-point correction (derived from qweight, so not saved)."""
-        self.weight_sum = self.qweight.sum(dim=1, dtype=torch.int32)
-
-    @classmethod
-    def from_linear(cls, linear, mode="w8a8"):
-        if linear.bias is not None:
-            raise ValueError("Int8Linear has no bias (MobileLLM's Linears have none)")
-        return cls(*quantize_per_channel(linear.weight.detach()), mode=mode)
-
-    def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)                                            # (M, K), M = B*T
-        if self.mode == "w8a8":
-            y = (w8a8_linear_simulated(x2, self.qweight, self.scale) if self.simulate
-                 else w8a8_linear(x2, self.qweight, self.scale, self.weight_sum))
-        else:
-            y = (w8_linear_simulated if self.simulate else w8_linear)(x2, self.qweight, self.scale)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)                 # (B, T, N)
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}" + \
-               (", simulate=True" if self.simulate else "")
-
-
-class Int8Embedding(nn.Module):
-    """Token embedding stored as int8 rows with one scale per row (= per token): lookup, then dequantize."""
-
-    def __init__(self, qweight, scale):
-        super().__init__()
-        self.register_buffer("qweight", qweight)                                        # (V, C) int8
-        self.register_buffer("scale", scale)                                            # (V,) float32
-
-    def forward(self, idx):
-        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)                # (B, T, C)
-
-
-def is_quantized(model):
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
-
-
-@torch.no_grad()
-def quantize_model(model, mode="w8a8"):
-    """Swap every Linear and the embedding of a float MobileLLM for int8 modules, in place; returns it.
-    A tied embedding/LM head stays tied: one int8 matrix and one scale vector serve both (see the top)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(model, MobileLLM):
-        raise TypeError(f"quantize_model expects a MobileLLM, got {type(model).__name__}")
-    if is_quantized(model):
-        raise ValueError("this model is already quantized")
-    tied = model.output.weight is model.tok_embeddings.weight
-    q, scale = quantize_per_channel(model.tok_embeddings.weight)                        # per row = per token
-    model.tok_embeddings = Int8Embedding(q, scale)
-    model.output = Int8Linear(q, scale, mode) if tied else Int8Linear.from_linear(model.output, mode)
-    for name, module in list(model.layers.named_modules()):
-        if isinstance(module, nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.layers.get_submodule(parent), child, Int8Linear.from_linear(module, mode))
-    return model
-
-
-def set_simulate(model, simulate):
-    """Switch every Int8Linear between the real integer path and the fake-quant float path."""
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            m.simulate = simulate
-    return model
-
-
-def load_quantized(path, device="cpu", ckpt=None):
-    """Rebuild an int8 MobileLLM from a checkpoint written by quantize.py (ckpt: its dict, when already
-    loaded from path). Returns (model in eval mode, ckpt)."""
-    ckpt = ckpt or load_checkpoint(path)
-    mode = ckpt.get("quantization")
-    if mode not in MODES:
-        raise CheckpointError(f"{checkpoint_file(path)} is not an int8 checkpoint (quantization={mode!r}): "
-                              "load it with checkpoint.load_model, or make one with `python quantize.py`")
-    try:
-        model = quantize_model(MobileLLM(config_from_dict(ckpt["model_config"])), mode)
-        model.load_state_dict(ckpt["model"])      # copies in place: the tied head and embedding stay one tensor
-        for module in model.modules():
-            if isinstance(module, Int8Linear):
-                module.refresh_weight_sum()
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{checkpoint_file(path)} does not match the model: {e}") from e
-    return model.to(device).eval(), ckpt
-
-
-TRAINING_RECORD = ("train_config", "iter_num", "best_val_loss")    # kept in the int8 checkpoint
-
-
-def quantized_checkpoint(model, ckpt, mode):
-    """Our checkpoint format plus "quantization"; ckpt: the source's, or just its "tokenizer" (spec).
-    Training state (optimizer, data position) is dropped."""
-    extra = {k: ckpt[k] for k in TRAINING_RECORD if k in ckpt}
-    return model_checkpoint(model, ckpt["tokenizer"], quantization=mode, **extra)
 
 
 def load_float_source(init_from):

@@ -15,7 +15,7 @@ from configurator import ConfigError
 from dataset import DataError, dataset_dir, prepare_hint
 from loader import load_model_and_tokenizer, native_bf16
 from model import ModelConfig
-from quantize import is_quantized
+from int8 import is_quantized
 
 
 def model_fields(cfg):

@@ -26,7 +26,7 @@ import eval as ev  # noqa: E402
 import lm_eval_adapter  # noqa: E402
 from configurator import at_least  # noqa: E402
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype  # noqa: E402
-from quantize import set_simulate  # noqa: E402
+from int8 import set_simulate  # noqa: E402
 
 PIQA_TASK = Path(__file__).resolve().parents[1] / "lm_eval_tasks" / "piqa_local.yaml"
 

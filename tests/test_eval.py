@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as ev
+import int8
 import loader
-import quantize
 from checkpoint import model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig
 from tokenizer import char_tokenizer
@@ -179,10 +179,10 @@ def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
     assert "| piqa | " in capsys.readouterr().out
     # an int8 checkpoint goes through the same loader (loader.py) and scores within int8 noise of the float one
     ckpt = model_checkpoint(model, tok.spec)
-    save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path / "q")
-    int8 = ev.main(["--init_from", str(tmp_path / "q"), "--tasks", "piqa", "--data", str(piqa), "--limit", "24",
-                    "--dtype", "float32", "--device", "cpu", "--out", str(out)])["piqa"]
-    assert int8["n"] == r["n"] and abs(int8["acc"] - r["acc"]) <= 0.25
+    save_checkpoint(int8.quantized_checkpoint(int8.quantize_model(model, "w8"), ckpt, "w8"), tmp_path / "q")
+    r8 = ev.main(["--init_from", str(tmp_path / "q"), "--tasks", "piqa", "--data", str(piqa), "--limit", "24",
+                  "--dtype", "float32", "--device", "cpu", "--out", str(out)])["piqa"]
+    assert r8["n"] == r["n"] and abs(r8["acc"] - r["acc"]) <= 0.25
 
 
 def test_a_run_stopped_after_its_first_task_keeps_that_tasks_results(tmp_path, monkeypatch):
@@ -290,12 +290,12 @@ def test_simulate_int8_scores_a_w8a8_checkpoint_without_int8_matmuls(shared_dir,
     piqa = shared_dir / "data" / "piqa" / "valid.jsonl"
     tok = char_tokenizer("".join(sorted(set(piqa.read_text(encoding="utf-8")))))
     model = tiny_model(tok.vocab_size, block_size=128)
-    qmodel = quantize.quantize_model(model, "w8a8")
-    save_checkpoint(quantize.quantized_checkpoint(qmodel, model_checkpoint(model, tok.spec), "w8a8"), tmp_path / "q")
+    qmodel = int8.quantize_model(model, "w8a8")
+    save_checkpoint(int8.quantized_checkpoint(qmodel, model_checkpoint(model, tok.spec), "w8a8"), tmp_path / "q")
     args = ["--init_from", str(tmp_path / "q"), "--tasks", "piqa", "--data", str(piqa), "--limit", "16",
             "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "r.json")]
     real = ev.main(args)["piqa"]
-    monkeypatch.setattr(quantize, "int_mm", lambda *a: pytest.fail("an int8 matmul ran"))
+    monkeypatch.setattr(int8, "int_mm", lambda *a: pytest.fail("an int8 matmul ran"))
     simulated = ev.main(args + ["--simulate_int8"])["piqa"]
     assert (simulated["acc"], simulated["acc_norm"]) == (real["acc"], real["acc_norm"])
     assert json.loads((tmp_path / "r.json").read_text())["simulate_int8"] is True

@@ -205,7 +205,7 @@ def test_executorch_import_and_thread_setting_print_nothing_and_leave_stderr_and
 
 def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
     from checkpoint import model_checkpoint, save_checkpoint
-    from quantize import quantize_model
+    from int8 import quantize_model
     float_model = ex.preset_model(TINY_LS, seed=1)
     qmodel = quantize_model(ex.preset_model(TINY_LS, seed=1), "w8a8")
     save_checkpoint(model_checkpoint(qmodel, {"kind": "char", "chars": "ab"}, quantization="w8a8"), tmp_path / "ckpt.pt")

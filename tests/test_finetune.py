@@ -18,6 +18,7 @@ import loader
 import sample
 from configurator import ConfigError, configure_and_report
 from dataset import DataError
+from int8 import quantize_model, quantized_checkpoint
 from model import Block, MobileLLM, ModelConfig
 from tokenizer import char_tokenizer
 from train import TrainConfig, train
@@ -203,9 +204,9 @@ def test_data_of_another_tokenizer_is_refused_with_the_command_to_prepare_it(sou
 
 
 def test_sources_that_cannot_be_fine_tuned_are_refused(source, data_dir, tmp_path):
-    quantize = pytest.importorskip("quantize")
+    import quantize
     model, ckpt = quantize.load_float_source(source)
-    checkpoint.save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"),
+    checkpoint.save_checkpoint(quantized_checkpoint(quantize_model(model, "w8"), ckpt, "w8"),
                                tmp_path / "int8")
     with pytest.raises(ConfigError, match="is an int8 checkpoint.*fine-tune the float model"):
         train(finetune(tmp_path / "int8", data_dir, tmp_path / "out"))

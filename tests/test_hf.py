@@ -223,7 +223,7 @@ def test_export_py_writes_a_checkpoint_with_its_tokenizer_and_an_int8_one_as_its
         tmp_path, chat_tokenizer, capsys):
     import export
     from checkpoint import model_checkpoint, save_checkpoint
-    from quantize import quantize_model
+    from int8 import quantize_model
     model = tiny_model(vocab_size=320)
     save_checkpoint(model_checkpoint(model, chat_tokenizer.spec), tmp_path / "ckpt" / "ckpt.pt")
     export.main(["--init_from", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])

@@ -2,138 +2,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
 
-from checkpoint import CheckpointError, load_model, model_checkpoint, save_checkpoint
-from model import MobileLLM, ModelConfig
-from quantize import (Int8Embedding, Int8Linear, dequantize_per_channel, dequantize_per_token, int_mm,
-                      load_quantized, main, quantize_model, quantize_per_channel, quantize_per_token,
-                      quantized_checkpoint, serialized_bytes, set_simulate, w8_linear, w8_linear_simulated)
-from tokenizer import load_tokenizer
+from checkpoint import CheckpointError, model_checkpoint, save_checkpoint
+from int8 import load_quantized
+from quantize import int8_path, main
+from test_int8 import CHARS, SPEC, tiny_model
 
-CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
-SPEC = {"kind": "char", "chars": CHARS}
-
-
-def tiny_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    base = dict(vocab_size=len(CHARS), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, block_size=32)
-    return MobileLLM(ModelConfig(**{**base, **kw})).eval()
-
-
-# --- the math on hand-made tensors ------------------------------------------------------------------
-
-def test_per_channel_scales_are_max_abs_over_127():
-    w = torch.tensor([[0.5, -1.27, 0.0], [2.54, 1.0, -1.0]])
-    q, scale = quantize_per_channel(w)
-    torch.testing.assert_close(scale, torch.tensor([0.01, 0.02]))
-    assert q.dtype == torch.int8
-    assert q.tolist() == [[50, -127, 0], [127, 50, -50]]
-
-
-def test_per_token_scale_and_zero_point_map_min_to_minus_128_and_max_to_127():
-    x = torch.tensor([[-1.0, 0.0, 2.0],     # lo=-1, hi=2
-                      [1.0, 3.0, 2.0],      # all positive: the range is stretched to include 0
-                      [0.0, 0.0, 0.0]])     # all zero: any scale, zero maps back to 0
-    q, scale, zero = quantize_per_token(x)
-    torch.testing.assert_close(scale[:2], torch.tensor([3 / 255, 3 / 255]))
-    assert zero[:2].tolist() == [-128 + 85, -128]
-    assert q[0].tolist() == [-128, -128 + 85, 127]      # min -> -128, 0 -> the zero point, max -> 127
-    assert q[1].tolist() == [-128 + 85, 127, -128 + 170]
-    assert dequantize_per_token(q, scale, zero)[2].tolist() == [0.0, 0.0, 0.0]
-    assert dequantize_per_token(q, scale, zero)[0, 1].item() == 0.0   # 0 is exactly representable
-
-
-@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 300.0])
-def test_round_trip_error_is_at_most_half_a_step(magnitude):
-    torch.manual_seed(0)
-    x = torch.randn(16, 40) * magnitude + torch.linspace(-magnitude, 2 * magnitude, 16)[:, None]  # skewed rows
-    q, scale, zero = quantize_per_token(x)
-    err = (dequantize_per_token(q, scale, zero) - x).abs()
-    assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()
-    qw, scale_w = quantize_per_channel(x)
-    err_w = (dequantize_per_channel(qw, scale_w) - x).abs()
-    assert (err_w <= scale_w[:, None] / 2 * (1 + 1e-5)).all()
-    assert err.max() > 0 and err_w.max() > 0          # real rounding happened: the bound is not vacuous
-
-
-def test_int_mm_is_exact_integer_matmul():
-    torch.manual_seed(0)
-    a = torch.randint(-128, 128, (3, 20), dtype=torch.int8)
-    b = torch.randint(-128, 128, (20, 7), dtype=torch.int8)
-    assert torch.equal(int_mm(a, b), (a.long() @ b.long()).int())
-
-
-# --- Int8Linear --------------------------------------------------------------------------------------
-
-def test_int8_linear_matches_float_linear_within_the_derived_bound():
-    # y - y_hat = (x - x_hat) W_hat^T + x (W - W_hat)^T, and each rounding error is at most half a step, so
-    # |y - y_hat|[t, n] <= scale_x[t]/2 * sum_k |W_hat[n, k]| + scale_w[n]/2 * sum_k |x[t, k]|
-    torch.manual_seed(0)
-    linear = nn.Linear(48, 24, bias=False)
-    x = torch.randn(5, 7, 48) * 3
-    int8 = Int8Linear.from_linear(linear, "w8a8")
-    y, y_hat = linear(x).detach(), int8(x)
-    assert y_hat.shape == (5, 7, 24)
-    _, scale_x, _ = quantize_per_token(x.reshape(-1, 48))
-    w_hat = dequantize_per_channel(int8.qweight, int8.scale)
-    bound = (scale_x[:, None] / 2 * w_hat.abs().sum(1)[None, :]
-             + int8.scale[None, :] / 2 * x.reshape(-1, 48).abs().sum(1)[:, None])            # (35, 24)
-    err = (y - y_hat).reshape(-1, 24).abs()
-    assert (err <= bound * (1 + 1e-4) + 1e-6).all()
-    assert err.max() > 0
-
-
-def test_real_int8_and_fake_quant_agree():
-    torch.manual_seed(1)
-    linear = nn.Linear(40, 30, bias=False)
-    x = torch.randn(2, 9, 40)
-    for mode in ("w8a8", "w8"):
-        int8 = Int8Linear.from_linear(linear, mode)
-        real = int8(x)
-        int8.simulate = True
-        torch.testing.assert_close(real, int8(x), rtol=1e-5, atol=1e-6)
-    x2 = torch.randn(3, 40)
-    q, scale = quantize_per_channel(linear.weight.detach())
-    torch.testing.assert_close(w8_linear(x2, q, scale), w8_linear_simulated(x2, q, scale), rtol=1e-5, atol=1e-6)
-
-
-def test_int8_linear_keeps_the_input_dtype():
-    linear = nn.Linear(16, 8, bias=False)
-    assert Int8Linear.from_linear(linear)(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
-
-
-# --- the whole model ---------------------------------------------------------------------------------
-
-def test_quantized_model_keeps_the_tie_and_stays_close_to_float():
-    model = tiny_model()
-    idx = torch.randint(0, len(CHARS), (2, 16))
-    ref = model(idx)[0].detach()
-    quantize_model(model, "w8a8")
-    assert isinstance(model.tok_embeddings, Int8Embedding) and isinstance(model.layers[0].feed_forward.w2, Int8Linear)
-    assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert model.output.qweight is model.tok_embeddings.qweight and model.output.scale is model.tok_embeddings.scale
-    logits = model(idx)[0].detach()
-    assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
-    torch.testing.assert_close(set_simulate(model, True)(idx)[0].detach(), logits, rtol=1e-4, atol=1e-5)
-
-
-def test_untied_model_gets_its_own_head():
-    model = quantize_model(tiny_model(tie_embeddings=False), "w8")
-    assert model.output.qweight is not model.tok_embeddings.qweight
-    assert model(torch.tensor([[1, 2, 3]]))[0].shape == (1, 3, len(CHARS))
-
-
-def test_quantizing_twice_or_a_bad_mode_is_refused():
-    model = quantize_model(tiny_model())
-    with pytest.raises(ValueError, match="already quantized"):
-        quantize_model(model)
-    with pytest.raises(ValueError, match="mode"):
-        quantize_model(tiny_model(), "int4")
-
-
-# --- checkpoints and the command line -----------------------------------------------------------------
 
 def float_checkpoint(tmp_path, model):
     data = tmp_path / "data"
@@ -142,24 +16,6 @@ def float_checkpoint(tmp_path, model):
     save_checkpoint(model_checkpoint(model, SPEC, train_config={"dataset": "test", "data_dir": str(data)},
                                      optimizer={"state": {}}), tmp_path / "src")
     return tmp_path / "src"
-
-
-def test_int8_checkpoint_round_trips_generates_text_and_is_a_quarter_of_fp32(tmp_path):
-    model = tiny_model(dim=128, ffn_dim=256)
-    fp32_bytes = serialized_bytes(model_checkpoint(model, SPEC))
-    idx = torch.tensor([[0, 5, 9, 2]])
-    quantize_model(model, "w8a8")
-    save_checkpoint(quantized_checkpoint(model, {"tokenizer": SPEC, "iter_num": 3}, "w8a8"), tmp_path)
-    loaded, ckpt = load_quantized(tmp_path)
-    assert ckpt["quantization"] == "w8a8" and ckpt["iter_num"] == 3 and not loaded.training
-    assert loaded.output.qweight is loaded.tok_embeddings.qweight
-    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
-    ratio = (tmp_path / "ckpt.pt").stat().st_size / fp32_bytes
-    assert 0.24 < ratio <= 0.27
-    text = load_tokenizer(ckpt["tokenizer"]).decode(loaded.generate(idx, 10, temperature=0)[0].tolist())
-    assert len(text) == 14 and set(text) <= set(CHARS)
-    with pytest.raises(CheckpointError, match="quantize.load_quantized"):
-        load_model(tmp_path)
 
 
 def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked(tmp_path, capsys):
@@ -188,7 +44,6 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked
 
 
 def test_the_int8_checkpoint_goes_beside_our_run_and_here_for_a_gguf_or_a_hub_id(tmp_path, monkeypatch):
-    from quantize import int8_path
     (tmp_path / "run").mkdir()
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "SmolLM2.Q4_1.gguf").write_bytes(b"")
@@ -199,12 +54,3 @@ def test_the_int8_checkpoint_goes_beside_our_run_and_here_for_a_gguf_or_a_hub_id
     assert int8_path("models/SmolLM2.Q4_1.gguf", "", "w8") == Path("out-SmolLM2.Q4_1-w8/ckpt.pt")  # not in models/
     assert int8_path("facebook/MobileLLM-1.5B", "", "w8a8") == Path("out-MobileLLM-1.5B-w8a8/ckpt.pt")
     assert int8_path("run", "elsewhere", "w8a8") == Path("elsewhere/ckpt.pt")
-
-
-def test_load_quantized_refuses_float_and_foreign_checkpoints(tmp_path):
-    save_checkpoint(model_checkpoint(tiny_model(), SPEC), tmp_path / "float")
-    with pytest.raises(CheckpointError, match="not an int8 checkpoint"):
-        load_quantized(tmp_path / "float")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not a nanoMobileLLM checkpoint"):
-        load_quantized(tmp_path / "foreign.pt")

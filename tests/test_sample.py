@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import loader
 import sample
 from checkpoint import load_model, model_checkpoint, save_checkpoint
+from int8 import quantize_model, quantized_checkpoint
 from model import MobileLLM, ModelConfig, apply_rope
 from tokenizer import Tokenizer, char_tokenizer, render_chat
 
@@ -76,11 +77,9 @@ def test_prompt_longer_than_context_is_cropped_with_a_warning(trained_ckpt, caps
     assert out.startswith(("abcdefgh" * 5)[-32:] + "abcd")
 
 
-def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys):
-    quantize = pytest.importorskip("quantize")
+def test_an_int8_checkpoint_samples(trained_ckpt, tmp_path, capsys):
     model, ckpt = load_model(trained_ckpt)
-    int8 = quantize.quantize_model(model, "w8")
-    save_checkpoint(quantize.quantized_checkpoint(int8, ckpt, "w8"), tmp_path)
+    save_checkpoint(quantized_checkpoint(quantize_model(model, "w8"), ckpt, "w8"), tmp_path)
     out, _ = run(["--init_from", str(tmp_path), "--start", "abc", "--temperature", "0", "--max_new_tokens", "5"], capsys)
     assert out.startswith("abcdefgh")
 
@@ -88,9 +87,8 @@ def test_int8_checkpoint_samples_through_quantize(trained_ckpt, tmp_path, capsys
 @pytest.mark.parametrize("int8", [False, True])
 def test_a_checkpoint_file_is_read_once(trained_ckpt, tmp_path, monkeypatch, int8):
     if int8:
-        quantize = pytest.importorskip("quantize")
         model, ckpt = load_model(trained_ckpt)
-        save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8"), ckpt, "w8"), tmp_path)
+        save_checkpoint(quantized_checkpoint(quantize_model(model, "w8"), ckpt, "w8"), tmp_path)
     reads, real_load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
     model, tok = loader.load_model_and_tokenizer(str(tmp_path if int8 else trained_ckpt))

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import checkpoint
+import int8
 import loader
-import quantize
 import train as train_module
 from configurator import ConfigError, configure
 from dataset import DataError
@@ -304,7 +304,7 @@ def test_resuming_what_is_not_a_training_run_says_what_to_do_instead(data_dir, t
     with pytest.raises(ConfigError, match=f"{tmp_path / 'model'} holds a model, not a training run .*fine-tune from "
                                          f"it instead, with --init_from={tmp_path / 'model'} and another out_dir"):
         train(tiny(data_dir, tmp_path / "model", init_from="resume"))
-    checkpoint.save_checkpoint(quantize.quantized_checkpoint(quantize.quantize_model(model, "w8a8"), ckpt, "w8a8"),
+    checkpoint.save_checkpoint(int8.quantized_checkpoint(int8.quantize_model(model, "w8a8"), ckpt, "w8a8"),
                                tmp_path / "int8")
     with pytest.raises(ConfigError, match="holds an int8 \\(w8a8\\) checkpoint, whose weights cannot be trained"):
         train(tiny(data_dir, tmp_path / "int8", init_from="resume"))

@@ -1,0 +1,40 @@
+"""
+Every use of torch's private operators, in one place. Checked against torch 2.13.0 (the version
+requirements.txt pins). torch may rename, reshape or drop any of these in a release without notice; each
+function says what it reaches into, why nothing public does the job, and what breaks if it changes. After
+upgrading torch, run tests/test_quantize.py and tests/test_loader.py: they exercise every function here.
+(ExecuTorch's internals, and torch.export's for lowering, are in executorch_private.py.)
+"""
+import torch
+import torch.nn.functional as F
+
+
+def int_mm(a, b):
+    """Exact (M, K) int8 @ (K, N) int8 -> (M, N) int32: the integer product of W8A8 (int8.w8a8_linear).
+    Reaches into: torch._int_mm, torch's only int8 x int8 -> int32 matmul (torch.matmul of int8 tensors
+    returns int8, which overflows). On CPU it takes any shape; on CUDA it wants M > 16 and K, N multiples
+    of 8, so there the operands are zero-padded (zeros add nothing). If it changes: AttributeError or a
+    shape error in every W8A8 forward."""
+    if a.is_cuda:
+        M, K, N = a.size(0), a.size(1), b.size(1)
+        a = F.pad(a, (0, -K % 8, 0, max(17 - M, 0)))
+        b = F.pad(b, (0, -N % 8, 0, -K % 8))
+        return torch._int_mm(a, b)[:M, :N]
+    return torch._int_mm(a, b)
+
+
+def weight_int8_mm(x, qweight, scale):
+    """(M, K) float @ (N, K) int8 weights, times scale (N,) per output -> (M, N) float32 on the CPU: weight-only
+    int8 (int8.w8_linear) without a float copy of the weights. Reaches into: torch.ops.aten._weight_int8pack_mm,
+    the fused CPU kernel torch's own int8 weight-only quantization uses. If it changes: a RuntimeError or
+    AttributeError in every CPU w8 forward (int8.w8_linear can fall back to its CUDA branch, F.linear on
+    qweight.float())."""
+    return torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), qweight, scale.float())
+
+
+def cpu_has_native_bf16():
+    """AVX-512 BF16 or AMX: without them the CPU emulates bf16, far slower than fp32 (docs/training.md), and
+    dtype=auto keeps fp32. Reaches into: torch.ops.mkldnn._is_mkldnn_bf16_supported, the check torch's oneDNN
+    backend makes itself (torch.backends.cpu.get_cpu_capability() names the vector ISA, not bf16 support). If
+    it changes: AttributeError when dtype=auto resolves on a CPU."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
