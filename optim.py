@@ -1,8 +1,10 @@
 """
 The optimizers train.py builds (build_optimizer): AdamW, or Muon (momentum, then the update orthogonalized by
 a Newton-Schulz iteration) for the blocks' weight matrices with AdamW for the rest, a pair stepped and
-checkpointed as one.
+checkpointed as one; and the learning rate at each iteration (lr_at).
 """
+import math
+
 import torch
 
 
@@ -109,3 +111,19 @@ def build_optimizer(model, cfg, device):
     if cfg.optimizer == "muon":
         return muon_and_adamw(model, params, cfg, device)
     return adamw(params, cfg, device)
+
+
+def lr_at(cfg, it):
+    """Linear warmup to learning_rate, then decay to min_lr at lr_decay_iters ("cosine" all the way, or
+    "wsd": constant until the last cooldown_frac of it, then linear), then min_lr."""
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = decay_iters - cfg.cooldown_frac * decay_iters
+        progress = max(0.0, (it - cooldown_start) / (decay_iters - cooldown_start))
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
+    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)

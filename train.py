@@ -47,7 +47,7 @@ from dataset import DataError, get_batch, load_dataset, prepare_if_missing, seed
 from loader import autocast, dtype_name, resolve_device, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
-from optim import build_optimizer
+from optim import build_optimizer, lr_at
 from warm_start import (adopt_model_settings, changed_settings, check_data_tokenizer, freeze, load_source_model,
                         resumed_settings)
 
@@ -158,22 +158,6 @@ def model_config(cfg, vocab_size):
         return ModelConfig(**settings)
     except ValueError as e:
         raise ConfigError(f"bad model settings: {e}") from e
-
-
-def lr_at(cfg, it):
-    """Linear warmup to learning_rate, then decay to min_lr at lr_decay_iters ("cosine" all the way, or
-    "wsd": constant until the last cooldown_frac of it, then linear), then min_lr."""
-    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        cooldown_start = decay_iters - cfg.cooldown_frac * decay_iters
-        progress = max(0.0, (it - cooldown_start) / (decay_iters - cooldown_start))
-        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
-    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 # ----------------------------------------------------------------------------------------------------

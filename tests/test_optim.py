@@ -1,7 +1,10 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
-from optim import Float32Muon, OptimizerPair, orthogonalize
+from optim import Float32Muon, OptimizerPair, lr_at, orthogonalize
+from train import TrainConfig
 
 
 def test_orthogonalize_flattens_the_singular_values_of_wide_and_tall_matrices():
@@ -52,3 +55,22 @@ def test_a_pair_steps_both_and_restores_both_states():
     assert a.grad is None and b.grad is None
     with pytest.raises(ValueError, match="one optimizer's"):
         fresh.load_state_dict(torch.optim.AdamW([a]).state_dict())
+
+
+def test_lr_warms_up_then_decays_by_cosine_to_min_lr():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, min_lr=1e-4)
+    lrs = [lr_at(cfg, it) for it in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
+    to_zero = [lr_at(replace(cfg, min_lr=0.0), it) for it in (60, 109, 110)]      # the default: down to 0
+    assert to_zero[0] == pytest.approx(0.5e-3) and 0 < to_zero[1] < 1e-6 and to_zero[2] == 0
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_cooldown():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, lr_schedule="wsd", cooldown_frac=0.2,
+                      min_lr=1e-4)
+    lrs = [lr_at(cfg, it) for it in range(120)]
+    assert lrs[0] < lrs[9] < lrs[10] == lrs[88] == 1e-3
+    assert lrs[99] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs[88:110], lrs[89:111]))

@@ -22,7 +22,7 @@ from configurator import ConfigError, configure
 from dataset import DataError
 from model import MobileLLM
 from optim import build_optimizer
-from train import TrainConfig, TrainError, lr_at, model_config, train
+from train import TrainConfig, TrainError, model_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("prepare_shakespeare_char", REPO / "data/shakespeare_char/prepare.py")
@@ -176,25 +176,6 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path, m
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers   # given back as they were
     monkeypatch.setattr(train_module, "get_batch", get_batch)
     assert train(TrainConfig(init_from="resume", out_dir=str(tmp_path), quiet=True))[-1]["iter"] == 20
-
-
-def test_lr_warms_up_then_decays_by_cosine_to_min_lr():
-    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, min_lr=1e-4)
-    lrs = [lr_at(cfg, it) for it in range(120)]
-    assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
-    to_zero = [lr_at(replace(cfg, min_lr=0.0), it) for it in (60, 109, 110)]      # the default: down to 0
-    assert to_zero[0] == pytest.approx(0.5e-3) and 0 < to_zero[1] < 1e-6 and to_zero[2] == 0
-
-
-def test_wsd_holds_the_peak_then_decays_linearly_over_the_cooldown():
-    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=10, max_iters=110, lr_schedule="wsd", cooldown_frac=0.2,
-                      min_lr=1e-4)
-    lrs = [lr_at(cfg, it) for it in range(120)]
-    assert lrs[0] < lrs[9] < lrs[10] == lrs[88] == 1e-3
-    assert lrs[99] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
-    assert all(a > b for a, b in zip(lrs[88:110], lrs[89:111]))
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(data_dir, tmp_path):
