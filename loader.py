@@ -10,6 +10,7 @@ bfloat16, float16 work too), and what "auto" means for a dtype (resolve_dtype) a
   model, tokenizer = load_model_and_tokenizer("SmolLM2-135M.Q4_1.gguf")  # a llama.cpp GGUF file (gguf_file.py)
   model, tokenizer = load_model_and_tokenizer("mobilellm-125m")         # a preset: random weights, no tokenizer
 """
+import difflib
 import re
 from contextlib import nullcontext
 from dataclasses import replace
@@ -107,9 +108,20 @@ def source_kind(init_from):
         return "preset"
     if path.suffix == ".gguf":
         return "gguf"
-    if (path / "config.json").is_file() or not path.exists() and HF_REPO_ID.fullmatch(str(init_from)):
+    hub_id = not path.exists() and not path.parent.is_dir() and HF_REPO_ID.fullmatch(str(init_from))
+    if (path / "config.json").is_file() or hub_id:      # owner/name, unless owner is a folder here
         return "hf"
     return "checkpoint"
+
+
+def did_you_mean(name):
+    """ (did you mean 'out-shakespeare-char'?)" for a name close to a preset's or to a file beside it."""
+    path = Path(name)
+    beside = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, [*PRESETS, *beside], n=1)
+    if not close:
+        return ""
+    return f" (did you mean {str(path.with_name(close[0])) if close[0] in beside else close[0]!r}?)"
 
 
 def _load(init_from, device):
@@ -123,6 +135,10 @@ def _load(init_from, device):
     if kind == "hf":
         import hf
         return hf.load_hf(init_from, device)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {init_from}{did_you_mean(init_from)}: --init_from takes our out_dir "
+                              "or ckpt.pt, a .gguf file, a Hugging Face dir or hub id (owner/name), or a preset such "
+                              "as mobilellm-125m")
     ckpt = load_checkpoint(path)      # read once; the loaders below rebuild the model from this dict
     if "tokenizer" not in ckpt:
         raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")

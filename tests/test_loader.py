@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import loader
+from checkpoint import CheckpointError
 from configurator import ConfigError
 from loader import source_kind
 
@@ -20,6 +21,19 @@ def test_source_kind_names_every_init_from_the_loader_takes(tmp_path):
     assert source_kind(str(gguf)) == "gguf" and source_kind("missing/model.gguf") == "gguf"
     assert source_kind(str(hf_dir)) == "hf" and source_kind("HuggingFaceTB/SmolLM2-135M-Instruct") == "hf"
     assert source_kind(str(ckpt_dir)) == "checkpoint" and source_kind("missing/ckpt.pt") == "checkpoint"
+    assert source_kind(str(tmp_path / "out2")) == "checkpoint"      # owner/name, but its owner is a folder here
+
+
+def test_a_missing_source_is_one_error_that_names_what_was_meant(tmp_path, monkeypatch):
+    (tmp_path / "out-shakespeare-char").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^no checkpoint at mobilellm-12m \(did you mean 'mobilellm-125m'\?\): "
+                                              r"--init_from takes our out_dir"):
+        loader.load_model_and_tokenizer("mobilellm-12m")
+    with pytest.raises(CheckpointError, match=r"at out-shakespeare \(did you mean 'out-shakespeare-char'\?\)"):
+        loader.load_model_and_tokenizer("out-shakespeare")
+    with pytest.raises(CheckpointError, match=r"^no checkpoint at out-shakespeare-char/ckpt.pt: "):
+        loader.load_model_and_tokenizer("out-shakespeare-char/ckpt.pt")      # nothing close: no guess
 
 
 @pytest.mark.parametrize("native", [True, False])
