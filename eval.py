@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
 from configurator import ConfigError, HelpFormatter, at_least
-from loader import DTYPES, autocast, dtype_name, load_model_and_tokenizer, resolve_device, resolve_dtype, torch_dtype
 from int8 import set_simulate
+from loader import (DTYPES, autocast, dtype_name, load_model_and_tokenizer, require_source, resolve_device,
+                    resolve_dtype, torch_dtype)
 
 
 class EvalError(Exception):
@@ -391,11 +392,12 @@ def main(argv=None):
         tasks = parse_tasks(args.tasks)
         paths = parse_data(args.data, tasks)
         args.device = resolve_device(args.device)
+        require_source(args.init_from)
         examples = {}
         for name in tasks:       # read every task's data before the model, so a bad file fails fast
             docs = load_docs(name, paths.get(name))[:args.limit]
             examples[name] = build_examples(name, docs, paths.get(name, "the downloaded data"))
-    except (EvalError, ConfigError) as e:
+    except (EvalError, ConfigError, CheckpointError) as e:
         sys.exit(f"eval.py: {e}")
     try:
         model, tokenizer = load_model_and_tokenizer(args.init_from, device=args.device)

@@ -124,7 +124,18 @@ def did_you_mean(name):
     return f" (did you mean {str(path.with_name(close[0])) if close[0] in beside else close[0]!r}?)"
 
 
+def require_source(init_from):
+    """One clear error, before any slow work, when --init_from names a local file or folder that is not there."""
+    kind = source_kind(init_from)
+    if kind in ("checkpoint", "gguf") and not Path(init_from).exists():
+        what = "GGUF file" if kind == "gguf" else "checkpoint"
+        raise CheckpointError(f"no {what} at {init_from}{did_you_mean(init_from)}: --init_from takes our out_dir "
+                              "or ckpt.pt, a .gguf file, a Hugging Face dir or hub id (owner/name), or a preset such "
+                              "as mobilellm-125m")
+
+
 def _load(init_from, device):
+    require_source(init_from)
     kind, path = source_kind(init_from), Path(init_from)
     if kind == "preset":
         torch.manual_seed(0)
@@ -135,10 +146,6 @@ def _load(init_from, device):
     if kind == "hf":
         import hf
         return hf.load_hf(init_from, device)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {init_from}{did_you_mean(init_from)}: --init_from takes our out_dir "
-                              "or ckpt.pt, a .gguf file, a Hugging Face dir or hub id (owner/name), or a preset such "
-                              "as mobilellm-125m")
     ckpt = load_checkpoint(path)      # read once; the loaders below rebuild the model from this dict
     if "tokenizer" not in ckpt:
         raise CheckpointError(f"{checkpoint_file(path)} records no tokenizer: cannot encode prompts for it")

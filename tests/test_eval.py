@@ -185,6 +185,15 @@ def test_piqa_from_the_shared_jsonl_end_to_end(shared_dir, tmp_path, capsys):
     assert r8["n"] == r["n"] and abs(r8["acc"] - r["acc"]) <= 0.25
 
 
+def test_a_missing_model_fails_before_any_task_data_is_read_or_downloaded(tmp_path, monkeypatch):
+    (tmp_path / "out-shakespeare-char").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, "load_docs", lambda *a: pytest.fail("task data read before the model was checked"))
+    with pytest.raises(SystemExit, match=r"^eval.py: no checkpoint at out-shakespeare \(did you mean "
+                                         r"'out-shakespeare-char'\?\)"):
+        ev.main(["--init_from", "out-shakespeare", "--tasks", "piqa"])
+
+
 def test_a_run_stopped_after_its_first_task_keeps_that_tasks_results(tmp_path, monkeypatch):
     tok = char_tokenizer(CHARS + "P")
     save_checkpoint(model_checkpoint(tiny_model(tok.vocab_size), tok.spec), tmp_path / "ckpt")
