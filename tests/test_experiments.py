@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiments import ablations
-from model import MobileLLM, ModelConfig
+from model import Attention, FeedForward, MobileLLM, ModelConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -341,3 +341,30 @@ def test_fused_projections_compute_the_same_with_fewer_matrices_and_are_timed(ca
     medians = fused_projections.main(cfg)
     assert set(medians) == {"separate", "fused"} and all(v > 0 for v in medians.values())
     assert "same logits fused and separate" in capsys.readouterr().out
+
+
+def test_residual_dropout_drops_each_branch_only_while_training_and_restores_the_model(tmp_path, capsys):
+    from experiments import residual_dropout
+    torch.manual_seed(0)
+    model = MobileLLM(ModelConfig(vocab_size=65, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                  block_size=16))
+    x = torch.randint(65, (2, 16))
+    plain_train, plain_eval = model.train()(x, x)[1], model.eval()(x, x)[1]
+    forwards = (Attention.forward, FeedForward.forward)
+    with residual_dropout.residual_dropout(0.5):
+        assert model.eval()(x, x)[1] == plain_eval                      # no dropout at eval
+        assert model.train()(x, x)[1] != plain_train
+    with residual_dropout.residual_dropout(0.0):
+        assert model.train()(x, x)[1] == plain_train                    # rate 0: train.py's forward
+    assert (Attention.forward, FeedForward.forward) == forwards                 # put back
+    write_dataset(tmp_path / "data", 65, 4000, np.random.default_rng(0))
+    cfg = residual_dropout.configure(residual_dropout.DropoutConfig(), [
+        f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--dim=32", "--n_layers=1",
+        "--block_size=16", "--batch_size=2", "--max_iters=4", "--eval_interval=2", "--eval_iters=1",
+        "--warmup_iters=1", "--dropout=0.2"])
+    records = residual_dropout.main(cfg)
+    assert [r["iter"] for r in records] == [0, 2, 4] and (tmp_path / "out" / "ckpt.pt").is_file()
+    assert capsys.readouterr().out.endswith(f"residual dropout 0.2: val loss {records[1]['val_loss']:.3f} / "
+                                            f"{records[2]['val_loss']:.3f} at iterations 2 / 4\n")
+    with pytest.raises(residual_dropout.ConfigError, match="dropout must be in"):
+        residual_dropout.main(residual_dropout.DropoutConfig(dropout=1.0))
