@@ -383,7 +383,7 @@ def main(argv=None):
                         help="autocast dtype of the forward (log-probs are always summed in fp32); auto: bf16 where "
                              "the hardware has it and it pays, else fp32 (loader.resolve_dtype)")
     parser.add_argument("--simulate_int8", action="store_true",
-                        help="an int8 checkpoint's W8A8 products in float on the int8 values (quantize.py's fake-quant "
+                        help="an int8 checkpoint's W8A8 products in float on the int8 values (int8.py's fake-quant "
                              "path: the same rounding, scores equal up to float error), for CPUs whose int8 matmul "
                              "is slow (docs/quantization.md)")
     parser.add_argument("--out", default="out-eval/results.json", help="where the JSON results go")

@@ -254,7 +254,7 @@ class ExportLLM(nn.Module):
         if max_seq_len > c.block_size:
             raise ExportError(f"max_seq_len ({max_seq_len}) exceeds the model's block_size ({c.block_size})")
         self.model, self.max_seq_len, self.int8_embedding = model, max_seq_len, int8_embedding
-        if int8_embedding:              # quantize.py's int8 embedding: symmetric per row, as the int8 head
+        if int8_embedding:              # int8.py's embedding: symmetric per row, as the int8 head
             table, scale = quantize_per_channel(model.tok_embeddings.weight.detach())       # (V, C), (V,)
             self.register_buffer("embedding_int8", table, persistent=False)
             self.register_buffer("embedding_scale", scale[:, None], persistent=False)        # (V, 1)
