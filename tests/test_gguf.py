@@ -11,7 +11,7 @@ gguf = pytest.importorskip("gguf")
 import export  # noqa: E402
 import gguf_file  # noqa: E402
 import gguf_vocab  # noqa: E402
-from checkpoint import model_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, model_checkpoint, save_checkpoint  # noqa: E402
 from conftest import SHARED  # noqa: E402
 from gguf_file import GGUFFormatError, export_gguf, load_gguf  # noqa: E402
 from loader import load_model_and_tokenizer  # noqa: E402
@@ -357,8 +357,10 @@ def test_non_gguf_truncated_and_missing_files_are_clear_errors(tmp_path):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(GGUFFormatError, match="cut.gguf is not a readable GGUF file"):
             load_gguf(tmp_path / "cut.gguf")
-    with pytest.raises(GGUFFormatError, match="no GGUF file at"):
+    with pytest.raises(CheckpointError, match="no GGUF file at .*missing.gguf"):        # loader's check, first
         load_model_and_tokenizer(str(tmp_path / "missing.gguf"))
+    with pytest.raises(GGUFFormatError, match="no GGUF file at"):
+        load_gguf(tmp_path / "missing.gguf")
 
 
 def test_what_mobilellm_cannot_represent_is_named_in_one_error(tmp_path):
