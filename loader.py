@@ -115,7 +115,8 @@ def source_kind(init_from):
 
 
 def did_you_mean(name):
-    """ (did you mean 'out-shakespeare-char'?)" for a name close to a preset's or to a file beside it."""
+    """The hint " (did you mean 'out-shakespeare-char'?)" for a name close to a preset's or to a file beside
+    it; "" when nothing is close."""
     path = Path(name)
     beside = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
     close = difflib.get_close_matches(path.name, [*PRESETS, *beside], n=1)
