@@ -24,7 +24,7 @@ What is measured:
     products is lowered the same way (GemvChain) and timed reading new weights (cold, from DRAM) and
     re-applying one pair through one shared delegate (hot, from cache, as an LS block's second application).
   * --check_logits: how far each row's logits are from model.py's fp32 forward, token by token.
-  * --val_data: each row's loss (and perplexity) on real text, the first --val_tokens of a prepared dataset's
+  * --data_dir: each row's loss (and perplexity) on real text, the first --eval_tokens of a prepared dataset's
     validation split, fed one token at a time in windows of --max_seq_len, beside model.py's fp32 loss on the
     same windows: what int8 and 8da4w programs cost in quality, as quantize.py --report measures eager W8A8.
 """
@@ -80,10 +80,10 @@ def val_windows(data_dir, n_tokens, window, vocab_size):
     try:
         tokens = validation_tokens(None, vocab_size, n_tokens + 1, data_dir)
     except CheckpointError as e:
-        raise BenchError(f"--val_data: {e}") from e
+        raise BenchError(f"--data_dir: {e}") from e
     n_windows = (len(tokens) - 1) // window
     if n_windows < 1:
-        raise BenchError(f"{data_dir} has {len(tokens)} validation tokens: --val_data needs more than "
+        raise BenchError(f"{data_dir} has {len(tokens)} validation tokens: --data_dir needs more than "
                          f"--max_seq_len ({window})")
     return tokens[: n_windows * window + 1].unfold(0, window + 1, window)
 
@@ -128,7 +128,7 @@ def host_pte_row(path, prompt_len, new_tokens, runs, threads, vocab_size, tokens
 
 
 def with_outputs(row, step, tokens, windows):
-    """row plus what --check_logits (tokens) and --val_data (windows) ask of the program or model (step)."""
+    """row plus what --check_logits (tokens) and --data_dir (windows) ask of the program or model (step)."""
     if tokens is not None:
         row["logits"] = logits_per_position(step, tokens)
     if windows is not None:
@@ -251,7 +251,7 @@ def gemv_gbs(config, dtype, threads, mb=64):
 
 def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=False, val_column=False):
     """kernel_column: add the kernel bound (rows without one, eager PyTorch, show '-'). logits_columns: add
-    each row's logit_error and same_token (--check_logits). val_column: its val_loss (--val_data)."""
+    each row's logit_error and same_token (--check_logits). val_column: its val_loss (--data_dir)."""
     head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
             "| DRAM bound tok/s |{K} mem MB |{L}{V}").format(
         P=prompt_len, K=" kernel bound tok/s |" if kernel_column else "",
@@ -272,7 +272,8 @@ def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=Fals
 
 OLD_FLAGS = {"--prompt-len": "--prompt_len", "--new-tokens": "--new_tokens", "--max-seq-len": "--max_seq_len",
              "--kernel-bound": "--kernel_bound", "--kernel-mb": "--kernel_mb", "--check-logits": "--check_logits",
-             "--cache-dir": "--cache_dir", "--ckpt": "--init_from", "--preset": "--init_from"}
+             "--cache-dir": "--cache_dir", "--ckpt": "--init_from", "--preset": "--init_from",
+             "--val_data": "--data_dir", "--val_tokens": "--eval_tokens"}
 
 
 def main(argv=None):
@@ -305,10 +306,10 @@ def main(argv=None):
     p.add_argument("--check_logits", action="store_true",
                    help="also feed --prompt_len random tokens one at a time and compare each row's logits with "
                         "model.py's fp32 forward (largest difference, how often the next token is the same)")
-    p.add_argument("--val_data", default="",
+    p.add_argument("--data_dir", default="",
                    help="a prepared dataset folder (val.bin, in the model's tokenizer): also score each row's loss "
-                        "on its first --val_tokens tokens, in windows of --max_seq_len fed one token at a time")
-    p.add_argument("--val_tokens", type=at_least(1), default=4096, help="--val_data: tokens scored")
+                        "on its first --eval_tokens tokens, in windows of --max_seq_len fed one token at a time")
+    p.add_argument("--eval_tokens", type=at_least(1), default=4096, help="--data_dir: validation tokens scored")
     p.add_argument("--cache_dir", default=str(CACHE_DIR), help="where exported programs are kept (export.cached_pte)")
     p.add_argument("--seed", type=int, default=0, help="for a preset's random weights, and the --check_logits tokens")
     args = p.parse_args(accept_old_flags(argv, OLD_FLAGS))
@@ -347,7 +348,7 @@ def check_args(args):
             raise BenchError(f"--eager {d!r}: choose fp32 and/or bf16")
     if args.kernel_bound and args.device != "host":
         raise BenchError("--kernel_bound times XNNPACK's kernels on this host: use it with --device host")
-    for flag, on in (("--check_logits", args.check_logits), ("--val_data", args.val_data)):
+    for flag, on in (("--check_logits", args.check_logits), ("--data_dir", args.data_dir)):
         if on and (args.device != "host" or args.format != "pte"):
             raise BenchError(f"{flag} runs the .pte programs on this host: use it with --device host --format pte")
     return dtypes
@@ -399,13 +400,13 @@ def run(args):
         tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed) if args.check_logits else None
         with torch.no_grad():
             reference = model.eval()(tokens[None])[0][0] if args.check_logits else None       # (T, V)
-        windows = val_windows(args.val_data, args.val_tokens, seq_len, model.config.vocab_size) \
-            if args.val_data else None
+        windows = val_windows(args.data_dir, args.eval_tokens, seq_len, model.config.vocab_size) \
+            if args.data_dir else None
         if windows is not None:
             with torch.no_grad():
                 loss = sum(model(w[None, :-1], w[None, 1:])[1].item() for w in windows) / len(windows)
             print(f"{name}: model.py fp32 val loss {loss:.4f} (perplexity {math.exp(loss):.2f}) on "
-                  f"{windows[:, 1:].numel()} tokens of {args.val_data} in windows of {seq_len}")
+                  f"{windows[:, 1:].numel()} tokens of {args.data_dir} in windows of {seq_len}")
         lowerings = [x for x in args.lowering.split(",") if x] if model.config.share != "none" else ["shared"]
         for dtype in dtypes:
             for lowering in lowerings:
@@ -451,7 +452,7 @@ def print_host_table(rows, args):
     if args.kernel_bound:
         print("kernel bound = 1 / (cold bytes / cold GB/s + cached bytes / cached GB/s) per token")
     print()
-    print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound, args.check_logits, bool(args.val_data)))
+    print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound, args.check_logits, bool(args.data_dir)))
 
 
 if __name__ == "__main__":

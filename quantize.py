@@ -7,7 +7,7 @@ Usage:
   python quantize.py --init_from=out-shakespeare-char         # W8A8 checkpoint in out-shakespeare-char-w8a8/
   python quantize.py --init_from=out-x --mode=w8 --out_dir=out-x-int8   # weight-only int8 (float activations)
   python quantize.py --init_from=out-x --report               # ... and compare every variant (below)
-  python quantize.py --init_from=out-x --report --eval_tokens=65536 --decode_tokens=64
+  python quantize.py --init_from=out-x --report --eval_tokens=65536 --new_tokens=64
 
 It writes the int8 checkpoint (checkpoint.py's format plus "quantization": "w8a8" | "w8"). --init_from
 takes what loader.py loads (our checkpoints, HF dirs, GGUF files, ...). `python sample.py --init_from=<int8
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
-from configurator import HelpFormatter, at_least
+from configurator import HelpFormatter, accept_old_flags, at_least
 from dataset import REPO_DIR, split_files
 from int8 import MODES, TRAINING_RECORD, is_quantized, quantize_model, quantized_checkpoint, set_simulate
 from loader import load_model_and_tokenizer, source_kind
@@ -134,8 +134,8 @@ def report(model, source, args):
         block_size = min(args.block_size or min(model.config.block_size, 512), len(tokens) - 1)
         print(f"scoring {(len(tokens) - 1) // block_size * block_size} validation tokens in windows of {block_size}")
         losses = {name: evaluate(m, tokens, block_size, args.batch_size, desc=name) for name, m in models.items()}
-    if args.decode_tokens:
-        n = min(args.decode_tokens, model.config.block_size - 2)
+    if args.new_tokens:
+        n = min(args.new_tokens, model.config.block_size - 2)
         speeds = {name: 1e3 / eager_decode_ms(m, 1, n) for name, m in models.items()}
     c = model.config
     shape = f"{c.n_layers} layers" if c.depth == c.n_layers else f"{c.n_layers} blocks in {c.depth} applications"
@@ -195,10 +195,10 @@ def main(argv=None):
                         help="--report: evaluation window (default: the model's, <= 512)")
     parser.add_argument("--batch_size", type=at_least(1), default=8, help="--report: windows per forward")
     parser.add_argument("--data_dir", default="", help="--report: folder with val.bin (default: the training data)")
-    parser.add_argument("--decode_tokens", type=at_least(0), default=32,
-                        help="--report: tokens to time per variant (0: skip)")
+    parser.add_argument("--new_tokens", type=at_least(0), default=32,
+                        help="--report: tokens decoded one at a time and timed, per variant (0: skip)")
     parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(accept_old_flags(argv, {"--decode_tokens": "--new_tokens"}))
     init_from = args.init_from or args.ckpt_dir
     if not init_from:
         parser.error("give the float model to quantize: --init_from=<out_dir>")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from configurator import HelpFormatter, at_least
+from configurator import HelpFormatter, accept_old_flags, at_least
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype
 from tokenizer import render_chat
 from train import TrainConfig
@@ -207,11 +207,11 @@ def main(argv=None):
     p.add_argument("--meta_ls_cache", action="store_true",
                    help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
     p.add_argument("--benchmark", action="store_true",
-                   help="time greedy decoding of --max_new_tokens after a random --prompt_tokens prompt")
-    p.add_argument("--prompt_tokens", type=at_least(1), default=64, help="--benchmark prompt length")
+                   help="time greedy decoding of --max_new_tokens after a random --prompt_len prompt")
+    p.add_argument("--prompt_len", type=at_least(1), default=64, help="--benchmark: tokens of the timed prefill")
     p.add_argument("--transformers_reference", action="store_true",
                    help="--benchmark also times transformers' LlamaForCausalLM with the same weights")
-    args = p.parse_args(argv)
+    args = p.parse_args(accept_old_flags(argv, {"--prompt_tokens": "--prompt_len"}))
     args.chat |= args.interactive
     if args.system is not None and not args.chat:
         p.error("--system needs --chat or --interactive")
@@ -259,13 +259,13 @@ def timed_samples(model, ids, args, generator, tokenizer=None):
 def benchmark(model, args, generator):
     """Greedy decoding from a random prompt; the first sample warms up (and compiles), the rest are timed."""
     args.temperature = 0
-    ids = torch.randint(model.config.vocab_size, (args.prompt_tokens,), generator=generator, device=args.device).tolist()
+    ids = torch.randint(model.config.vocab_size, (args.prompt_len,), generator=generator, device=args.device).tolist()
     generate_one(model, ids, args, generator)
     timings = timed_samples(model, ids, args, generator)
     print(f"{args.init_from}: {model.num_params() / 1e6:.1f}M params, dtype {args.dtype}, "
-          f"compile {args.compile}, {args.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens, "
+          f"compile {args.compile}, {args.prompt_len}-token prompt, {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
-    report(args.prompt_tokens * args.num_samples, *timings)
+    report(args.prompt_len * args.num_samples, *timings)
     if args.transformers_reference:
         benchmark_transformers(model, ids, args)
 

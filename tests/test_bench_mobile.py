@@ -45,11 +45,11 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--init_from", "mobilellm-9t", "--device", "none"])
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--init_from", TINY_LS, "--device", "none", "--kernel_bound"])
-    with pytest.raises(SystemExit, match="--val_data: no val.bin .* in nowhere"):
-        bm.main(["--init_from", TINY_LS, "--val_data", "nowhere", "--max_seq_len", str(MAX_SEQ_LEN), "--prompt_len=4",
+    with pytest.raises(SystemExit, match="--data_dir: no val.bin .* in nowhere"):
+        bm.main(["--init_from", TINY_LS, "--data_dir", "nowhere", "--max_seq_len", str(MAX_SEQ_LEN), "--prompt_len=4",
                  "--new_tokens=2"])
     for wrong in (["--device", "none"], ["--format", "ptl"]):
-        for flag in (["--check_logits"], ["--val_data", "data/x"]):
+        for flag in (["--check_logits"], ["--data_dir", "data/x"]):
             with pytest.raises(SystemExit, match=f"{flag[0]} runs the .pte programs on this host"):
                 bm.main(["--init_from", TINY_LS] + flag + wrong)
 
@@ -60,6 +60,8 @@ def test_old_flag_spellings_still_work(capsys):
         bm.main(["--preset", TINY_LS, "--prompt-len", "300", "--new-tokens=2", "--max-seq-len", "30"])
     with pytest.raises(SystemExit, match="no checkpoint at nowhere"):
         bm.main(["--ckpt", "nowhere", "--device", "none"])
+    with pytest.raises(SystemExit, match="--data_dir runs the .pte programs on this host"):
+        bm.main(["--preset", TINY_LS, "--val_data=data/x", "--val_tokens", "8", "--device", "none"])
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--preset", TINY_LS, "--device", "none", "--kernel-bound"])
     with pytest.raises(SystemExit):
@@ -79,7 +81,7 @@ def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
              "--prompt_len", "4", "--new_tokens", "2", "--runs", "1", "--max_seq_len", str(MAX_SEQ_LEN),
              "--cache_dir", str(tmp_path), "--kernel_bound", "--kernel_mb", "0.1", "--check_logits",
-             "--val_data", str(data), "--val_tokens", str(2 * MAX_SEQ_LEN)])
+             "--data_dir", str(data), "--eval_tokens", str(2 * MAX_SEQ_LEN)])
     out = capsys.readouterr().out
     assert "XNNPACK fp32 matrix-vector products stream" in out
     reference = float(re.search(rf"model.py fp32 val loss ([\d.]+) .* on {2 * MAX_SEQ_LEN} tokens", out)[1])

@@ -147,7 +147,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--init_from", "mobilellm-micro"])          # a preset has no tokenizer: --benchmark only
     assert "--benchmark" in capsys.readouterr().err
-    for flag, value, minimum in (("--top_k", "-1", 0), ("--prompt_tokens", "0", 1)):  # usage errors, on stderr
+    for flag, value, minimum in (("--top_k", "-1", 0), ("--prompt_len", "0", 1)):  # usage errors, on stderr
         with pytest.raises(SystemExit):
             sample.main(["--init_from", "mobilellm-micro", "--benchmark", flag, value])
         assert f"argument {flag}: must be an integer >= {minimum}, got {value}" in capsys.readouterr().err
@@ -167,9 +167,12 @@ def test_top_k_0_samples_from_every_token(trained_ckpt, monkeypatch, capsys):
 
 
 def test_benchmark_runs_on_a_preset(capsys):
-    out, err = run(["--init_from", "mobilellm-micro", "--benchmark", "--prompt_tokens", "8", "--max_new_tokens", "6",
+    out, err = run(["--init_from", "mobilellm-micro", "--benchmark", "--prompt_len", "8", "--max_new_tokens", "6",
                     "--dtype", "bfloat16"], capsys)
     assert "dtype bf16" in out and "(5 tokens)" in err                  # torch's name is an alias of bf16
+    assert "8-token prompt" in out
+    out, _ = run(["--init_from", "mobilellm-micro", "--benchmark", "--prompt_tokens=4", "--max_new_tokens", "2"], capsys)
+    assert "4-token prompt" in out                                      # the flag's old spelling still works
 
 
 def test_compiled_decode_step_decodes_like_eager():
