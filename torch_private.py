@@ -2,7 +2,7 @@
 Every use of torch's private operators, in one place. Checked against torch 2.13.0 (the version
 requirements.txt pins). torch may rename, reshape or drop any of these in a release without notice; each
 function says what it reaches into, why nothing public does the job, and what breaks if it changes. After
-upgrading torch, run tests/test_quantize.py and tests/test_loader.py: they exercise every function here.
+upgrading torch, run tests/test_torch_private.py: it checks each function against a public computation.
 (ExecuTorch's internals, and torch.export's for lowering, are in executorch_private.py.)
 """
 import torch
@@ -33,8 +33,10 @@ def weight_int8_mm(x, qweight, scale):
 
 
 def cpu_has_native_bf16():
-    """AVX-512 BF16 or AMX: without them the CPU emulates bf16, far slower than fp32 (docs/training.md), and
-    dtype=auto keeps fp32. Reaches into: torch.ops.mkldnn._is_mkldnn_bf16_supported, the check torch's oneDNN
-    backend makes itself (torch.backends.cpu.get_cpu_capability() names the vector ISA, not bf16 support). If
-    it changes: AttributeError when dtype=auto resolves on a CPU."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """AVX-512 BF16 or AMX: without them the CPU converts bf16 in software, slower than fp32 (docs/training.md),
+    and dtype=auto keeps fp32. Reaches into: torch.cpu._is_avx512_bf16_supported and _is_amx_tile_supported,
+    the cpuinfo checks torch makes for its own kernels; the public torch.backends.cpu.get_cpu_capability()
+    names the vector ISA, not bf16 support, and oneDNN's own check (torch.ops.mkldnn._is_mkldnn_bf16_supported)
+    says yes to any AVX-512 CPU (BW, VL, DQ), bf16 instructions or not. If they change: AttributeError when
+    dtype=auto resolves on a CPU."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

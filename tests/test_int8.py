@@ -8,7 +8,6 @@ from int8 import (Int8Embedding, Int8Linear, dequantize_per_channel, dequantize_
                   w8_linear, w8_linear_simulated)
 from model import MobileLLM, ModelConfig
 from tokenizer import load_tokenizer
-from torch_private import int_mm
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
 SPEC = {"kind": "char", "chars": CHARS}
@@ -54,13 +53,6 @@ def test_round_trip_error_is_at_most_half_a_step(magnitude):
     err_w = (dequantize_per_channel(qw, scale_w) - x).abs()
     assert (err_w <= scale_w[:, None] / 2 * (1 + 1e-5)).all()
     assert err.max() > 0 and err_w.max() > 0          # real rounding happened: the bound is not vacuous
-
-
-def test_int_mm_is_exact_integer_matmul():
-    torch.manual_seed(0)
-    a = torch.randint(-128, 128, (3, 20), dtype=torch.int8)
-    b = torch.randint(-128, 128, (20, 7), dtype=torch.int8)
-    assert torch.equal(int_mm(a, b), (a.long() @ b.long()).int())
 
 
 # --- Int8Linear --------------------------------------------------------------------------------------
