@@ -280,7 +280,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--init_from", default="mobilellm-125m",
                    help="preset[:field=value+...] (random weights), our checkpoint (an int8 one is dequantized), "
-                        "or an HF dir or repo id")
+                        "a GGUF file, or an HF dir or repo id")
     p.add_argument("--compare", default="", help="comma-separated --init_from values, timed in one run (overrides it)")
     p.add_argument("--dtype", default="fp32,int8",
                    help="fp32, int8 (W8A8: dynamic per-token activations) and/or 8da4w (int4 weights, groups of 32)")

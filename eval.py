@@ -371,7 +371,7 @@ def markdown_table(results, paper_name=None, paper=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--init_from", required=True, help="our checkpoint (dir or file), an int8 checkpoint, "
-                        "or a Hugging Face repo id / local HF dir")
+                        "a GGUF file, or a Hugging Face repo id / local HF dir")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--data", default=None, help="local jsonl: PATH (one task) or task=PATH,task=PATH; "
                         "without it the data is downloaded once and cached in " + str(CACHE_DIR))

@@ -178,7 +178,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--init_from", default="", help="the float model: our checkpoint (out_dir or ckpt.pt), "
-                                                        "an HF dir or repo id")
+                                                        "a GGUF file, an HF dir or repo id")
     parser.add_argument("ckpt_dir", nargs="?", default="", help=argparse.SUPPRESS)   # the old spelling of --init_from
     parser.add_argument("--out_dir", default="", help="where to write the int8 ckpt.pt (default: <init_from>-<mode>; "
                                                        "for a .gguf or a hub id, out-<name>-<mode> here)")

@@ -1,6 +1,6 @@
 """
-Generate text from a trained MobileLLM: our checkpoints, int8 checkpoints from quantize.py, or Meta's
-released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo id).
+Generate text from a trained MobileLLM: our checkpoints, int8 checkpoints from quantize.py, llama.cpp GGUF
+files, or Meta's released facebook/MobileLLM-* weights (any LLaMA-format Hugging Face dir or repo id).
 
   python sample.py                                     # from what `python train.py` made (its default out_dir)
   python sample.py --init_from out-shakespeare-char --start "ROMEO:"
@@ -186,7 +186,8 @@ def chat(model, tokenizer, args, generator):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--init_from", default=TrainConfig.out_dir,
-                   help="our checkpoint (out_dir or file), an int8 checkpoint, an HF dir or repo id, or a preset name")
+                   help="our checkpoint (out_dir or file), an int8 checkpoint, a GGUF file, an HF dir or repo id, "
+                        "or a preset name")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--chat", action="store_true",
                    help="--start is the user's message in the model's chat template; print the assistant's reply")

@@ -117,7 +117,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama_cpp", required=True, help="folder with llama-bench and llama-quantize")
     p.add_argument("--init_from", default="mobilellm-125m",
-                   help="preset[:field=value+...] (random weights), our checkpoint, or an HF dir (as export.py)")
+                   help="preset[:field=value+...] (random weights), our checkpoint, a GGUF file, or an HF dir "
+                        "(as export.py)")
     p.add_argument("--compare", default="", help="comma-separated --init_from values, one table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", default="F32,F16,Q8_0,Q4_0", help=f"comma-separated, from {QUANTS}")
