@@ -9,7 +9,7 @@ fewer steps in the same minutes.
 Takes train.py's settings (config files, --key=value) as the base of every variant; --compare="a;b;..."
 as bench_train.py takes it. Warmup is 1/15 of each run (at least 30 iterations); the only eval is at the
 end. Prints one row per variant: iterations, wall seconds (start-up and the eval included), train and
-val loss; writes <out_dir>/equal_time.json.
+val loss; writes <out_dir>/equal_time.json after each variant.
 """
 import json
 import sys
@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from bench_train import parse_variants, tokens_per_second  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
 from configurator import ConfigError, configure, exit_if_help  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from loader import resolve_device, resolve_dtype  # noqa: E402
@@ -61,8 +62,8 @@ def main(cfg):
                  train_loss=last["train_loss"], val_loss=last["val_loss"])
         rows.append(r)
         print(f"| {label} | {r['iterations']} | {r['wall_s']} | {r['train_loss']:.3f} | {r['val_loss']:.3f} |", flush=True)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / "equal_time.json").write_text(json.dumps(dict(minutes=cfg.minutes, rows=rows), indent=1))
+        report = json.dumps(dict(minutes=cfg.minutes, rows=rows), indent=1)      # after each variant, so that
+        atomic_write(Path(cfg.out_dir) / "equal_time.json", lambda tmp: tmp.write_text(report))  # a stopped run keeps them
     return rows
 
 

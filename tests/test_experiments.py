@@ -306,13 +306,16 @@ def test_equal_time_sizes_each_schedule_to_the_budget(tmp_path, capsys, monkeypa
     from experiments import equal_time
     speeds = {16: 2048.0, 32: 2048.0}                   # tokens/s: batch 32 takes twice as long per iteration
     monkeypatch.setattr(equal_time, "tokens_per_second", lambda cfg, dtype, device: (speeds[cfg.batch_size], None))
-    runs = []
-    monkeypatch.setattr(equal_time, "train", lambda cfg: runs.append(cfg) or [
+    runs, saved = [], tmp_path / "equal_time.json"
+    monkeypatch.setattr(equal_time, "train", lambda cfg: runs.append(
+        (cfg, len(json.loads(saved.read_text())["rows"]) if saved.exists() else 0)) or [
         {"train_loss": 1.0 + cfg.batch_size / 100, "val_loss": 2.0 + cfg.batch_size / 100}])
     cfg = equal_time.configure(equal_time.EqualTimeConfig(), [
         "--minutes=1", "--block_size=128", "--dim=64", f"--out_dir={tmp_path}",
         "--compare=batch_size=16;batch_size=32"])
     rows = equal_time.main(cfg)
+    assert [done for _, done in runs] == [0, 1]                         # the first variant saved before the second
+    runs = [r for r, _ in runs]
     assert [r.max_iters for r in runs] == [60, 30]                       # 60 s x 1 and 0.5 iterations/s
     assert [r.warmup_iters for r in runs] == [30, 29] and all(r.eval_interval == r.max_iters for r in runs)
     assert all(type(r) is equal_time.TrainConfig and r.dim == 64 and r.quiet for r in runs)
