@@ -43,8 +43,8 @@ from tqdm import tqdm
 import eval as ev
 from checkpoint import CheckpointError
 from configurator import ConfigError
-from loader import autocast, load_model_and_tokenizer, resolve_device, torch_dtype
 from int8 import set_simulate
+from loader import autocast, load_model_and_tokenizer, resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
 MAX_GEN_TOKS = 256   # the harness's default when a task does not say

@@ -126,18 +126,19 @@ def did_you_mean(name):
 
 
 def require_source(init_from):
-    """One clear error, before any slow work, when --init_from names a local file or folder that is not there."""
+    """One clear error, before any slow work, when --init_from names a local file or folder that is not there.
+    Returns what it names (source_kind)."""
     kind = source_kind(init_from)
     if kind in ("checkpoint", "gguf") and not Path(init_from).exists():
         what = "GGUF file" if kind == "gguf" else "checkpoint"
         raise CheckpointError(f"no {what} at {init_from}{did_you_mean(init_from)}: --init_from takes our out_dir "
                               "or ckpt.pt, a .gguf file, a Hugging Face dir or hub id (owner/name), or a preset such "
                               "as mobilellm-125m")
+    return kind
 
 
 def _load(init_from, device):
-    require_source(init_from)
-    kind, path = source_kind(init_from), Path(init_from)
+    kind, path = require_source(init_from), Path(init_from)
     if kind == "preset":
         torch.manual_seed(0)
         return MobileLLM(config_from_preset(init_from)).to(device), None
