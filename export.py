@@ -18,12 +18,12 @@ and re-quantized by ExecuTorch's XNNPACK int8 flow, which makes the same per-cha
 
 How the program is built (the ideas, top to bottom):
   * ExportLLM: a thin forward over a MobileLLM's own modules (no weight is copied): KV cache laid out
-    (B, T, H_kv, D), one buffer pair per block *application*, written by ExecuTorch's llama::update_cache and
-    read by llama::custom_sdpa (the portable index_copy_/SDPA kernels are slow). RMSNorm, RoPE and reshapes
-    are written so that XNNPACK takes all of them (rotate-half as a DxD matmul, the mean of squares as a
-    4-D mean, views with one inferred dim): XNNPACK runs all between the cache ops.
+    (B, T, H_kv, D), one buffer pair per block *application*, written and read by ExecuTorch's
+    llama::sdpa_with_kv_cache, one op per application (the portable index_copy_/SDPA kernels are slow).
+    RMSNorm, RoPE and reshapes are written so that XNNPACK takes all of them (rotate-half as a DxD matmul,
+    the mean of squares as a 4-D mean, views with one inferred dim): XNNPACK runs all around the cache op.
   * Lowering, piece by piece: each block application is two XNNPACK delegates (FrontHalf: norm, q/k/v,
-    RoPE; BackHalf: output projection, SwiGLU), with the KV-cache ops between them, plus the head. Each
+    RoPE; BackHalf: output projection, SwiGLU), with the KV-cache op between them, plus the head. Each
     piece is lowered on its own (xnnpack_lowering.py), and only block 0's: every other block computes the
     same on other weights, so it gets block 0's delegates with its own weights swapped in (restamped,
     through executorch_private.py). A 125M model is three lowerings, not thirty blocks' worth of whole-graph passes.
@@ -63,7 +63,7 @@ from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
 
-EXPORT_VERSION = {"fp32": 3, "int8": 4, "8da4w": 4}   # bump a dtype's when its programs change (cache key)
+EXPORT_VERSION = {"fp32": 4, "int8": 5, "8da4w": 5}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
 FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYPES), "hf": ("fp32",)}
@@ -282,13 +282,14 @@ class ExportLLM(nn.Module):
         cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
         x = self.embed(tokens)                                                              # (1, T, C)
         for i, (front, back) in enumerate(zip(self.fronts, self.backs)):
-            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             q, k, v = front(x, cos, sin)
-            torch.ops.llama.update_cache(k, k_cache, start)
-            torch.ops.llama.update_cache(v, v_cache, start)
-            y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)      # (1, T, H, D)
-            x = back(x, y)                                                                  # (1, T, C)
+            x = back(x, self.attention(i, q, k, v, start))                                  # (1, T, C)
         return self.head(x[:, -1:, :])                                                      # (1, V)
+
+    def attention(self, i, q, k, v, start):             # q: (1, T, H, D), k, v: (1, T, H_kv, D) -> (1, T, H, D)
+        """Write k, v into application i's cache at `start` and attend over it: one ExecuTorch op."""
+        k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+        return torch.ops.llama.sdpa_with_kv_cache(q, k, v, k_cache, v_cache, start, q.size(1), None, 0, True)
 
 
 # --- the program: pieces lowered by xnnpack_lowering.py, composed, emitted --------------------------

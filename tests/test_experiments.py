@@ -371,3 +371,26 @@ def test_residual_dropout_drops_each_branch_only_while_training_and_restores_the
                                             f"{records[2]['val_loss']:.3f} at iterations 2 / 4\n")
     with pytest.raises(residual_dropout.ConfigError, match="dropout must be in"):
         residual_dropout.main(residual_dropout.DropoutConfig(dropout=1.0))
+
+
+def test_kv_cache_op_variants_hold_their_ops_and_give_the_same_logits(capsys, monkeypatch):
+    pytest.importorskip("executorch")
+    import export
+    from executorch_private import deserialized_program
+    from experiments import kv_cache_op
+    ops, export_pte = [], export.export_pte
+
+    def export_and_list_ops(*args):
+        data, info = export_pte(*args)
+        ops.append({op.name for op in deserialized_program(data).execution_plan[0].operators})
+        return data, info
+
+    monkeypatch.setattr(export, "export_pte", export_and_list_ops)
+    monkeypatch.setattr(kv_cache_op, "in_fresh_process", lambda fn, *args: fn(*args))   # no spawn: faster
+    programs = kv_cache_op.main(["--init_from=mobilellm-micro:n_layers=2+vocab_size=64", "--rounds=1", "--runs=1",
+                                 "--prompt_len=4", "--new_tokens=2", "--threads=1"])
+    assert "llama::sdpa_with_kv_cache" in ops[0] - ops[1]
+    assert {"llama::update_cache", "llama::custom_sdpa"} <= ops[1] - ops[0]
+    logits = [program["logits"] for program in programs.values()]
+    assert len(logits) == 2 and logits[0].shape == (32, 64) and torch.equal(logits[0], logits[1])
+    assert capsys.readouterr().out.count("| mobilellm-micro") == 2
