@@ -1,5 +1,5 @@
 """
-XNNPACK lowering for export.py: how the pieces of a program (block halves, the head; bench_mobile's GemvChain
+XNNPACK lowering for export.py: how the pieces of a program (block halves, the head; decode_bounds.py's GemvChain
 pairs) become XNNPACK delegates, one per piece, and how a module calling them is emitted as one ExecuTorch
 program whose identical delegates are shared. export.py decides what the pieces are; this file does the
 lowering, through ExecuTorch's public API except where executorch_private.py says otherwise.

@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench_mobile.py lives at the repo root
-from bench_mobile import chain_gbs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from configurator import at_least  # noqa: E402
+from decode_bounds import chain_gbs  # noqa: E402
 from export import PROGRAM_DTYPES, parse_model_spec  # noqa: E402
 from model import config_from_preset  # noqa: E402
 
