@@ -1,14 +1,16 @@
 """
 One ExecuTorch op per block application for the KV cache, or three? export.py's programs write k and v into
-the cache and attend over it with llama::sdpa_with_kv_cache. ExecuTorch's llama example defaults to two
-llama::update_cache calls and a llama::custom_sdpa instead. Both run the same kernels. This exports each
+the cache and attend over it with llama::sdpa_with_kv_cache; the alternative is two llama::update_cache
+calls and a llama::custom_sdpa (ExecuTorch's llama example, too, writes the cache apart from custom_sdpa
+unless given --use_sdpa_with_kv_cache). Both run the same kernels. This exports each
 model both ways, then prints each program's export time, its decode time (alternating rounds, each run in a
 fresh process) and how far its logits are from the one-op program's.
 
   python experiments/kv_cache_op.py --init_from=mobilellm-125m,mobilellm-125m-ls --dtype=fp32 --rounds=3
 
 Every op the top-level program holds is traced again by each of ExecuTorch's passes (docs/on-device.md), so
-the one-op program exports sooner; an LS model has twice the block applications, so it gains twice as much.
+the one-op program exports sooner, and an LS model, with twice the block applications, gains about twice as
+much in to_edge and to_executorch.
 """
 import argparse
 import contextlib
