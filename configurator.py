@@ -14,6 +14,7 @@ bound) and accept_old_flags (renamed flags keep working).
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import io
 import sys
@@ -73,8 +74,9 @@ def apply_settings(config, settings, source):
     types_by_name = _field_types(type(config))
     unknown = sorted(set(settings) - set(types_by_name))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))} in {source}; "
-                          f"known keys: {', '.join(types_by_name)}")
+        close = {k: difflib.get_close_matches(k, types_by_name, n=1) for k in unknown}
+        hints = [f"{k!r} (did you mean {close[k][0]!r}?)" if close[k] else repr(k) for k in unknown]
+        raise ConfigError(f"unknown config key(s) {', '.join(hints)} in {source}; known keys: {', '.join(types_by_name)}")
     checked = {k: _check_type(k, v, types_by_name[k]) for k, v in settings.items()}
     return dataclasses.replace(config, **checked)
 

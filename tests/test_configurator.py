@@ -70,3 +70,14 @@ def test_argparse_help_names_each_options_default_unless_it_means_off(capsys):
     help_text = " ".join(parser.format_help().split())
     assert "timed runs (default: 5)" in help_text
     assert help_text.count("(default:") == 1                        # not for 0, a blank string, None or a flag
+
+
+def test_an_unknown_key_names_the_closest_known_one():
+    @dataclasses.dataclass
+    class Settings:
+        max_iters: int = 10
+        learning_rate: float = 1e-3
+
+    with pytest.raises(configurator.ConfigError, match=r"'max_iter' \(did you mean 'max_iters'\?\), 'zzz' in "
+                                                       r"override; known keys: max_iters, learning_rate$"):
+        configurator.apply_settings(Settings(), {"max_iter": 5, "zzz": 1}, "override")

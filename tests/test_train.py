@@ -250,7 +250,7 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size", "6", "--out_dir", "2025"])   # --key value
     assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (6, 1.0, "2025")
     config_file.write_text("batch_sise = 3\n")
-    with pytest.raises(ConfigError, match="'batch_sise' in config file"):
+    with pytest.raises(ConfigError, match="'batch_sise' \\(did you mean 'batch_size'\\?\\) in config file"):
         configure(TrainConfig(), [str(config_file)])
 
 
@@ -295,7 +295,7 @@ def test_command_line_reports_errors_in_one_line():
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--n_layer=4"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip().startswith("error: unknown config key(s) 'n_layer'")
+    assert result.stderr.strip().startswith("error: unknown config key(s) 'n_layer' (did you mean 'n_layers'?) in")
     assert "Traceback" not in result.stderr
 
 
