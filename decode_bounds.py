@@ -3,7 +3,8 @@ What a decode step's speed is bounded by on this host, for bench_mobile.py's tab
 
   * the weights a token reads (weight_reads_per_token): every linear once per block application, the LM
     head included; a block applied right after itself through the same weights re-reads them from cache.
-    Divided into the host's read bandwidth (measure.memory_bandwidth_gbs), that is the DRAM bound.
+    The host's read bandwidth (measure.memory_bandwidth_gbs) over the bytes read from DRAM is the DRAM
+    bound, in tokens/s.
   * how fast XNNPACK's own matrix-vector products stream weights (gemv_gbs): a chain of SwiGLU-shaped
     products (GemvChain) lowered like the models, timed reading new weights (cold) and re-applying one pair
     through one shared delegate (hot, as the second application of an LS block). The cold and hot bytes at
