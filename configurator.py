@@ -76,7 +76,8 @@ def apply_settings(config, settings, source):
     if unknown:
         close = {k: difflib.get_close_matches(k, types_by_name, n=1) for k in unknown}
         hints = [f"{k!r} (did you mean {close[k][0]!r}?)" if close[k] else repr(k) for k in unknown]
-        raise ConfigError(f"unknown config key(s) {', '.join(hints)} in {source}; known keys: {', '.join(types_by_name)}")
+        raise ConfigError(f"unknown config key(s) {', '.join(hints)} in {source}; "
+                          f"known keys: {', '.join(types_by_name)}")
     checked = {k: _check_type(k, v, types_by_name[k]) for k, v in settings.items()}
     return dataclasses.replace(config, **checked)
 
