@@ -20,9 +20,9 @@ What is measured:
     fresh process (its own peak memory), and the same for eager PyTorch (--eager).
   * DRAM bound: the decode speed this host's measured read bandwidth allows, given the bytes of weights a
     token reads from DRAM (a block re-applied right after itself through shared weights reads from cache).
-  * --kernel_bound: what the speed of XNNPACK's own matrix-vector products allows. A chain of FFN-shaped
-    products is lowered the same way (GemvChain) and timed reading new weights (cold, from DRAM) and
-    re-applying one pair through one shared delegate (hot, from cache, as an LS block's second application).
+  * --kernel_bound: what XNNPACK's own matrix-vector products allow. A chain of products holding each
+    block's weights, in the model's order and shared as the program shares them, and the LM head's, is
+    lowered the same way and timed (decode_bounds.kernel_seconds): a decode step's products and nothing else.
   * --check_logits: how far each row's logits are from model.py's fp32 forward, token by token.
   * --data_dir: each row's loss (and perplexity) on real text, the first --eval_tokens of a prepared dataset's
     validation split, fed one token at a time in windows of --max_seq_len, beside model.py's fp32 loss on the
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from android import android_rows, android_target
 from checkpoint import CheckpointError
 from configurator import HelpFormatter, accept_old_flags, at_least
-from decode_bounds import gemv_gbs, weight_reads_per_token
+from decode_bounds import kernel_seconds, weight_reads_per_token
 from executorch_private import reset_threadpool
 from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, load_source, program_seq_len,
                     require_executorch, write_program)
@@ -148,29 +148,43 @@ def host_eager_row(source, seed, dtype, max_seq_len, prompt_len, new_tokens, run
 
 # --- the table and the command line ------------------------------------------------------------------
 
+def tok_s(rate):
+    """A bound in tokens/s, to three figures below 100."""
+    return f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
+
+
+def beyond_kernel_ms(row):
+    """What a decode step spends beyond its matrix-vector products (attention, cache writes, norms, RoPE,
+    activation quantization, delegate calls), per block application."""
+    return (row["decode_ms"] - 1e3 / row["kernel_tok_s"]) / row["applications"]
+
+
 def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=False, val_column=False):
-    """kernel_column: add the kernel bound (rows without one, eager PyTorch, show '-'). logits_columns: add
-    each row's logit_error and same_token (--check_logits). val_column: its val_loss (--data_dir)."""
+    """kernel_column: add the kernel bound and the decode time beyond it per block application (rows without
+    one, eager PyTorch, show '-'). logits_columns: add each row's logit_error and same_token (--check_logits).
+    val_column: its val_loss (--data_dir)."""
     head = ("| model | runtime | file MB | load ms | init ms | prefill {P} tok ms | decode ms/tok | tok/s "
             "| DRAM bound tok/s |{K} mem MB |{L}{V}").format(
-        P=prompt_len, K=" kernel bound tok/s |" if kernel_column else "",
+        P=prompt_len, K=" kernel bound tok/s | beyond it, ms per block application |" if kernel_column else "",
         L=" max abs logit error | same next token |" if logits_columns else "",
         V=" val loss (perplexity) |" if val_column else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         file_mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "-"
-        kernel = (f" {r['kernel_tok_s']:.0f} |" if "kernel_tok_s" in r else " - |") if kernel_column else ""
+        kernel = ""
+        if kernel_column:
+            kernel = f" {tok_s(r['kernel_tok_s'])} | {beyond_kernel_ms(r):.3f} |" if "kernel_tok_s" in r else " - | - |"
         logits = f" {r['logit_error']:.2g} | {r['same_token']:.0%} |" if logits_columns else ""
         val = f" {r['val_loss']:.4f} ({math.exp(r['val_loss']):.2f}) |" if val_column else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
                      f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
-                     f"{1e3 / r['decode_ms']:.1f} | {bandwidth * 1e9 / r['dram_bytes']:.0f} |{kernel} "
+                     f"{1e3 / r['decode_ms']:.1f} | {tok_s(bandwidth * 1e9 / r['dram_bytes'])} |{kernel} "
                      f"{r['mem_mb']:.0f} |{logits}{val}")
     return "\n".join(lines)
 
 
 OLD_FLAGS = {"--prompt-len": "--prompt_len", "--new-tokens": "--new_tokens", "--max-seq-len": "--max_seq_len",
-             "--kernel-bound": "--kernel_bound", "--kernel-mb": "--kernel_mb", "--check-logits": "--check_logits",
+             "--kernel-bound": "--kernel_bound", "--check-logits": "--check_logits",
              "--cache-dir": "--cache_dir", "--ckpt": "--init_from", "--preset": "--init_from",
              "--val_data": "--data_dir", "--val_tokens": "--eval_tokens"}
 
@@ -198,10 +212,8 @@ def main(argv=None):
     p.add_argument("--max_seq_len", type=at_least(0), default=0,
                    help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
     p.add_argument("--kernel_bound", action="store_true",
-                   help="also measure what XNNPACK's matrix-vector kernels stream (cold and from cache) and add "
-                        "the decode speed they allow as a column")
-    p.add_argument("--kernel_mb", type=float, default=64, help="MB of weights per call in that measurement "
-                                                               "(far above the last-level cache)")
+                   help="also time XNNPACK's matrix-vector products alone on each program's weights, in its "
+                        "order and sharing, and add the decode speed they allow as a column")
     p.add_argument("--check_logits", action="store_true",
                    help="also feed --prompt_len random tokens one at a time and compare each row's logits with "
                         "model.py's fp32 forward (largest difference, how often the next token is the same)")
@@ -253,21 +265,17 @@ def check_args(args):
     return dtypes
 
 
-def pte_row(args, model, name, dtype, lowering, path, tokens, windows, kernel_gbs):
+def pte_row(args, model, name, dtype, lowering, path, tokens, windows):
     """One host row for a .pte: timed in a fresh process, with its DRAM (and kernel) bound."""
     config, shared = model.config, lowering == "shared"
     row = in_fresh_process(host_pte_row, str(path), args.prompt_len, args.new_tokens, args.runs, args.threads,
                            config.vocab_size, tokens, windows)
     label = f"ExecuTorch {dtype}" + (f" ({lowering})" if config.share != "none" else "")
-    cold, hot = weight_reads_per_token(config, dtype, shared)
-    row = dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20, dram_bytes=cold)
+    row = dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20,
+               dram_bytes=weight_reads_per_token(config, dtype, shared)[0])
     if args.kernel_bound:
-        shape = (dtype, config.dim, config.ffn_dim)
-        if shape not in kernel_gbs:
-            kernel_gbs[shape] = gemv_gbs(config, dtype, args.threads, args.kernel_mb)
-            print(f"XNNPACK {dtype} matrix-vector products stream {kernel_gbs[shape][0]:.1f} GB/s "
-                  f"of new weights and {kernel_gbs[shape][1]:.1f} GB/s of weights in cache")
-        row["kernel_tok_s"] = 1e9 / (cold / kernel_gbs[shape][0] + hot / kernel_gbs[shape][1])
+        row["kernel_tok_s"] = 1 / kernel_seconds(config, dtype, shared, args.threads)
+        row["applications"] = config.depth
     return row
 
 
@@ -292,7 +300,7 @@ def run(args):
     require_executorch()
     if args.device == "android":
         android_target(args.runner, args.serial)        # before any export: fail in seconds, not after minutes
-    rows, programs, kernel_gbs = [], {}, {}
+    rows, programs = [], {}
     for source in tqdm(sources, desc="export", disable=len(sources) < 2):
         model, seq_len = checked_source(args, source)
         name = Path(source).name
@@ -322,7 +330,7 @@ def run(args):
                     shutil.copyfile(path, args.out)
                     print(f"wrote {args.out}")
                 if args.device == "host":
-                    row = pte_row(args, model, name, dtype, lowering, path, tokens, windows, kernel_gbs)
+                    row = pte_row(args, model, name, dtype, lowering, path, tokens, windows)
                     rows.append(with_logit_agreement(row, reference))
         if args.device == "host":
             rows += [with_logit_agreement(row, reference)
@@ -349,7 +357,8 @@ def print_host_table(rows, args):
           f"DRAM bound = measured read bandwidth {bandwidth:.1f} GB/s / bytes of weights read per token "
           f"from DRAM (a block re-applied through the same weights is assumed to hit the cache)")
     if args.kernel_bound:
-        print("kernel bound = 1 / (cold bytes / cold GB/s + cached bytes / cached GB/s) per token")
+        print("kernel bound = XNNPACK's matrix-vector products alone on the program's weights, in its order "
+              "and sharing (decode_bounds.kernel_seconds)")
     print()
     print(format_table(rows, args.prompt_len, bandwidth, args.kernel_bound, args.check_logits, bool(args.data_dir)))
 

@@ -5,7 +5,9 @@ whole block's weights survive the first application in this CPU's caches.
 
 A chain of SwiGLU-shaped products (the model's dim -> ffn_dim -> dim) reads --mb MB of weights per call:
 new weights for every product (cold), or k pairs re-applied in turn through shared delegates (a working
-set of k pairs). At fp32 one 125M block's linears are two pairs (13.5 MB).
+set of k pairs). At fp32 one 125M block's linears are two pairs (13.5 MB). Weights re-read over and over
+are not a block read once and re-read right after, as an LS block is: `bench_mobile.py --kernel_bound`
+times that case, a chain of the model's own products (decode_bounds.kernel_seconds).
 
   python experiments/xnnpack_cache_reuse.py --init_from=mobilellm-125m --dtype=fp32 --hot_pairs=1,2,4
 """
@@ -13,11 +15,26 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from configurator import at_least  # noqa: E402
-from decode_bounds import chain_gbs  # noqa: E402
+from decode_bounds import BYTES_PER_WEIGHT, GemvChain, chain_seconds  # noqa: E402
 from export import PROGRAM_DTYPES, parse_model_spec  # noqa: E402
 from model import config_from_preset  # noqa: E402
+
+
+def chain_gbs(config, dtype, threads, mb, hot_pairs):
+    """GB/s of weights a chain of FFN-shaped pairs streams, reading `mb` MB of weights per call: new weights for
+    every product (hot_pairs=0) or `hot_pairs` pairs re-applied in turn. Returns (GB/s, MB of weights
+    re-read: the working set)."""
+    pair_bytes = 2 * config.dim * config.ffn_dim * BYTES_PER_WEIGHT[dtype]
+    n = max(2, round(mb * 2**20 / pair_bytes))
+    pairs = hot_pairs or n
+    torch.manual_seed(0)
+    chain = GemvChain(config.dim, [config.ffn_dim] * pairs, [i % pairs for i in range(n)]).eval()
+    seconds = chain_seconds(chain, dtype, threads)[0]
+    return n * pair_bytes / seconds / 1e9, pairs * pair_bytes / 2**20
 
 
 def main(argv=None):

@@ -79,16 +79,19 @@ def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
         np.uint16).tofile(data / "val.bin")
     bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
              "--prompt_len", "4", "--new_tokens", "2", "--runs", "1", "--max_seq_len", str(MAX_SEQ_LEN),
-             "--cache_dir", str(tmp_path), "--kernel_bound", "--kernel_mb", "0.1", "--check_logits",
+             "--cache_dir", str(tmp_path), "--kernel_bound", "--check_logits",
              "--data_dir", str(data), "--eval_tokens", str(2 * MAX_SEQ_LEN)])
     out = capsys.readouterr().out
-    assert "XNNPACK fp32 matrix-vector products stream" in out
+    assert "kernel bound = XNNPACK's matrix-vector products alone" in out
     reference = float(re.search(rf"model.py fp32 val loss ([\d.]+) .* on {2 * MAX_SEQ_LEN} tokens", out)[1])
     head, _, pte_row, eager_row = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
-    assert [c.strip() for c in head][-6:] == ["DRAM bound tok/s", "kernel bound tok/s", "mem MB",
+    assert [c.strip() for c in head][-7:] == ["DRAM bound tok/s", "kernel bound tok/s",
+                                              "beyond it, ms per block application", "mem MB",
                                               "max abs logit error", "same next token", "val loss (perplexity)"]
     assert "ExecuTorch fp32 (shared)" in pte_row[1] and "eager PyTorch fp32" in eager_row[1]
-    assert float(pte_row[-5]) > 0 and eager_row[-5].strip() == "-"       # kernel bound: ExecuTorch rows only
+    kernel_tok_s, beyond_ms = float(pte_row[-6]), float(pte_row[-5])   # kernel bound: ExecuTorch rows only
+    assert kernel_tok_s > 0 and eager_row[-6].strip() == eager_row[-5].strip() == "-"
+    assert beyond_ms == pytest.approx((float(pte_row[6]) - 1e3 / kernel_tok_s) / 2, abs=5e-3)  # 2 applications
     assert all(float(row[6]) > 0 for row in (pte_row, eager_row))       # decode ms/token
     for row in (pte_row, eager_row):                                    # both compute model.py's logits
         assert float(row[-3]) < 1e-4 and row[-2].strip() == "100%"

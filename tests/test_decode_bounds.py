@@ -22,16 +22,42 @@ def test_weight_reads_count_each_block_application_and_which_are_cached():
     assert db.weight_reads_per_token(repeat_all, "int8", shared=True) == (per_token + 30 * block, 0)
 
 
-@pytest.mark.parametrize("hot_pairs", [0, 2])
-def test_gemv_chain_computes_its_products_and_a_hot_one_shares_its_pairs_delegates(tiny, hot_pairs, tmp_path):
+@pytest.mark.parametrize("preset,shared", [("mobilellm-125m", True), ("mobilellm-125m-ls", True),
+                                           ("mobilellm-125m-ls", False)])
+def test_product_stream_reads_the_models_weights_in_its_order(preset, shared):
+    """One pair per block application holding a block's linears, shared where the program shares the block;
+    then the head. Per call the chain reads exactly the bytes weight_reads_per_token counts."""
+    from model import config_from_preset
+    config = config_from_preset(preset)
+    chain = db.product_stream(config, shared)
+    depth = config.n_layers * (config.share_repeats if config.share != "none" else 1)
+    blocks = config.n_layers if shared else depth
+    assert chain.hiddens == [3072] * blocks + [16000]                   # 125M: a block's linears = 2 x 576 x 3072
+    assert len(chain.schedule) == depth + 1 and chain.schedule[-1] == blocks
+    assert chain.schedule[:4] == ([0, 0, 1, 1] if config.share != "none" and shared else [0, 1, 2, 3])
+    read = sum(2 * config.dim * chain.hiddens[i] * 4 for i in chain.schedule)
+    assert read == sum(db.weight_reads_per_token(config, "fp32", shared))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_lowered_chain_computes_its_products_and_shares_delegates_as_the_program(tiny, shared, tmp_path):
     config = tiny.config
-    data, info, nbytes = db.gemv_chain_pte(config, "fp32", mb=0.1, hot_pairs=hot_pairs)
-    n = info["delegate_calls"]
-    assert n >= 4 and nbytes == n * 2 * config.dim * config.ffn_dim * 4
-    assert info["delegates"] == (hot_pairs or n)                 # a hot chain re-reads its packed pairs
     torch.manual_seed(0)
-    chain = db.GemvChain(config.dim, config.ffn_dim, n, hot_pairs or n).eval()
+    chain = db.product_stream(config, shared).eval()
+    expected_delegates = len(set(chain.schedule))
+    x = torch.randn(1, 1, config.dim)
+    with torch.no_grad():
+        expected = chain(x)
+    data, info = db.chain_pte(chain, "fp32")
+    assert info["delegate_calls"] == len(chain.schedule)
+    assert info["delegates"] == expected_delegates                      # a shared pair is one packed delegate
     path = tmp_path / "chain.pte"
     path.write_bytes(data)
-    x = torch.randn(1, 1, config.dim)
-    torch.testing.assert_close(load_method(path).execute([x])[0], chain(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(load_method(path).execute([x])[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_seconds_times_the_models_stream(tiny, monkeypatch):
+    timed = []
+    monkeypatch.setattr(db, "chain_seconds", lambda chain, dtype, threads: (timed.append(chain) or 0.004, {}))
+    assert db.kernel_seconds(tiny.config, "int8", True, threads=1) == 0.004
+    assert timed[0].schedule == db.product_stream(tiny.config, True).schedule

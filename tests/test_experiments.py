@@ -173,12 +173,11 @@ def test_xnnpack_cache_reuse_times_the_working_set_it_reports(capsys, monkeypatc
     from experiments import xnnpack_cache_reuse as reuse
     from model import config_from_preset
     pair = 2 * 32 * 64 * 4                              # the lowering itself is tested in test_decode_bounds
-    import decode_bounds
-    monkeypatch.setattr(decode_bounds, "gemv_chain_pte", lambda config, dtype, mb, hot_pairs:
-                        (b"", {"delegate_calls": 6, "delegates": hot_pairs}, 6 * pair))
-    monkeypatch.setattr(decode_bounds, "in_fresh_process", lambda fn, path, threads, inputs: 0.001)  # 1 ms a call
+    chains = []
+    monkeypatch.setattr(reuse, "chain_seconds", lambda chain, dtype, threads: (chains.append(chain) or 0.001, {}))
     config = config_from_preset("mobilellm-micro", dim=32, ffn_dim=64)
-    gbs, working_set = decode_bounds.chain_gbs(config, "fp32", threads=1, mb=0.1, hot_pairs=2)
+    gbs, working_set = reuse.chain_gbs(config, "fp32", threads=1, mb=6 * pair / 2**20, hot_pairs=2)
+    assert chains[0].schedule == [0, 1, 0, 1, 0, 1] and chains[0].hiddens == [64, 64]
     assert gbs == pytest.approx(6 * pair / 0.001 / 1e9) and working_set == pytest.approx(2 * pair / 2**20)
     monkeypatch.setattr(reuse, "chain_gbs", lambda config, dtype, threads, mb, hot_pairs: (1.0 + hot_pairs, 0.5))
     reuse.main(["--init_from=mobilellm-micro", "--hot_pairs=1,4"])
