@@ -5,26 +5,26 @@ tokens/s and MFU, fp32 against bf16 autocast, measured side by side in one run.
   python bench_train.py                                  # train.py's default model and batch
   python bench_train.py config/bench_nanogpt_29m.py      # nanoGPT's 29.9M GPT size (6 x 384, ctx 256, batch 8)
   python bench_train.py --dim=256 --iters=20 --compile=True
-  python bench_train.py --dtypes=float32 --compare="optimizer='adamw';optimizer='muon'" --rounds=5
+  python bench_train.py --dtype=fp32 --compare="optimizer='adamw';optimizer='muon'" --rounds=5
 
 --compare="a;b;..." times settings against each other instead (each a comma-separated list of key=value,
 on top of the others), in alternating rounds in the first dtype, so that a busy machine slows all alike:
 tokens/s (median of the rounds) and the ratio to the first.
 
-Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup and dtypes. MFU is
-relative to the device's peak in each dtype: the datasheet bf16 number on known GPUs, else a large matmul in
-that dtype measured here first. dtypes=auto (the default) times fp32, and bf16 too where the hardware has
-it: CPUs without AVX-512 BF16/AMX emulate bf16 ~100x slower than fp32 (there, --dtypes=fp32,bf16 --iters=1
---warmup=0 times it anyway).
+Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup, compare and rounds;
+--dtype takes a list here (fp32,bf16), as bench_mobile.py's does. MFU is relative to the device's peak in
+each dtype: the datasheet bf16 number on known GPUs, else a large matmul in that dtype measured here first.
+dtype=auto (the default) times fp32, and bf16 too where the hardware has it: CPUs without AVX-512 BF16/AMX
+emulate bf16 ~100x slower than fp32 (there, --dtype=fp32,bf16 --iters=1 --warmup=0 times it anyway).
 """
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from configurator import ConfigError, parse_value, apply_settings, configure, exit_if_help
+from configurator import ConfigError, accept_old_flags, apply_settings, configure, exit_if_help, parse_value
 from loader import autocast, dtype_name, native_bf16, resolve_device
 from model import MobileLLM, ModelConfig
 from mfu import flops_per_token, measure_peak_flops, synchronize
@@ -32,12 +32,15 @@ from optim import build_optimizer
 from train import TrainConfig, check_config, model_config
 
 
+OLD_FLAGS = {"--dtypes": "--dtype"}
+
+
 @dataclass
 class BenchConfig(TrainConfig):
     vocab_size: int = 65                 # train.py reads it from the dataset; here there is no dataset
     iters: int = 10                      # timed iterations per dtype
     warmup: int = 3                      # untimed iterations first (allocator, compile)
-    dtypes: str = "auto"                 # comma-separated; auto: fp32, and bf16 where it is native
+    dtype: str = "auto"                  # the dtypes to time, comma-separated; auto: fp32, and bf16 where native
     compare: str = ""                    # "key=value,...;key=value,...": settings timed against each other
     rounds: int = 5                      # --compare: alternating rounds of iters iterations per setting
 
@@ -82,19 +85,23 @@ def parse_variants(spec, cfg, flag="--compare"):
     return variants
 
 
-def timed_dtypes(spec, device):
-    """The dtypes --dtypes names; "auto": fp32, and bf16 where the device has it natively."""
-    if spec != "auto":
-        return [dtype_name(d) for d in spec.split(",")]
+def timed_dtypes(cfg, device):
+    """The dtypes --dtype names, each checked as train.py would; "auto": fp32, and bf16 where the device has
+    it natively."""
+    if cfg.dtype != "auto":
+        dtypes = [dtype_name(d) for d in cfg.dtype.split(",")]
+        for dtype in dtypes:
+            check_config(replace(cfg, dtype=dtype))
+        return dtypes
     native = native_bf16(device)
     if not native:
-        print("bf16 is emulated on this CPU (~100x slower than fp32): timing fp32 only (--dtypes=fp32,bf16 times both)")
+        print("bf16 is emulated on this CPU (~100x slower than fp32): timing fp32 only (--dtype=fp32,bf16 times both)")
     return ["fp32", "bf16"] if native else ["fp32"]
 
 
-def compare(cfg, device):
-    """tokens/s of each --compare variant, timed in alternating rounds. Returns {label: median tokens/s}."""
-    dtype = timed_dtypes(cfg.dtypes, device)[0]
+def compare(cfg, dtype, device):
+    """tokens/s of each --compare variant in `dtype`, timed in alternating rounds. Returns {label: median
+    tokens/s}."""
     variants = parse_variants(cfg.compare, cfg)
     rates = {label: [] for label, _ in variants}
     for _ in range(cfg.rounds):
@@ -109,15 +116,17 @@ def compare(cfg, device):
 
 
 def main(cfg):
-    check_config(cfg)
     device = resolve_device(cfg.device)
+    dtypes = timed_dtypes(cfg, device)
+    cfg = replace(cfg, dtype=dtypes[0])              # train.py's checks and --compare's variants take one dtype
+    check_config(cfg)
     flops = flops_per_token(model_config(cfg, cfg.vocab_size), cfg.block_size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {cfg.batch_size} "
           f"x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
     if cfg.compare:
-        return compare(cfg, device)
+        return compare(cfg, dtypes[0], device)
     results = {}
-    for dtype in timed_dtypes(cfg.dtypes, device):
+    for dtype in dtypes:
         peak = cfg.peak_flops or measure_peak_flops(device, dtype)
         tok_s, model = tokens_per_second(cfg, dtype, device)
         results[dtype] = tok_s
@@ -131,6 +140,6 @@ def main(cfg):
 if __name__ == "__main__":
     exit_if_help(sys.argv[1:], __doc__, BenchConfig(), more_comments=(ModelConfig,))
     try:
-        main(configure(BenchConfig(), sys.argv[1:]))
+        main(configure(BenchConfig(), accept_old_flags(sys.argv[1:], OLD_FLAGS)))
     except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -45,7 +45,7 @@ def torch_dtype(name):
 
 
 # dtype=auto on a CPU: bf16 only for models at least this wide. Below it, autocast's casts cost more than AMX's
-# bf16 products save: `python bench_train.py --dim=D --dtypes=fp32,bf16 --iters=20 --warmup=3` on a 2-core AMX
+# bf16 products save: `python bench_train.py --dim=D --dtype=fp32,bf16 --iters=20 --warmup=3` on a 2-core AMX
 # Xeon, bf16 / fp32 tokens/s: 0.88x at dim 128 (the quick default), 0.92x at 192, 1.07x at 256, 1.25x at 384; in
 # the training loop 0.83x at 128 and 1.14x at 256 (docs/training.md).
 CPU_BF16_MIN_DIM = 256

@@ -8,7 +8,7 @@ Three ways to run the same chain of products, timed in alternation in one proces
              multiply-and-sum loop (what sample.py --compile uses on CPU)
 
   python experiments/decode_gemv.py                         # 576 -> 1536 (a MobileLLM-125M FFN matrix)
-  python experiments/decode_gemv.py --dtypes fp16 --mb 128 --threads 1
+  python experiments/decode_gemv.py --dtype fp16 --mb 128 --threads 1
 """
 import argparse
 import statistics
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # sample.py lives at the repo root
-from configurator import at_least  # noqa: E402
+from configurator import accept_old_flags, at_least  # noqa: E402
 from loader import dtype_name, torch_dtype  # noqa: E402
 from sample import MATRIX_VECTOR_LOOPS  # noqa: E402
 
@@ -67,19 +67,19 @@ def stream_gbs(dtype, dim, out_dim, mb, rounds):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16")
+    p.add_argument("--dtype", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--dim", type=at_least(1), default=576, help="input width (MobileLLM-125M: 576)")
     p.add_argument("--out_dim", type=at_least(1), default=1536, help="output width (MobileLLM-125M's ffn_dim: 1536)")
     p.add_argument("--mb", type=float, default=64, help="MB of weights per pass (above the L3 cache: read from DRAM)")
     p.add_argument("--rounds", type=at_least(1), default=7)
     p.add_argument("--threads", type=at_least(1), default=torch.get_num_threads())
-    args = p.parse_args(argv)
+    args = p.parse_args(accept_old_flags(argv, {"--dtypes": "--dtype"}))
     torch.set_num_threads(args.threads)
     print(f"{args.dim} -> {args.out_dim} matrix-vector products, {args.mb:g} MB of weights per pass, "
           f"{args.threads} threads, median of {args.rounds} alternating rounds (GB/s of weights)")
     print("| dtype | eager | compiled | decomposed | decomposed / eager |\n|---|---|---|---|---|")
     results = {}
-    for name in map(dtype_name, args.dtypes.split(",")):
+    for name in map(dtype_name, args.dtype.split(",")):
         gbs = results[name] = stream_gbs(torch_dtype(name), args.dim, args.out_dim, args.mb, args.rounds)
         print(f"| {name} | {gbs['eager']:.1f} | {gbs['compiled']:.1f} | {gbs['decomposed']:.1f} | "
               f"{gbs['decomposed'] / gbs['eager']:.2f}x |", flush=True)

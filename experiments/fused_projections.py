@@ -7,7 +7,7 @@ slows both alike, and prints tokens/s and the ratio.
   python experiments/fused_projections.py                      # train.py's default model
   python experiments/fused_projections.py --dim=256 --rounds=5
 
-Takes train.py's settings plus bench_train's (iters, warmup, dtypes: the first is timed, rounds). Fusing is
+Takes train.py's settings plus bench_train's (iters, warmup, dtype: the first of its list is timed, rounds). Fusing is
 not a free change: Muon then orthogonalizes one (q;k;v) matrix instead of three, so training differs, and
 every reader of the separate matrices (checkpoints, Hugging Face and GGUF import, quantize.py, export.py)
 would change. This measures only the speed it could buy.
@@ -67,7 +67,7 @@ def fused_projections(model):
 
 def main(cfg):
     check_config(cfg)
-    device, dtype = resolve_device(cfg.device), dtype_name(cfg.dtypes.split(",")[0])
+    device, dtype = resolve_device(cfg.device), dtype_name(cfg.dtype.split(",")[0])
     x = torch.randint(cfg.vocab_size, (2, cfg.block_size), device=device)
     torch.manual_seed(0)
     separate = tokens_per_second(cfg, dtype, device)[1]
@@ -88,7 +88,7 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    defaults = BenchConfig(dtypes="fp32", iters=20, warmup=3)
+    defaults = BenchConfig(dtype="fp32", iters=20, warmup=3)
     exit_if_help(sys.argv[1:], __doc__, defaults, more_comments=(ModelConfig,))
     try:
         main(configure(defaults, sys.argv[1:]))

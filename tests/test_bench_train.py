@@ -2,7 +2,7 @@ import pytest
 
 import bench_train
 import loader
-from configurator import ConfigError, configure
+from configurator import ConfigError, accept_old_flags, configure
 
 TINY = ["--n_layers=1", "--dim=16", "--n_heads=2", "--n_kv_heads=1", "--ffn_dim=32", "--block_size=8",
         "--batch_size=2", "--iters=1", "--warmup=0", "--peak_flops=1e9"]
@@ -12,10 +12,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def test_reports_tokens_per_second_and_mfu_per_dtype(capsys):
-    results = bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtypes=fp32"]))
+    results = bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32"]))
     assert list(results) == ["fp32"] and results["fp32"] > 0
     out = capsys.readouterr().out
     assert "tokens/s  MFU" in out and "of 1 GFLOP/s" in out
+
+
+def test_dtype_takes_a_list_as_bench_mobile_does_and_the_old_flag_still_works(capsys):
+    argv = accept_old_flags(TINY + ["--dtypes=fp32,bf16"], bench_train.OLD_FLAGS)
+    results = bench_train.main(configure(bench_train.BenchConfig(), argv))
+    assert list(results) == ["fp32", "bf16"] and "bf16 / fp32 speedup" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="dtype must be one of .* got 'int4'"):
+        bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32,int4"]))
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -35,7 +43,7 @@ def test_compare_times_each_variant_in_alternating_rounds(capsys, monkeypatch):
         return timed(cfg, dtype, device)
 
     monkeypatch.setattr(bench_train, "tokens_per_second", record)
-    cfg = configure(bench_train.BenchConfig(), TINY + ["--dtypes=fp32", "--rounds=2", "--muon_lr=0.02",
+    cfg = configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", "--rounds=2", "--muon_lr=0.02",
                                                        "--compare=optimizer=adamw;optimizer=muon,muon_lr=0.05"])
     medians = bench_train.main(cfg)
     assert order == [("adamw", 0.02, "fp32"), ("muon", 0.05, "fp32")] * 2

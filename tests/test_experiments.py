@@ -159,7 +159,7 @@ def test_decode_gemv_times_three_ways_to_run_the_same_products(capsys):
     from experiments import decode_gemv
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    results = decode_gemv.main(["--dtypes", "fp32,float16", "--dim", "32", "--out_dim", "48",
+    results = decode_gemv.main(["--dtype", "fp32,float16", "--dim", "32", "--out_dim", "48",
                                 "--mb", "0.02", "--rounds", "2"])          # 3 fp32 and 7 fp16 matrices
     assert set(results) == {"fp32", "fp16"}                      # torch names are aliases
     assert all(v > 0 for gbs in results.values() for v in gbs.values())
@@ -337,7 +337,7 @@ def test_fused_projections_compute_the_same_with_fewer_matrices_and_are_timed(ca
     assert len(matrices(model)) == 2 * 7 and len(matrices(fused)) == 2 * 4   # (q;k;v), wo, (w1;w3), w2
     assert (64 + 2 * 32, 64) in matrices(fused) and (2 * 96, 64) in matrices(fused)
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
-    cfg = fused_projections.configure(fused_projections.BenchConfig(dtypes="fp32"), [
+    cfg = fused_projections.configure(fused_projections.BenchConfig(dtype="fp32"), [
         "--n_layers=1", "--dim=32", "--ffn_dim=64", "--block_size=16", "--batch_size=2", "--iters=1",
         "--warmup=0", "--rounds=1"])
     medians = fused_projections.main(cfg)
