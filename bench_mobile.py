@@ -19,7 +19,8 @@ What is measured:
   * host rows: load, init (XNNPACK packs the weights), prefill and decode time of each program, each in a
     fresh process (its own peak memory), and the same for eager PyTorch (--eager).
   * DRAM bound: the decode speed this host's measured read bandwidth allows, given the bytes of weights a
-    token reads from DRAM (a block re-applied right after itself through shared weights reads from cache).
+    token reads from DRAM (a block re-applied right after itself through shared weights counted as read from
+    cache: an upper bound on speed, whatever the caches keep).
   * --kernel_bound: what XNNPACK's own matrix-vector products allow. A chain of products holding each
     block's weights, in the model's order and shared as the program shares them, and the LM head's, is
     lowered the same way and timed (decode_bounds.kernel_seconds): a decode step's products and nothing else.

@@ -29,8 +29,8 @@ How the program is built (the ideas, top to bottom):
     through executorch_private.py). A 125M model is three lowerings, not thirty blocks' worth of whole-graph passes.
   * Shared blocks (MobileLLM-LS): both applications of a block call its one pair of lowered halves, and
     the emitted program points both DelegateCalls at ONE delegate (share_identical_delegates): each shared
-    weight is packed once at init and re-read while still in cache (ExecuTorch would pack and stream it
-    twice). LS-125M lowers no more than 125M does.
+    weight is packed once at init and re-read right after, from cache where the block fits it (ExecuTorch
+    would pack and stream it twice). LS-125M lowers no more than 125M does.
   * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
     8da4w = the same activations with 4-bit weights in groups of 32 (torchao), half the bytes again.
     Both look tokens up in an int8 copy of the tied embedding (a scale per row): the lookup is not an

@@ -88,7 +88,7 @@ def block_schedule(config):
     blocks, r = list(range(config.n_layers)), config.share_repeats
     if config.share == "none":
         return blocks
-    if config.share == "immediate":      # b0 b0 b1 b1 ...: a repeated block is still in cache
+    if config.share == "immediate":      # b0 b0 b1 b1 ...: a repeated block may still be in cache
         return [b for b in blocks for _ in range(r)]
     if config.share == "repeat_all":     # b0 .. bN b0 .. bN
         return blocks * r
