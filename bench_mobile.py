@@ -21,9 +21,9 @@ What is measured:
   * DRAM bound: the decode speed this host's measured read bandwidth allows, given the bytes of weights a
     token reads from DRAM (a block re-applied right after itself through shared weights counted as read from
     cache: an upper bound on speed, whatever the caches keep).
-  * --kernel_bound: what XNNPACK's own matrix-vector products allow. A chain of products holding each
-    block's weights, in the model's order and shared as the program shares them, and the LM head's, is
-    lowered the same way and timed (decode_bounds.kernel_seconds): a decode step's products and nothing else.
+  * --kernel_bound: what XNNPACK's own matrix-vector products allow: the model's products alone, in its
+    order, in delegates split and shared as the program's are, lowered the same way and timed
+    (decode_bounds.kernel_seconds). The table adds what each block application costs beyond them.
   * --check_logits: how far each row's logits are from model.py's fp32 forward, token by token.
   * --data_dir: each row's loss (and perplexity) on real text, the first --eval_tokens of a prepared dataset's
     validation split, fed one token at a time in windows of --max_seq_len, beside model.py's fp32 loss on the

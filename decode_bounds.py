@@ -6,12 +6,13 @@ What a decode step's speed is bounded by on this host, for bench_mobile.py's tab
     from cache. The host's read bandwidth (measure.memory_bandwidth_gbs) over the bytes that are not such
     re-reads is the DRAM bound, in tokens/s.
   * the kernel bound (kernel_seconds): a decode step's matrix-vector products and nothing else, as XNNPACK
-    runs them on this host. A chain of products holding each block's weights, in the model's order and
-    shared as the program shares them (product_stream), is lowered like the models and timed: whatever the
-    caches keep between a block's two applications, the chain gets too.
+    runs them on this host. The model's own products, in its order, in delegates split and shared as the
+    program's are (ProductStream), are lowered like the models and timed: whatever the caches keep between
+    a block's two applications, these products get too.
 """
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,61 +46,66 @@ def weight_reads_per_token(config, dtype, shared):
     return cold * BYTES_PER_WEIGHT[dtype], hot * BYTES_PER_WEIGHT[dtype]
 
 
-class GemvPair(nn.Module):
-    """One up/down pair of matrix-vector products (dim -> hidden -> dim), shaped like a decode step's SwiGLU."""
+class FrontProducts(nn.Module):
+    """A block's q, k and v products alone, one delegate as the program's front half (no norm, no RoPE)."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, block):
         super().__init__()
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.wq, self.wk, self.wv = block.attention.wq, block.attention.wk, block.attention.wv
 
-    def forward(self, x):                                                    # x: (1, 1, dim)
-        return self.down(self.up(x))
+    def forward(self, x):                                                    # x: (1, 1, C)
+        return self.wq(x), self.wk(x), self.wv(x)
 
 
-class GemvChain(nn.Module):
-    """Pairs of products (`hiddens`: each pair's hidden width) applied in the order `schedule` gives, each
-    pair one delegate: a pair that comes back is re-read through the same delegate, as a shared block is."""
+class BackProducts(nn.Module):
+    """A block's output projection and feed-forward products alone, one delegate as the program's back half
+    (no norm, no activation function, no residual)."""
 
-    def __init__(self, dim, hiddens, schedule):
+    def __init__(self, block):
         super().__init__()
-        self.dim, self.hiddens, self.schedule = dim, list(hiddens), list(schedule)
-        self.pairs = nn.ModuleList(GemvPair(dim, hidden) for hidden in hiddens)
+        self.wo, ffn = block.attention.wo, block.feed_forward
+        self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3
 
-    def forward(self, x):                                                    # x: (1, 1, dim)
-        for i in self.schedule:
-            x = self.pairs[i](x)
-        return x
+    def forward(self, y):                                                    # y: (1, 1, H * D)
+        h = self.wo(y)
+        return self.w2(self.w1(h) * self.w3(h) if self.w3 is not None else self.w1(h))
 
 
-def product_stream(config, shared):
-    """The GemvChain of one decode step's matrix-vector products: per block application one pair holding as
-    many weights as a block's linears, in the model's order (`shared`: the same pair wherever the program
-    applies a block through the same delegates, else a pair of its own), then a pair holding the LM head's."""
-    with torch.device("meta"):
+class ProductStream(nn.Module):
+    """A decode step's matrix-vector products and nothing else: for each block application in the model's
+    order its front and back products, then the LM head. shared=False: every application has weights
+    (and delegates) of its own, as in the naive lowering; else a block's applications share them."""
+
+    def __init__(self, config, shared):
+        super().__init__()
+        if not shared:
+            config = replace(config, n_layers=config.depth, share="none")
         model = MobileLLM(config)
-    schedule = list(model.schedule) if shared else list(range(len(model.schedule)))
-    blocks = max(schedule) + 1
-    block_hidden = round(linear_weights(model.layers[0]) / (2 * config.dim))
-    head_hidden = round(linear_weights(model.output) / (2 * config.dim))
-    return GemvChain(config.dim, [block_hidden] * blocks + [head_hidden], schedule + [blocks])
+        self.config, self.schedule = config, model.schedule
+        self.fronts = nn.ModuleList(FrontProducts(block) for block in model.layers)
+        self.backs = nn.ModuleList(BackProducts(block) for block in model.layers)
+        self.head = model.output
+
+    def forward(self, x):                                                    # x: (1, 1, C)
+        for b in self.schedule:
+            q, _, _ = self.fronts[b](x)                 # k and v: what the program's cache op would take
+            x = self.backs[b](q)
+        return self.head(x)                                                  # (1, 1, vocab_size)
 
 
-def chain_pte(chain, dtype):
-    """A GemvChain lowered like the models (8da4w: quantized first): of the pairs of one shape, one is
-    lowered and the others reuse it with their weights. Returns (program bytes, info dict)."""
+def product_stream_pte(stream, dtype):
+    """The ProductStream lowered like the models (8da4w: quantized first; one front, one back and the head
+    lowered, every other block reusing them with its own weights), in place. Returns (program bytes, info
+    dict)."""
     if dtype == "8da4w":
-        chain = quantize_8da4w(chain)
-    x = torch.zeros(1, 1, chain.dim)
-    pairs = list(chain.pairs)
+        quantize_8da4w(stream)
+    c = stream.config
+    x, y = torch.zeros(1, 1, c.dim), torch.zeros(1, 1, c.n_heads * c.head_dim)
     with torch.no_grad():
-        for hidden in dict.fromkeys(chain.hiddens):
-            alike = [i for i, h in enumerate(chain.hiddens) if h == hidden]
-            lowered = lowered_alike([pairs[i] for i in alike], (x,), None, dtype, "lowering products")[0]
-            for i, piece in zip(alike, lowered):
-                pairs[i] = piece
-        chain.pairs = nn.ModuleList(pairs)
-        return emit_composed(chain, (x,), None)
+        stream.fronts = nn.ModuleList(lowered_alike(list(stream.fronts), (x,), None, dtype, "lowering products")[0])
+        stream.backs = nn.ModuleList(lowered_alike(list(stream.backs), (y,), None, dtype, "lowering products")[0])
+        stream.head = lowered_alike([stream.head], (x,), None, dtype, "lowering products")[0][0]
+        return emit_composed(stream, (x,), None)
 
 
 def time_program(path, threads, inputs, runs=20):
@@ -111,18 +117,17 @@ def time_program(path, threads, inputs, runs=20):
     return statistics.median(times[3:])
 
 
-def chain_seconds(chain, dtype, threads):
-    """Seconds one execution of the lowered chain takes, timed in a fresh process. Returns (seconds, info
-    dict of the program: delegate_calls, delegates)."""
-    data, info = chain_pte(chain, dtype)
+def program_seconds(data, inputs, threads):
+    """Seconds one execution of a program (bytes) takes on `inputs`, timed in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "chain.pte"
+        path = Path(tmp) / "program.pte"
         path.write_bytes(data)
-        return in_fresh_process(time_program, str(path), threads, [torch.randn(1, 1, chain.dim)]), info
+        return in_fresh_process(time_program, str(path), threads, inputs)
 
 
 def kernel_seconds(config, dtype, shared, threads, seed=0):
     """The kernel bound, in seconds per token: how long XNNPACK takes over this model's matrix-vector
-    products alone (product_stream), in a program shared as `shared` says."""
+    products alone (ProductStream), in a program shared as `shared` says."""
     torch.manual_seed(seed)
-    return chain_seconds(product_stream(config, shared).eval(), dtype, threads)[0]
+    data, _ = product_stream_pte(ProductStream(config, shared).eval(), dtype)
+    return program_seconds(data, [torch.randn(1, 1, config.dim)], threads)

@@ -7,7 +7,7 @@ A chain of SwiGLU-shaped products (the model's dim -> ffn_dim -> dim) reads --mb
 new weights for every product (cold), or k pairs re-applied in turn through shared delegates (a working
 set of k pairs). At fp32 one 125M block's linears are two pairs (13.5 MB). Weights re-read over and over
 are not a block read once and re-read right after, as an LS block is: `bench_mobile.py --kernel_bound`
-times that case, a chain of the model's own products (decode_bounds.kernel_seconds).
+times that case, the model's own products (decode_bounds.kernel_seconds).
 
   python experiments/xnnpack_cache_reuse.py --init_from=mobilellm-125m --dtype=fp32 --hot_pairs=1,2,4
 """
@@ -16,12 +16,51 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from configurator import at_least  # noqa: E402
-from decode_bounds import BYTES_PER_WEIGHT, GemvChain, chain_seconds  # noqa: E402
-from export import PROGRAM_DTYPES, parse_model_spec  # noqa: E402
+from decode_bounds import BYTES_PER_WEIGHT, program_seconds  # noqa: E402
+from export import PROGRAM_DTYPES, parse_model_spec, quantize_8da4w  # noqa: E402
 from model import config_from_preset  # noqa: E402
+from xnnpack_lowering import emit_composed, lowered_alike  # noqa: E402
+
+
+class GemvPair(nn.Module):
+    """One up/down pair of matrix-vector products shaped like the model's SwiGLU (dim -> ffn_dim -> dim)."""
+
+    def __init__(self, dim, ffn_dim):
+        super().__init__()
+        self.up = nn.Linear(dim, ffn_dim, bias=False)
+        self.down = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x):                                                    # x: (1, 1, dim)
+        return self.down(self.up(x))
+
+
+class GemvChain(nn.Module):
+    """Pairs applied in the order `schedule` gives, each pair one delegate: a pair that comes back is re-read
+    through the same delegate."""
+
+    def __init__(self, dim, ffn_dim, pairs, schedule):
+        super().__init__()
+        self.schedule = list(schedule)
+        self.pairs = nn.ModuleList(GemvPair(dim, ffn_dim) for _ in range(pairs))
+
+    def forward(self, x):                                                    # x: (1, 1, dim)
+        for i in self.schedule:
+            x = self.pairs[i](x)
+        return x
+
+
+def chain_pte(chain, dim, dtype):
+    """The chain lowered like the models: one pair lowered, the others reusing it with their weights."""
+    if dtype == "8da4w":
+        quantize_8da4w(chain)
+    x = torch.zeros(1, 1, dim)
+    with torch.no_grad():
+        chain.pairs = nn.ModuleList(lowered_alike(list(chain.pairs), (x,), None, dtype, "lowering products")[0])
+        return emit_composed(chain, (x,), None)[0]
 
 
 def chain_gbs(config, dtype, threads, mb, hot_pairs):
@@ -32,8 +71,8 @@ def chain_gbs(config, dtype, threads, mb, hot_pairs):
     n = max(2, round(mb * 2**20 / pair_bytes))
     pairs = hot_pairs or n
     torch.manual_seed(0)
-    chain = GemvChain(config.dim, [config.ffn_dim] * pairs, [i % pairs for i in range(n)]).eval()
-    seconds = chain_seconds(chain, dtype, threads)[0]
+    chain = GemvChain(config.dim, config.ffn_dim, pairs, [i % pairs for i in range(n)]).eval()
+    seconds = program_seconds(chain_pte(chain, config.dim, dtype), [torch.randn(1, 1, config.dim)], threads)
     return n * pair_bytes / seconds / 1e9, pairs * pair_bytes / 2**20
 
 

@@ -25,39 +25,41 @@ def test_weight_reads_count_each_block_application_and_which_are_cached():
 @pytest.mark.parametrize("preset,shared", [("mobilellm-125m", True), ("mobilellm-125m-ls", True),
                                            ("mobilellm-125m-ls", False)])
 def test_product_stream_reads_the_models_weights_in_its_order(preset, shared):
-    """One pair per block application holding a block's linears, shared where the program shares the block;
-    then the head. Per call the chain reads exactly the bytes weight_reads_per_token counts."""
+    """Each block application's front and back products, shared where the program shares the block, then
+    the head: per call exactly the bytes weight_reads_per_token counts."""
     from model import config_from_preset
     config = config_from_preset(preset)
-    chain = db.product_stream(config, shared)
+    with torch.device("meta"):
+        stream = db.ProductStream(config, shared)
     depth = config.n_layers * (config.share_repeats if config.share != "none" else 1)
-    blocks = config.n_layers if shared else depth
-    assert chain.hiddens == [3072] * blocks + [16000]                   # 125M: a block's linears = 2 x 576 x 3072
-    assert len(chain.schedule) == depth + 1 and chain.schedule[-1] == blocks
-    assert chain.schedule[:4] == ([0, 0, 1, 1] if config.share != "none" and shared else [0, 1, 2, 3])
-    read = sum(2 * config.dim * chain.hiddens[i] * 4 for i in chain.schedule)
-    assert read == sum(db.weight_reads_per_token(config, "fp32", shared))
+    assert len(stream.schedule) == depth and len(stream.fronts) == (config.n_layers if shared else depth)
+    assert stream.schedule[:4] == ([0, 0, 1, 1] if config.share != "none" and shared else [0, 1, 2, 3])
+    read = sum(db.linear_weights(stream.fronts[b]) + db.linear_weights(stream.backs[b]) for b in stream.schedule)
+    read += db.linear_weights(stream.head)
+    assert 4 * read == sum(db.weight_reads_per_token(config, "fp32", shared))
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_lowered_chain_computes_its_products_and_shares_delegates_as_the_program(tiny, shared, tmp_path):
-    config = tiny.config
+def test_lowered_stream_computes_its_products_and_splits_and_shares_delegates_as_the_program(tiny, shared,
+                                                                                           tmp_path):
     torch.manual_seed(0)
-    chain = db.product_stream(config, shared).eval()
-    expected_delegates = len(set(chain.schedule))
-    x = torch.randn(1, 1, config.dim)
+    stream = db.ProductStream(tiny.config, shared).eval()
+    applications, blocks = len(stream.schedule), len(set(stream.schedule))
+    x = torch.randn(1, 1, tiny.config.dim)
     with torch.no_grad():
-        expected = chain(x)
-    data, info = db.chain_pte(chain, "fp32")
-    assert info["delegate_calls"] == len(chain.schedule)
-    assert info["delegates"] == expected_delegates                      # a shared pair is one packed delegate
-    path = tmp_path / "chain.pte"
+        expected = stream(x)
+    data, info = db.product_stream_pte(stream, "fp32")
+    assert info["delegate_calls"] == 2 * applications + 1             # a front and a back per application, head
+    assert info["delegates"] == 2 * blocks + 1                         # a shared block's are packed once
+    path = tmp_path / "stream.pte"
     path.write_bytes(data)
     torch.testing.assert_close(load_method(path).execute([x])[0], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_kernel_seconds_times_the_models_stream(tiny, monkeypatch):
-    timed = []
-    monkeypatch.setattr(db, "chain_seconds", lambda chain, dtype, threads: (timed.append(chain) or 0.004, {}))
+def test_kernel_seconds_times_the_models_product_stream(tiny, monkeypatch):
+    lowered = []
+    monkeypatch.setattr(db, "product_stream_pte", lambda stream, dtype: (lowered.append((stream, dtype)) or
+                                                                         (b"program", {})))
+    monkeypatch.setattr(db, "program_seconds", lambda data, inputs, threads: 0.004 if data == b"program" else 1)
     assert db.kernel_seconds(tiny.config, "int8", True, threads=1) == 0.004
-    assert timed[0].schedule == db.product_stream(tiny.config, True).schedule
+    assert lowered[0][0].schedule == [0, 0] and lowered[0][1] == "int8"       # tiny: one block applied twice

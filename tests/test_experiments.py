@@ -168,16 +168,25 @@ def test_decode_gemv_times_three_ways_to_run_the_same_products(capsys):
     assert capsys.readouterr().out.count("x |") == 2
 
 
-def test_xnnpack_cache_reuse_times_the_working_set_it_reports(capsys, monkeypatch):
+def test_xnnpack_cache_reuse_times_the_working_set_it_reports(capsys, monkeypatch, tmp_path):
     pytest.importorskip("executorch")
     from experiments import xnnpack_cache_reuse as reuse
     from model import config_from_preset
-    pair = 2 * 32 * 64 * 4                              # the lowering itself is tested in test_decode_bounds
-    chains = []
-    monkeypatch.setattr(reuse, "chain_seconds", lambda chain, dtype, threads: (chains.append(chain) or 0.001, {}))
+    from test_export import load_method
     config = config_from_preset("mobilellm-micro", dim=32, ffn_dim=64)
+    pair = 2 * 32 * 64 * 4
+    torch.manual_seed(0)
+    chain = reuse.GemvChain(32, 64, 2, [0, 1, 0])                        # two pairs, the first re-applied
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        expected = chain(x)
+    (tmp_path / "chain.pte").write_bytes(reuse.chain_pte(chain, 32, "fp32"))
+    torch.testing.assert_close(load_method(tmp_path / "chain.pte").execute([x])[0], expected, rtol=1e-4, atol=1e-5)
+    timed = []
+    monkeypatch.setattr(reuse, "chain_pte", lambda chain, dim, dtype: timed.append(chain.schedule) or b"")
+    monkeypatch.setattr(reuse, "program_seconds", lambda data, inputs, threads: 0.001)     # 1 ms a call
     gbs, working_set = reuse.chain_gbs(config, "fp32", threads=1, mb=6 * pair / 2**20, hot_pairs=2)
-    assert chains[0].schedule == [0, 1, 0, 1, 0, 1] and chains[0].hiddens == [64, 64]
+    assert timed == [[0, 1, 0, 1, 0, 1]]
     assert gbs == pytest.approx(6 * pair / 0.001 / 1e9) and working_set == pytest.approx(2 * pair / 2**20)
     monkeypatch.setattr(reuse, "chain_gbs", lambda config, dtype, threads, mb, hot_pairs: (1.0 + hot_pairs, 0.5))
     reuse.main(["--init_from=mobilellm-micro", "--hot_pairs=1,4"])
