@@ -154,12 +154,6 @@ def tok_s(rate):
     return f"{rate:.1f}" if rate < 100 else f"{rate:.0f}"
 
 
-def beyond_kernel_ms(row):
-    """What a decode step spends beyond its matrix-vector products (attention, cache writes, norms, RoPE,
-    activation quantization, delegate calls), per block application."""
-    return (row["decode_ms"] - 1e3 / row["kernel_tok_s"]) / row["applications"]
-
-
 def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=False, val_column=False):
     """kernel_column: add the kernel bound and the decode time beyond it per block application (rows without
     one, eager PyTorch, show '-'). logits_columns: add each row's logit_error and same_token (--check_logits).
@@ -172,9 +166,9 @@ def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=Fals
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         file_mb = f"{r['file_mb']:.0f}" if "file_mb" in r else "-"
-        kernel = ""
-        if kernel_column:
-            kernel = f" {tok_s(r['kernel_tok_s'])} | {beyond_kernel_ms(r):.3f} |" if "kernel_tok_s" in r else " - | - |"
+        kernel = " - | - |" if kernel_column else ""
+        if kernel_column and "kernel_tok_s" in r:
+            kernel = f" {tok_s(r['kernel_tok_s'])} | {r['beyond_kernel_ms']:.3f} |"
         logits = f" {r['logit_error']:.2g} | {r['same_token']:.0%} |" if logits_columns else ""
         val = f" {r['val_loss']:.4f} ({math.exp(r['val_loss']):.2f}) |" if val_column else ""
         lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
@@ -275,8 +269,10 @@ def pte_row(args, model, name, dtype, lowering, path, tokens, windows):
     row = dict(row, model=name, runtime=label, file_mb=path.stat().st_size / 2**20,
                dram_bytes=weight_reads_per_token(config, dtype, shared)[0])
     if args.kernel_bound:
-        row["kernel_tok_s"] = 1 / kernel_seconds(config, dtype, shared, args.threads)
-        row["applications"] = config.depth
+        products_s = kernel_seconds(config, dtype, shared, args.threads)
+        # what a decode step spends beyond its products (attention, cache writes, norms, RoPE, activation
+        # quantization, delegate calls), per block application
+        row.update(kernel_tok_s=1 / products_s, beyond_kernel_ms=(row["decode_ms"] - 1e3 * products_s) / config.depth)
     return row
 
 

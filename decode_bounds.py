@@ -98,7 +98,7 @@ def product_stream_pte(stream, dtype):
     lowered, every other block reusing them with its own weights), in place. Returns (program bytes, info
     dict)."""
     if dtype == "8da4w":
-        quantize_8da4w(stream)
+        stream = quantize_8da4w(stream)
     c = stream.config
     x, y = torch.zeros(1, 1, c.dim), torch.zeros(1, 1, c.n_heads * c.head_dim)
     with torch.no_grad():

@@ -56,7 +56,7 @@ class GemvChain(nn.Module):
 def chain_pte(chain, dim, dtype):
     """The chain lowered like the models: one pair lowered, the others reusing it with their weights."""
     if dtype == "8da4w":
-        quantize_8da4w(chain)
+        chain = quantize_8da4w(chain)
     x = torch.zeros(1, 1, dim)
     with torch.no_grad():
         chain.pairs = nn.ModuleList(lowered_alike(list(chain.pairs), (x,), None, dtype, "lowering products")[0])
