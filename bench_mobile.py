@@ -4,11 +4,11 @@ this host or on an Android phone, as the paper's Table 7 does on an iPhone (load
 125M, LS-125M and a 60-layer model), beside eager PyTorch and the bounds that memory and kernels set.
 
 Usage:
-  python bench_mobile.py --init_from mobilellm-125m --dtype fp32,int8         # export (cached) + host timing
+  python bench_mobile.py --init_from mobilellm-125m --dtype fp32,w8a8         # export (cached) + host timing
   python bench_mobile.py --device host --compare mobilellm-125m,mobilellm-125m-ls,mobilellm-125m:n_layers=60 \
-      --dtype fp32,int8 --eager fp32,bf16 --threads 2 --kernel_bound          # the README's table
-  python bench_mobile.py --init_from mobilellm-125m --dtype int8,8da4w --check_logits  # + how close to model.py
-  python bench_mobile.py --init_from out-shakespeare --dtype int8 --out model.pte   # our checkpoint, timed + kept
+      --dtype fp32,w8a8 --eager fp32,bf16 --threads 2 --kernel_bound          # the README's table
+  python bench_mobile.py --init_from mobilellm-125m --dtype w8a8,8da4w --check_logits  # + how close to model.py
+  python bench_mobile.py --init_from out-shakespeare --dtype w8a8 --out model.pte   # our checkpoint, timed + kept
   python bench_mobile.py --device android --runner ./executor_runner [--serial S] --init_from mobilellm-125m
 
 Models: --init_from takes what export.py takes (a preset with overrides `NAME[:field=value+...]`, random
@@ -27,7 +27,7 @@ What is measured:
   * --check_logits: how far each row's logits are from model.py's fp32 forward, token by token.
   * --data_dir: each row's loss (and perplexity) on real text, the first --eval_tokens of a prepared dataset's
     validation split, fed one token at a time in windows of --max_seq_len, beside model.py's fp32 loss on the
-    same windows: what int8 and 8da4w programs cost in quality, as quantize.py --report measures eager W8A8.
+    same windows: what w8a8 and 8da4w programs cost in quality, as quantize.py --report measures eager W8A8.
 """
 import argparse
 import json
@@ -190,8 +190,9 @@ def main(argv=None):
                    help="preset[:field=value+...] (random weights), our checkpoint (an int8 one is dequantized), "
                         "a GGUF file, or an HF dir or repo id")
     p.add_argument("--compare", default="", help="comma-separated --init_from values, timed in one run (overrides it)")
-    p.add_argument("--dtype", default="fp32,int8",
-                   help="fp32, int8 (W8A8: dynamic per-token activations) and/or 8da4w (int4 weights, groups of 32)")
+    p.add_argument("--dtype", default="fp32,w8a8",
+                   help="fp32, w8a8 (int8 weights, per-token int8 activations) and/or 8da4w (int4 weights, "
+                        "groups of 32)")
     p.add_argument("--lowering", default="shared", help="shared (identical block delegates shared) and/or naive")
     p.add_argument("--eager", default="", help="also time eager PyTorch in these dtypes, e.g. fp32,bf16")
     p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ptl: only export (see export.py)")

@@ -24,7 +24,7 @@ from measure import in_fresh_process, seconds
 from model import MobileLLM
 from xnnpack_lowering import emit_composed, lowered_alike
 
-BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1, "8da4w": 0.5}       # 8da4w: scales ignored
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "w8a8": 1, "8da4w": 0.5}       # 8da4w: scales ignored
 
 
 def linear_weights(module):

@@ -1,17 +1,17 @@
 """
-Export a MobileLLM: a phone program, an ExecuTorch .pte with the XNNPACK delegate (fp32, the paper's int8
+Export a MobileLLM: a phone program, an ExecuTorch .pte with the XNNPACK delegate (fp32, the paper's
 W8A8, or 8da4w) or a TorchScript lite-interpreter .ptl, which bench_mobile.py times; or the model for
 llama.cpp (a .gguf, gguf_file.py) or transformers (a Hugging Face directory, hf.py).
 
-  python export.py --init_from out-shakespeare-char --dtype int8 --out model.pte   # our checkpoint -> .pte
-  python export.py --init_from out-quant --dtype int8 --out model.pte              # an int8 checkpoint (below)
+  python export.py --init_from out-shakespeare-char --dtype w8a8 --out model.pte   # our checkpoint -> .pte
+  python export.py --init_from out-quant --dtype w8a8 --out model.pte              # an int8 checkpoint (below)
   python export.py --init_from mobilellm-125m-ls:n_layers=2 --dtype 8da4w           # a preset, random weights
   python export.py --init_from facebook/MobileLLM-125M --format ptl --out model.ptl # lite interpreter
   python export.py --init_from out-shakespeare-char --format gguf --dtype fp16 --out model.gguf   # llama.cpp
   python export.py --init_from model.gguf --format hf --out out-hf                  # transformers, lm-eval's hf
 
-In Python: `path = export.cached_pte(model, "int8", max_seq_len=256)` (exported once per weights and
-options, kept in out-mobile/cache/), or `data, info = export.export_pte(model, "int8")` for the bytes.
+In Python: `path = export.cached_pte(model, "w8a8", max_seq_len=256)` (exported once per weights and
+options, kept in out-mobile/cache/), or `data, info = export.export_pte(model, "w8a8")` for the bytes.
 --init_from takes what loader.py loads, or a preset with overrides, `NAME[:field=value+...]` (random
 weights, seed --seed). An int8 checkpoint from quantize.py is dequantized to its float-equivalent weights
 and re-quantized by ExecuTorch's XNNPACK int8 flow, which makes the same per-channel symmetric int8 weights.
@@ -31,7 +31,7 @@ How the program is built (the ideas, top to bottom):
     the emitted program points both DelegateCalls at ONE delegate (share_identical_delegates): each shared
     weight is packed once at init and re-read right after, from cache where the block fits it (ExecuTorch
     would pack and stream it twice). LS-125M lowers no more than 125M does.
-  * int8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
+  * w8a8 = the paper's W8A8: XNNPACKQuantizer, dynamic per-token int8 activations, per-channel int8 weights.
     8da4w = the same activations with 4-bit weights in groups of 32 (torchao), half the bytes again.
     Both look tokens up in an int8 copy of the tied embedding (a scale per row): the lookup is not an
     XNNPACK op, so the table is stored apart from the head's packed weights, but in 1 byte, not 4.
@@ -63,9 +63,9 @@ from loader import dtype_name, load_model_and_tokenizer
 from model import PRESETS, MobileLLM, config_from_preset
 from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
 
-EXPORT_VERSION = {"fp32": 4, "int8": 5, "8da4w": 5}   # bump a dtype's when its programs change (cache key)
+EXPORT_VERSION = {"fp32": 4, "w8a8": 5, "8da4w": 5}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
-PROGRAM_DTYPES = ("fp32", "int8", "8da4w")
+PROGRAM_DTYPES = ("fp32", "w8a8", "8da4w")
 FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYPES), "hf": ("fp32",)}
 MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
@@ -457,8 +457,9 @@ def main(argv=None):
     p.add_argument("--format", default="pte", choices=FORMAT_DTYPES,
                    help="pte (ExecuTorch), ptl (lite interpreter), gguf (llama.cpp) or hf (transformers)")
     p.add_argument("--dtype", default="fp32", type=dtype_name,
-                   help="pte: fp32, int8 (W8A8: dynamic per-token activations) or 8da4w (int4 weights, groups of "
-                        "32); gguf: fp32, fp16, bf16 or q8_0 (llama.cpp's F32, F16, BF16, Q8_0); ptl, hf: fp32")
+                   help="pte: fp32, w8a8 (int8 weights, per-token int8 activations) or 8da4w (int4 weights, "
+                        "groups of 32); gguf: fp32, fp16, bf16 or q8_0 (llama.cpp's F32, F16, BF16, Q8_0); "
+                        "ptl, hf: fp32")
     p.add_argument("--out", default="", help="where to write (pte: default, leave the program in --cache_dir; "
                                              "gguf, hf: needed)")
     p.add_argument("--max_seq_len", type=at_least(0), default=0,

@@ -4,7 +4,7 @@ pairs) become XNNPACK delegates, one per piece, and how a module calling them is
 program whose identical delegates are shared. export.py decides what the pieces are; this file does the
 lowering, through ExecuTorch's public API except where executorch_private.py says otherwise.
 
-  * exported / lower_piece: torch.export (int8: quantized with ExecuTorch's XNNPACKQuantizer on the way),
+  * exported / lower_piece: torch.export (w8a8: quantized with ExecuTorch's XNNPACKQuantizer on the way),
     then one piece lowered to one delegate (one_delegate_partitioner).
   * lowered_alike: pieces that compute the same on other weights, lowered once: the others reuse that
     lowering with their own weights swapped in (stored_tensors says what XNNPACK stores of them).
@@ -26,7 +26,7 @@ from executorch_private import (cia_ops_collected_once, delegates_traced_by_shap
 
 def one_delegate_partitioner():
     """XnnpackPartitioner that makes ONE delegate of a piece (a block half, the head, a pair of bench_mobile's
-    GemvChain): XNNPACK's own partitions of it are merged (int8 alone would make 4 per block half: each
+    GemvChain): XNNPACK's own partitions of it are merged (w8a8 alone would make 4 per block half: each
     dynamically quantized linear is grouped with its activation-quantization nodes, and the groups land
     in separate partitions)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -108,7 +108,7 @@ def share_identical_delegates(manager):
     return before, len(keep)
 
 
-def quantize_int8(module, example, dynamic_shapes):
+def quantize_w8a8(module, example, dynamic_shapes):
     """The paper's W8A8 through ExecuTorch's own flow: per-channel symmetric int8 weights, dynamic
     per-token int8 activations (XNNPACKQuantizer + pt2e). Returns the quantized graph module."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -123,7 +123,7 @@ def quantize_int8(module, example, dynamic_shapes):
 
 
 def xnnpack_int8_weight(w):
-    """The int8 weight and per-channel scale ExecuTorch's int8 flow makes of w (N, K): pt2e's min/max
+    """The int8 weight and per-channel scale ExecuTorch's W8A8 flow makes of w (N, K): pt2e's min/max
     observer (symmetric, eps 2**-12, as XNNPACKQuantizer sets it), then quantize_per_channel, op for op."""
     zero = torch.zeros(w.size(0))
     amax = torch.max(-torch.min(w.amin(1), zero), torch.max(w.amax(1), zero))                # (N,)
@@ -139,12 +139,12 @@ def packed_int4(q):
 
 
 def stored_tensors(module, dtype):
-    """What XNNPACK may store of a module's tensors, by name: each parameter and buffer as it is; in int8
-    each matrix as the int8 flow quantizes it (its int8 values and its scales); in 8da4w each int4 matrix
+    """What XNNPACK may store of a module's tensors, by name: each parameter and buffer as it is; in w8a8
+    each matrix as the W8A8 flow quantizes it (its int8 values and its scales); in 8da4w each int4 matrix
     packed and each matrix of group scales in bf16."""
     tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     for name, t in list(tensors.items()):
-        if dtype == "int8" and t.dim() == 2 and t.is_floating_point():
+        if dtype == "w8a8" and t.dim() == 2 and t.is_floating_point():
             tensors[f"{name}.int8"], tensors[f"{name}.scale"] = xnnpack_int8_weight(t)
         elif dtype == "8da4w" and t.dim() == 2 and t.dtype == torch.int8 and t.size(1) % 2 == 0:
             tensors[f"{name}.int4"] = packed_int4(t)
@@ -154,9 +154,9 @@ def stored_tensors(module, dtype):
 
 
 def exported(module, example, dynamic_shapes, dtype):
-    """torch.export `module`, int8: quantized on the way."""
-    if dtype == "int8":
-        module = quantize_int8(module, example, dynamic_shapes)
+    """torch.export `module`, w8a8: quantized on the way."""
+    if dtype == "w8a8":
+        module = quantize_w8a8(module, example, dynamic_shapes)
     return torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False)
 
 
@@ -211,7 +211,7 @@ def emit_composed(module, example, dynamic_shapes):
 
 @torch.no_grad()
 def lower(module, example, dynamic_shapes, dtype):
-    """torch.export `module` (int8: quantized on the way), lower the whole graph to XNNPACK as ExecuTorch's
+    """torch.export `module` (w8a8: quantized on the way), lower the whole graph to XNNPACK as ExecuTorch's
     own partitioner cuts it and emit the program: the naive lowering. Returns (bytes, info dict)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower

@@ -32,8 +32,10 @@ def test_android_run_checks_adb_device_and_runner_before_any_export(fake_adb, tm
 
 
 def test_cli_rejects_bad_input(capsys):
-    with pytest.raises(SystemExit, match="--dtype 'fp16'"):
+    with pytest.raises(SystemExit, match="--dtype 'fp16': choose from fp32, w8a8, 8da4w"):
         bm.main(["--init_from", TINY_LS, "--dtype", "fp16", "--device", "none"])
+    with pytest.raises(SystemExit, match="--dtype 'fp16'"):         # int8, the W8A8 program's old name, passes
+        bm.main(["--init_from", TINY_LS, "--dtype", "int8,fp16", "--device", "none"])
     with pytest.raises(SystemExit, match=r"must fit in --max_seq_len \(64\)"):    # by default the model's context
         bm.main(["--init_from", TINY_LS, "--prompt_len=300"])
     with pytest.raises(SystemExit, match=r"--max_seq_len \(100\) must be in 1..64"):

@@ -13,13 +13,13 @@ def test_weight_reads_count_each_block_application_and_which_are_cached():
     from model import config_from_preset
     block = 576 * 64 * 24 + 3 * 576 * 1536
     per_token = 30 * block + 32000 * 576
-    assert db.weight_reads_per_token(config_from_preset("mobilellm-125m"), "int8", True) == (per_token, 0)
+    assert db.weight_reads_per_token(config_from_preset("mobilellm-125m"), "w8a8", True) == (per_token, 0)
     assert db.weight_reads_per_token(config_from_preset("mobilellm-125m"), "8da4w", True) == (per_token / 2, 0)
     ls = config_from_preset("mobilellm-125m-ls")
     assert db.weight_reads_per_token(ls, "fp32", shared=True) == (4 * per_token, 4 * 30 * block)
     assert db.weight_reads_per_token(ls, "fp32", shared=False) == (4 * (per_token + 30 * block), 0)
     repeat_all = config_from_preset("mobilellm-125m-ls", share="repeat_all")      # re-applied after all others
-    assert db.weight_reads_per_token(repeat_all, "int8", shared=True) == (per_token + 30 * block, 0)
+    assert db.weight_reads_per_token(repeat_all, "w8a8", shared=True) == (per_token + 30 * block, 0)
 
 
 @pytest.mark.parametrize("preset,shared", [("mobilellm-125m", True), ("mobilellm-125m-ls", True),
@@ -61,5 +61,5 @@ def test_kernel_seconds_times_the_models_product_stream(tiny, monkeypatch):
     monkeypatch.setattr(db, "product_stream_pte", lambda stream, dtype: (lowered.append((stream, dtype)) or
                                                                          (b"program", {})))
     monkeypatch.setattr(db, "program_seconds", lambda data, inputs, threads: 0.004 if data == b"program" else 1)
-    assert db.kernel_seconds(tiny.config, "int8", True, threads=1) == 0.004
-    assert lowered[0][0].schedule == [0, 0] and lowered[0][1] == "int8"       # tiny: one block applied twice
+    assert db.kernel_seconds(tiny.config, "w8a8", True, threads=1) == 0.004
+    assert lowered[0][0].schedule == [0, 0] and lowered[0][1] == "w8a8"       # tiny: one block applied twice

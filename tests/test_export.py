@@ -121,15 +121,15 @@ def program_constants(data):
 ONE_TOKEN_STEPS = [(tokens[:, i:i + 1], pos[i:i + 1]) for tokens, pos in STEPS for i in range(tokens.size(1))]
 
 
-@pytest.mark.parametrize("dtype, tolerance, blocks, static_len", [("int8", 0.05, "+n_layers=2", None),
+@pytest.mark.parametrize("dtype, tolerance, blocks, static_len", [("w8a8", 0.05, "+n_layers=2", None),
                                                                   ("8da4w", 0.15, "+n_layers=2+share=none", 1)])
 def test_pte_quantized_close_to_eager(dtype, tolerance, blocks, static_len):
     """W8A8 (per-channel int8 weights) and 8da4w (int4 weights in groups of 32), both with per-token int8
     activations: logits within 5% (int8) / 15% (int4) of their range, and the source model untouched.
     The embedding table outside the delegates is int8 (a float scale per row), not a float copy. Two
     blocks each: the second is restamped from the first (its stored weights made as XNNPACK makes them).
-    8da4w's are unshared (sharing is the same code as int8's) and run one token at a time (dynamic
-    lengths are the same code as fp32's and int8's)."""
+    8da4w's are unshared (sharing is the same code as w8a8's) and run one token at a time (dynamic
+    lengths are the same code as fp32's and w8a8's)."""
     tiny = ex.preset_model(TINY_LS + blocks, seed=0)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     data, info = ex.export_pte(tiny, dtype, MAX_SEQ_LEN, static_len=static_len)
@@ -155,7 +155,7 @@ def test_cached_pte_reuses_the_program_and_says_where_its_time_went(tiny, tmp_pa
     monkeypatch.setattr(ex, "export_pte", lambda *a: calls.append(a) or (b"program", info))
     first = ex.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
     again = ex.cached_pte(tiny, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
-    other = ex.cached_pte(tiny, "int8", MAX_SEQ_LEN, cache_dir=tmp_path)
+    other = ex.cached_pte(tiny, "w8a8", MAX_SEQ_LEN, cache_dir=tmp_path)
     assert first == again != other and len(calls) == 2 and first.read_bytes() == b"program"
     assert capsys.readouterr().out.count("exported in 7.0 s (lower_pieces 2.5 s, to_edge 4.0 s)") == 2
 
