@@ -40,8 +40,8 @@ def prepare_if_missing(cfg):
         return
     script = prepare_script(cfg.dataset)
     if subprocess.run([sys.executable, str(script)]).returncode != 0:
-        raise DataError(f"preparing dataset {cfg.dataset!r} failed (see above); run {script} yourself, "
-                        "e.g. with --input PATH")
+        raise DataError(f"preparing dataset {cfg.dataset!r} failed (the line above says why); then run "
+                        f"`python {script.relative_to(REPO_DIR)}` again, or set data_dir to a prepared folder")
 
 
 def prepare_hint(cfg, source=None):

@@ -46,8 +46,9 @@ def tiktoken_tokenizer(encoding="gpt2"):
     try:
         enc = tiktoken.get_encoding(encoding)
     except Exception as e:  # tiktoken downloads its files on first use and raises network errors when offline
-        raise RuntimeError(f"could not load tiktoken's {encoding!r} encoding ({type(e).__name__}: {e}). Offline? "
-                           "Point TIKTOKEN_CACHE_DIR at a folder holding its cached files") from e
+        raise RuntimeError(f"could not load tiktoken's {encoding!r} encoding: tiktoken downloads its files on first "
+                           f"use ({type(e).__name__}). Offline? Point TIKTOKEN_CACHE_DIR at a folder holding "
+                           "its cached files") from e
     return Tokenizer({"kind": "tiktoken", "encoding": encoding}, enc.n_vocab,
                      lambda text: enc.encode(text, allowed_special={"<|endoftext|>"}), enc.decode,
                      eos_id=enc.eot_token)

@@ -59,7 +59,10 @@ def source_tokenizer(source):
     """The tokenizer named by --tokenizer: "gpt2" (tiktoken), else the tokenizer of the model at source,
     loaded with loader.py (the whole model: a few seconds for a 135M one)."""
     if source == "gpt2":
-        return tiktoken_tokenizer("gpt2")
+        try:
+            return tiktoken_tokenizer("gpt2")
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from e
     from checkpoint import CheckpointError
     from loader import load_model_and_tokenizer
     try:

@@ -156,6 +156,34 @@ def test_offline_download_fails_with_one_clear_message(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []                  # no partial download left behind
 
 
+def test_without_tiktokens_files_preparing_stops_with_one_line_before_any_work(tmp_path, monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    fineweb, shakespeare = load_prepare("fineweb_edu"), load_prepare("shakespeare")
+    message = "could not load tiktoken's 'gpt2' encoding: .*Offline\\? Point TIKTOKEN_CACHE_DIR"
+    with pytest.raises(SystemExit, match=message):       # not a pool restarting its failing workers forever
+        fineweb.tokenize_and_shard(iter(["a document"]), tmp_path / "fw", shard_tokens=100, workers=2)
+    with pytest.raises(SystemExit, match=message):
+        shakespeare.prepare(None, tmp_path / "sh")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_reading_the_documents_stops_the_pool_with_its_message(tmp_path):
+    def documents():
+        yield "a document"
+        raise SystemExit("the stream broke")            # a lost connection, as stream_remote says it
+
+    fineweb = load_prepare("fineweb_edu")
+    with pytest.raises(SystemExit, match="the stream broke"):       # not a pool waiting forever
+        fineweb.tokenize_and_shard(documents(), tmp_path / "fw", shard_tokens=100, workers=2)
+    with pytest.raises(SystemExit, match="--input .*nope.txt: no such file"):
+        fineweb.local_documents([tmp_path / "nope.txt"])
+
+
 def test_missing_local_file_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--input .*nope.txt: no such file"):
         load_prepare("shakespeare").prepare(tmp_path / "nope.txt", tmp_path)

@@ -10,8 +10,10 @@ Every document starts with GPT-2's <|endoftext|> token. Local inputs: .jsonl fil
 line (its "text" field); other files give one document per blank-line separated paragraph.
 """
 import argparse
+import itertools
 import json
 import os
+import socket
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -20,7 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import read_text, start_dataset, write_meta, write_tokens  # noqa: E402  (puts the repo on the path)
+# prepare_common puts the repo on the path too
+from prepare_common import read_text, source_tokenizer, start_dataset, write_meta, write_tokens  # noqa: E402
 from configurator import at_least  # noqa: E402
 from tokenizer import tiktoken_tokenizer  # noqa: E402
 
@@ -39,20 +42,37 @@ def tokenize_document(text):
 
 
 def stream_remote():
+    """The documents of FineWeb-Edu as they stream in; what is missing (the datasets package, the network)
+    is said at once."""
     try:
         from datasets import load_dataset
     except ImportError as e:
         raise SystemExit("streaming FineWeb-Edu needs the datasets package: pip install datasets "
                          "(or pass local documents with --input PATH ...)") from e
-    try:
-        for row in load_dataset(REMOTE[0], name=REMOTE[1], split="train", streaming=True):
-            yield row["text"]
+    try:                        # offline, the Hub's client would retry for minutes before saying so
+        socket.getaddrinfo("huggingface.co", 443)
     except OSError as e:
-        raise SystemExit(f"could not stream {REMOTE[0]} ({REMOTE[1]}) from the Hugging Face Hub ({e}). "
-                         "Offline? Pass local documents with --input PATH ...") from e
+        raise SystemExit(f"cannot reach huggingface.co ({e}). Offline? Pass local documents with --input PATH ...")
+
+    def documents():
+        try:
+            for row in load_dataset(REMOTE[0], name=REMOTE[1], split="train", streaming=True):
+                yield row["text"]
+        except OSError as e:
+            raise SystemExit(f"could not stream {REMOTE[0]} ({REMOTE[1]}) from the Hugging Face Hub ({e}). "
+                             "Offline? Pass local documents with --input PATH ...") from e
+    return documents()
 
 
 def local_documents(paths):
+    """The documents of local files, one file read at a time; a missing file is said at once."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--input {path}: no such file")
+    return local_file_documents(paths)
+
+
+def local_file_documents(paths):
     for path in paths:
         if str(path).endswith(".jsonl"):
             for line in read_text(path).splitlines():
@@ -62,10 +82,18 @@ def local_documents(paths):
             yield from (doc for doc in read_text(path).split("\n\n") if doc.strip())
 
 
+def batches(items, n):
+    """Lists of n items (the last shorter), read from `items` in the calling thread."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, n)):
+        yield batch
+
+
 def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=None, max_tokens=None):
     """Tokenize documents in a process pool and write fixed-size uint16 shards into out_dir; the first
     shard is val, the rest train. A document that overflows a shard continues in the next one.
     Returns the shard paths."""
+    tokenizer = source_tokenizer("gpt2")    # here first: a worker that fails to load it is restarted forever
     out_dir = Path(out_dir)
     buffer, filled, paths, total = np.empty(shard_tokens, dtype=np.uint16), 0, [], 0
     bar = tqdm(total=shard_tokens, unit="tok", desc="shard 0")
@@ -80,7 +108,9 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
         bar.set_description(f"shard {len(paths)}")
 
     with Pool(workers or max(1, (os.cpu_count() or 2) - 1), initializer=_init_worker) as pool:
-        for tokens in pool.imap(tokenize_document, documents, chunksize=16):
+        # the documents are read here, not by pool.imap: it reads them in a thread of its own, where an
+        # error (a missing file, no network) would be lost and the pool would wait forever
+        for tokens in (t for batch in batches(documents, 4096) for t in pool.imap(tokenize_document, batch, 16)):
             if max_tokens is not None:
                 tokens = tokens[:max_tokens - total]
             total += len(tokens)
@@ -99,7 +129,7 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
     bar.close()
     if not paths:
         raise SystemExit("the documents hold no text: nothing written")
-    write_meta(out_dir, tiktoken_tokenizer("gpt2"))
+    write_meta(out_dir, tokenizer)
     return paths
 
 
