@@ -41,7 +41,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, CheckpointError, atomic_write, load_checkpoint, model_checkpoint, save_checkpoint
+from checkpoint import (CKPT_NAME, CheckpointError, atomic_write, checkpoint_file, load_checkpoint, model_checkpoint,
+                        save_checkpoint)
 from configurator import ConfigError, apply_settings, configure_and_report, exit_if_help
 from dataset import DataError, get_batch, load_dataset, prepare_if_missing, seeded_generator
 from loader import autocast, dtype_name, resolve_device, resolve_dtype
@@ -379,6 +380,9 @@ def start_model(cfg, set_keys, device, ckpt=None):
 def run(cfg, set_keys, rank, world, device, stop):
     master = rank == 0
     say = print if master and not cfg.quiet else (lambda *a, **k: None)
+    if cfg.init_from == "resume" and not checkpoint_file(cfg.out_dir).is_file():
+        raise ConfigError(f"init_from=resume continues the run in out_dir, and {cfg.out_dir} holds no {CKPT_NAME}: "
+                          "pass the run's folder as --out_dir")
     ckpt = load_checkpoint(cfg.out_dir, map_location=device) if cfg.init_from == "resume" else None
     if ckpt is not None:
         cfg = resumed_settings(cfg, set_keys, ckpt, device, say)
@@ -474,7 +478,8 @@ def run(cfg, set_keys, rank, world, device, stop):
         if stop_requested:
             bar.close()
             save("interrupted")
-            raise KeyboardInterrupt(f"stopped at iteration {iter_num}; resume with --init_from=resume")
+            raise KeyboardInterrupt(f"stopped at iteration {iter_num}; to resume: python train.py --init_from=resume "
+                                    f"--out_dir={out_dir}")
     bar.close()
     if (out_dir / CKPT_NAME).is_file():
         say(f"sample from it: python sample.py --init_from={out_dir}")

@@ -170,11 +170,13 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path, m
     monkeypatch.setattr(train_module, "get_batch", interrupt_at_iteration_7)
     cfg = tiny(data_dir, tmp_path, max_iters=20)
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=f"to resume: python train.py --init_from=resume --out_dir={tmp_path}$"):
         train(cfg)
     assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 7      # the step in flight finished first
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers   # given back as they were
     monkeypatch.setattr(train_module, "get_batch", get_batch)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'elsewhere'} holds no ckpt.pt: pass the run's folder"):
+        train(TrainConfig(init_from="resume", out_dir=str(tmp_path / "elsewhere"), quiet=True))
     assert train(TrainConfig(init_from="resume", out_dir=str(tmp_path), quiet=True))[-1]["iter"] == 20
 
 
@@ -274,7 +276,7 @@ def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
             train(tiny(data_dir, tmp_path, **bad))
     with pytest.raises(DataError, match="not prepared.*prepare.py"):
         train(tiny(tmp_path / "nowhere", tmp_path))
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="init_from=resume continues the run in out_dir, and .*empty holds no"):
         train(tiny(data_dir, tmp_path / "empty", init_from="resume"))
 
 
