@@ -47,8 +47,8 @@ from checkpoint import CheckpointError
 from configurator import HelpFormatter, accept_old_flags, at_least
 from decode_bounds import kernel_seconds, weight_reads_per_token
 from executorch_private import reset_threadpool
-from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, load_source, program_seq_len,
-                    require_executorch, write_program)
+from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, check_source, load_source,
+                    program_dtype, program_seq_len, require_executorch, write_program)
 from loader import dtype_name, torch_dtype
 from measure import cached_forward, in_fresh_process, memory_bandwidth_gbs, peak_rss_mb, rss_mb, time_generation
 from quantize import validation_tokens
@@ -245,11 +245,15 @@ def checked_source(args, source):
 
 
 def check_args(args):
-    """The dtypes to export; one clear error for options that do not go together."""
-    dtypes = [dtype_name(d) for d in args.dtype.split(",") if d]
+    """The dtypes to export; one clear error for options that do not go together or do not exist, before any
+    model is loaded or exported."""
+    dtypes = [program_dtype(d) for d in args.dtype.split(",") if d]
     for d in dtypes:
         if d not in PROGRAM_DTYPES:
             raise BenchError(f"--dtype {d!r}: choose from {', '.join(PROGRAM_DTYPES)}")
+    for lowering in [x for x in args.lowering.split(",") if x]:
+        if lowering not in ("shared", "naive"):
+            raise BenchError(f"--lowering {lowering!r}: choose shared and/or naive")
     for d in [dtype_name(d) for d in args.eager.split(",") if d]:
         if d not in ("fp32", "bf16"):
             raise BenchError(f"--eager {d!r}: choose fp32 and/or bf16")
@@ -290,6 +294,8 @@ def eager_rows(args, model, seq_len, source, name, tokens, windows):
 def run(args):
     dtypes = check_args(args)
     sources = [s for s in args.compare.split(",") if s] if args.compare else [args.init_from]
+    for source in sources:
+        check_source(source)
     if args.format == "ptl":
         model, seq_len = checked_source(args, sources[0])
         out = write_program(model, "ptl", "fp32", args.out, seq_len)

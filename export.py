@@ -55,18 +55,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import HelpFormatter, at_least
+from configurator import ConfigError, HelpFormatter, apply_settings, at_least, parse_value
 from gguf_file import EXPORT_TYPES as GGUF_TYPES, export_gguf
 from hf import export_hf
 from int8 import Int8Embedding, Int8Linear, dequantize_per_channel, is_quantized, quantize_per_channel
-from loader import dtype_name, load_model_and_tokenizer
+from loader import dtype_name, load_model_and_tokenizer, require_source
 from model import PRESETS, MobileLLM, config_from_preset
 from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
 
 EXPORT_VERSION = {"fp32": 4, "w8a8": 5, "8da4w": 5}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "w8a8", "8da4w")
+OLD_PROGRAM_DTYPES = {"int8": "w8a8"}   # the W8A8 program's former name, still taken on the command line
 FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYPES), "hf": ("fp32",)}
+SUFFIX_FORMATS = {".pte": "pte", ".ptl": "ptl", ".gguf": "gguf"}       # --out's suffix names its --format
 MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
 
@@ -97,26 +99,56 @@ def require_executorch():
 # --- the model source ---------------------------------------------------------------------------------
 
 def parse_model_spec(spec):
-    """'mobilellm-125m:n_layers=60+share=none' -> (preset, overrides); values are ints where they parse.
-    Fields are separated by '+' (or ',' outside --compare, whose list is comma-separated)."""
+    """'mobilellm-125m:n_layers=60+share=none' -> (preset, overrides); values are Python literals where they
+    parse (60, False), else strings. Fields are separated by '+' (or ',' outside --compare, whose list is
+    comma-separated)."""
     name, _, rest = spec.partition(":")
     overrides = {}
     for item in filter(None, re.split(r"[+,]", rest)):
         key, eq, value = item.partition("=")
         if not eq:
             raise ExportError(f"bad override {item!r} in {spec!r}: use preset:field=value+field=value")
-        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+        overrides[key] = parse_value(value)
     return name, overrides
 
 
-def preset_model(spec, seed=0):
+def program_dtype(name):
+    """A --dtype of export.py or bench_mobile.py as its one spelling: dtype_name's, or an old name's new one."""
+    return OLD_PROGRAM_DTYPES.get(name, dtype_name(name))
+
+
+def is_preset_spec(init_from):
+    """Whether --init_from names a preset, with or without overrides, rather than a file, folder or hub id."""
+    return not Path(init_from).exists() and (init_from.partition(":")[0] in PRESETS or ":" in init_from)
+
+
+def preset_config(spec):
+    """The ModelConfig of 'preset[:field=value+...]', each override checked by name and type."""
     name, overrides = parse_model_spec(spec)
     try:
-        config = config_from_preset(name, **overrides)
-    except (ValueError, TypeError) as e:
+        return apply_settings(config_from_preset(name), overrides, f"--init_from {spec!r}")
+    except ConfigError as e:                # a field that is not one (with the nearest name) or a value of a wrong type
+        raise ExportError(str(e)) from e
+    except ValueError as e:                 # an unknown preset, or a shape the model refuses
         raise ExportError(f"--init_from {spec!r}: {e}") from e
+
+
+def preset_model(spec, seed=0):
+    config = preset_config(spec)
     torch.manual_seed(seed)
     return MobileLLM(config).eval()
+
+
+def check_source(init_from):
+    """One clear error, before any slow work, for an --init_from that cannot load: a preset spec that does not
+    parse, or a local file or folder that is not there (anything else fails, clearly, when it loads)."""
+    if is_preset_spec(init_from):
+        preset_config(init_from)
+        return
+    try:
+        require_source(init_from)
+    except CheckpointError as e:
+        raise ExportError(f"--init_from {init_from!r}: {e}") from e
 
 
 def dequantized(qmodel):
@@ -147,8 +179,7 @@ def load_source(init_from, seed=0):
     """(the float MobileLLM to export, its tokenizer): a preset with overrides (random weights, seeded; no
     tokenizer), or anything loader.load_model_and_tokenizer reads (our checkpoints, HF dirs, GGUF files, ...);
     an int8 model is dequantized."""
-    name = init_from.partition(":")[0]
-    if not Path(init_from).exists() and (name in PRESETS or ":" in init_from):
+    if is_preset_spec(init_from):
         return preset_model(init_from, seed), None
     try:
         model, tokenizer = load_model_and_tokenizer(init_from)
@@ -454,9 +485,10 @@ def main(argv=None):
     p.add_argument("--init_from", default="mobilellm-125m",
                    help="our checkpoint (an int8 one is dequantized), a GGUF file, an HF dir or repo id, or "
                         "preset[:field=value+...]")
-    p.add_argument("--format", default="pte", choices=FORMAT_DTYPES,
-                   help="pte (ExecuTorch), ptl (lite interpreter), gguf (llama.cpp) or hf (transformers)")
-    p.add_argument("--dtype", default="fp32", type=dtype_name,
+    p.add_argument("--format", choices=FORMAT_DTYPES,
+                   help="pte (ExecuTorch), ptl (lite interpreter), gguf (llama.cpp) or hf (transformers); by "
+                        "default what --out's suffix names (.pte, .ptl, .gguf), else pte")
+    p.add_argument("--dtype", default="fp32", type=program_dtype,
                    help="pte: fp32, w8a8 (int8 weights, per-token int8 activations) or 8da4w (int4 weights, "
                         "groups of 32); gguf: fp32, fp16, bf16 or q8_0 (llama.cpp's F32, F16, BF16, Q8_0); "
                         "ptl, hf: fp32")
@@ -470,6 +502,12 @@ def main(argv=None):
                    help="where .pte programs are kept, one per weights and options")
     p.add_argument("--seed", type=int, default=0, help="for a preset's random weights")
     args = p.parse_args(argv)
+    named = SUFFIX_FORMATS.get(Path(args.out).suffix)
+    if args.format and named and named != args.format:
+        p.error(f"--out {args.out} names a .{named} file, but --format is {args.format}")
+    args.format = args.format or named or "pte"
+    if args.out and Path(args.out).is_dir() and args.format != "hf":
+        p.error(f"--out {args.out} is a directory: give the {args.format} file to write")
     if args.dtype not in FORMAT_DTYPES[args.format]:
         p.error(f"--format {args.format} takes --dtype {', '.join(FORMAT_DTYPES[args.format])}, not {args.dtype!r}")
     if args.format in ("gguf", "hf") and not args.out:

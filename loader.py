@@ -28,14 +28,12 @@ from torch_private import cpu_has_native_bf16
 HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+(?<!\.pt)")   # owner/name, and not a missing .pt path
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-OLD_DTYPE_NAMES = {"int8": "w8a8"}      # export.py's W8A8 program, named as quantize.py names the scheme
 
 
 def dtype_name(name):
-    """The short name (fp32, bf16, fp16) of a dtype name or its torch alias, and the current name of an old
-    spelling; any other name comes back unchanged, for the caller's list of choices to reject (argparse:
-    type=dtype_name, choices=DTYPES)."""
-    return DTYPE_ALIASES.get(name) or OLD_DTYPE_NAMES.get(name, name)
+    """The short name (fp32, bf16, fp16) of a dtype name or its torch alias; any other name comes back
+    unchanged, for the caller's list of choices to reject (argparse: type=dtype_name, choices=DTYPES)."""
+    return DTYPE_ALIASES.get(name, name)
 
 
 def torch_dtype(name):

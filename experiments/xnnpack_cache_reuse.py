@@ -21,8 +21,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from configurator import at_least  # noqa: E402
 from decode_bounds import BYTES_PER_WEIGHT, program_seconds  # noqa: E402
-from export import PROGRAM_DTYPES, parse_model_spec, quantize_8da4w  # noqa: E402
-from model import config_from_preset  # noqa: E402
+from export import PROGRAM_DTYPES, preset_config, quantize_8da4w  # noqa: E402
 from xnnpack_lowering import emit_composed, lowered_alike  # noqa: E402
 
 
@@ -84,8 +83,7 @@ def main(argv=None):
     p.add_argument("--mb", type=float, default=64, help="MB of weights read per call")
     p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
-    name, overrides = parse_model_spec(args.init_from)
-    config = config_from_preset(name, **overrides)
+    config = preset_config(args.init_from)
     print("| weights re-read | working set MB | GB/s of weights |\n|---|---|---|")
     for hot_pairs in [0] + [int(k) for k in args.hot_pairs.split(",")]:
         gbs, working_set = chain_gbs(config, args.dtype, args.threads, args.mb, hot_pairs)

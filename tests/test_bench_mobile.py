@@ -44,6 +44,10 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--init_from", "mobilellm-9t:n_layers=2", "--device", "none"])
     with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t"):
         bm.main(["--init_from", "mobilellm-9t", "--device", "none"])
+    with pytest.raises(SystemExit, match="'n_layer' \\(did you mean 'n_layers'\\?\\) in --init_from"):
+        bm.main(["--init_from", "mobilellm-micro:n_layer=2", "--device", "none"])
+    with pytest.raises(SystemExit, match="--lowering 'foo': choose shared and/or naive"):
+        bm.main(["--init_from", TINY_LS, "--lowering", "shared,foo", "--device", "none"])
     with pytest.raises(SystemExit, match="use it with --device host"):
         bm.main(["--init_from", TINY_LS, "--device", "none", "--kernel_bound"])
     with pytest.raises(SystemExit, match="--data_dir: no val.bin .* in nowhere"):
@@ -53,6 +57,14 @@ def test_cli_rejects_bad_input(capsys):
         for flag in (["--check_logits"], ["--data_dir", "data/x"]):
             with pytest.raises(SystemExit, match=f"{flag[0]} runs the .pte programs on this host"):
                 bm.main(["--init_from", TINY_LS] + flag + wrong)
+
+
+def test_every_compared_model_is_checked_before_the_first_export(monkeypatch):
+    monkeypatch.setattr(bm, "cached_pte", lambda *a: pytest.fail("exported before checking every --compare entry"))
+    with pytest.raises(SystemExit, match="--init_from 'nosuch': no checkpoint at nosuch"):
+        bm.main(["--compare", f"{TINY_LS},nosuch", "--dtype", "fp32", "--device", "none"])
+    with pytest.raises(SystemExit, match="unknown preset 'mobilellm-9t'"):
+        bm.main(["--compare", f"{TINY_LS},mobilellm-9t:dim=64", "--dtype", "fp32", "--device", "none"])
 
 
 def test_old_flag_spellings_still_work(capsys):

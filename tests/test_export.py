@@ -3,6 +3,7 @@ blocks share their delegates, the export cache reuses programs, and errors are c
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -182,10 +183,17 @@ def test_the_kv_cache_length_defaults_to_the_models_context_up_to_256(tmp_path, 
     out = tmp_path / "new" / "folder" / "tiny.ptl"    # no --max_seq_len: a 64-token context needs no flag
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ex.main(["--init_from", TINY_LS, "--format", "ptl", "--out", str(out)])
+        ex.main(["--init_from", TINY_LS, "--out", str(out)])                  # .ptl: --format ptl
     assert f"wrote {out}" in capsys.readouterr().out and [p.name for p in out.parent.iterdir()] == ["tiny.ptl"]
+    assert zipfile.is_zipfile(out)                                              # TorchScript's archive, not a .pte
     with pytest.raises(SystemExit, match=r"export.py: --max_seq_len \(256\) must be in 1..64"):
         ex.main(["--init_from", TINY_LS, "--format", "ptl", "--max_seq_len", "256", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        ex.main(["--init_from", TINY_LS, "--format", "pte", "--out", str(out)])
+    assert f"--out {out} names a .ptl file, but --format is pte" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ex.main(["--init_from", TINY_LS, "--out", str(tmp_path)])
+    assert f"--out {tmp_path} is a directory: give the pte file to write" in capsys.readouterr().err
 
 
 def test_missing_executorch_is_one_clear_error(monkeypatch):
