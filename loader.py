@@ -114,6 +114,13 @@ def source_kind(init_from):
     return "checkpoint"
 
 
+def without_tokenizer(init_from):
+    """What a model that loaded without a tokenizer is: a preset, or a model whose files hold none."""
+    if source_kind(init_from) == "preset":
+        return f"{init_from} is a preset (random weights, no tokenizer)"
+    return f"{init_from} holds no tokenizer (no text can be encoded for it)"
+
+
 def did_you_mean(name):
     """The hint " (did you mean 'out-shakespeare-char'?)" for a name close to a preset's or to a file beside
     it; "" when nothing is close."""

@@ -29,7 +29,7 @@ from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpo
 from configurator import HelpFormatter, accept_old_flags, at_least
 from dataset import REPO_DIR, split_files
 from int8 import MODES, TRAINING_RECORD, is_quantized, quantize_model, quantized_checkpoint, set_simulate
-from loader import load_model_and_tokenizer, source_kind
+from loader import load_model_and_tokenizer, source_kind, without_tokenizer
 from measure import eager_decode_ms
 
 
@@ -40,7 +40,7 @@ def load_float_source(init_from):
     if is_quantized(model):
         raise CheckpointError(f"{init_from} is already quantized: give the float checkpoint it was made from")
     if tokenizer is None:
-        raise CheckpointError(f"{init_from} is a preset (random weights, no tokenizer): give a trained model")
+        raise CheckpointError(f"{without_tokenizer(init_from)}: give a trained model with its tokenizer")
     source = {"tokenizer": tokenizer.spec}
     if source_kind(init_from) == "checkpoint":
         ckpt = load_checkpoint(init_from, mmap=True)

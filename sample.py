@@ -31,7 +31,7 @@ import torch
 
 from checkpoint import CheckpointError
 from configurator import HelpFormatter, accept_old_flags, at_least
-from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype
+from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype, without_tokenizer
 from tokenizer import render_chat
 from train import TrainConfig
 
@@ -235,7 +235,7 @@ def main(argv=None):
 
     if args.benchmark or tokenizer is None:
         if not args.benchmark:
-            p.error(f"{args.init_from} is a preset (random weights, no tokenizer): use it with --benchmark")
+            p.error(f"{without_tokenizer(args.init_from)}: use it with --benchmark")
         return benchmark(model, args, generator)
     if args.chat:
         require_chat_template(tokenizer, args.init_from)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf
 import loader
 import sample
 from checkpoint import load_model, model_checkpoint, save_checkpoint
@@ -149,7 +150,12 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
         sample.main(["--init_from", str(tmp_path), "--start", "XYZ"])
     with pytest.raises(SystemExit):
         sample.main(["--init_from", "mobilellm-micro"])          # a preset has no tokenizer: --benchmark only
-    assert "--benchmark" in capsys.readouterr().err
+    assert "mobilellm-micro is a preset (random weights, no tokenizer): use it with --benchmark" in \
+        capsys.readouterr().err
+    hf.export_hf(tiny_model(), tmp_path / "hf")                   # trained weights, written without a tokenizer
+    with pytest.raises(SystemExit):
+        sample.main(["--init_from", str(tmp_path / "hf")])
+    assert f"{tmp_path / 'hf'} holds no tokenizer (no text can be encoded for it)" in capsys.readouterr().err
     for flag, value, minimum in (("--top_k", "-1", 0), ("--prompt_len", "0", 1)):  # usage errors, on stderr
         with pytest.raises(SystemExit):
             sample.main(["--init_from", "mobilellm-micro", "--benchmark", flag, value])
