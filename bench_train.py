@@ -120,6 +120,9 @@ def main(cfg):
     dtypes = timed_dtypes(cfg, device)
     cfg = replace(cfg, dtype=dtypes[0])              # train.py's checks and --compare's variants take one dtype
     check_config(cfg)
+    for name, least in (("iters", 1), ("rounds", 1), ("warmup", 0), ("vocab_size", 1)):
+        if getattr(cfg, name) < least:
+            raise ConfigError(f"{name} must be at least {least}, got {getattr(cfg, name)}")
     flops = flops_per_token(model_config(cfg, cfg.vocab_size), cfg.block_size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {cfg.batch_size} "
           f"x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")

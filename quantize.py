@@ -209,6 +209,10 @@ def main(argv=None):
     int8_file = int8_path(init_from, args.out_dir, args.mode)
     if int8_file.resolve() == checkpoint_file(init_from).resolve():
         raise SystemExit("--out_dir would overwrite the float checkpoint: choose another folder")
+    if int8_file.parent.exists() and not int8_file.parent.is_dir():
+        raise SystemExit(f"--out_dir {int8_file.parent} is a file: give a folder")
+    if args.report and args.eval_tokens:                # a missing dataset is said before anything is written
+        validation_tokens(source.get("train_config"), model.config.vocab_size, 1, args.data_dir)
     qmodel = quantize_model(copy.deepcopy(model) if args.report else model, args.mode)
     save_checkpoint(quantized_checkpoint(qmodel, source, args.mode), int8_file)
     print(f"wrote {int8_file} ({args.mode})")

@@ -26,6 +26,13 @@ def test_dtype_takes_a_list_as_bench_mobile_does_and_the_old_flag_still_works(ca
         bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32,int4"]))
 
 
+@pytest.mark.parametrize("setting", ["--iters=0", "--rounds=0", "--warmup=-1"])
+def test_counts_that_time_nothing_are_clear_errors(setting):
+    name, value = setting[2:].split("=")
+    with pytest.raises(ConfigError, match=f"^{name} must be at least {max(0, int(value) + 1)}, got {value}$"):
+        bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", setting]))
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_default_dtypes_leave_out_emulated_bf16(capsys, monkeypatch, native):
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)

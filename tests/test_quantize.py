@@ -42,6 +42,13 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked
     assert "unknown variant(s) fp16" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="already quantized"):
         main(["--init_from", str(tmp_path / "src-w8a8"), "--out_dir", str(tmp_path / "again")])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="--out_dir .*a-file is a file: give a folder"):
+        main(["--init_from", str(src), "--out_dir", str(tmp_path / "a-file")])
+    written = (tmp_path / "src-w8a8" / "ckpt.pt").stat().st_mtime_ns
+    with pytest.raises(CheckpointError, match="no val.bin .* in .*nowhere"):
+        main(["--init_from", str(src), "--report", "--data_dir", str(tmp_path / "nowhere")])
+    assert (tmp_path / "src-w8a8" / "ckpt.pt").stat().st_mtime_ns == written     # checked before writing
 
 
 def test_the_int8_checkpoint_goes_beside_our_run_and_here_for_a_gguf_or_a_hub_id(tmp_path, monkeypatch):
