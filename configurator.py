@@ -24,6 +24,9 @@ import types
 import typing
 
 
+BOOL_WORDS = {"true": True, "false": False}     # a bool setting's value, in any case
+
+
 class ConfigError(ValueError):
     """A config file or --key=value override that does not fit the settings."""
 
@@ -82,15 +85,18 @@ def apply_settings(config, settings, source):
     return dataclasses.replace(config, **checked)
 
 
-def _joined(argv):
-    """argv with every `--key value` pair written as `--key=value`."""
-    out, args = [], iter(argv)
-    for arg in args:
+def _joined(argv, bool_keys=()):
+    """argv with every `--key value` pair written as `--key=value`, and a bool key on its own (`--compile`)
+    as `--key=True`."""
+    out, args = [], list(argv)
+    while args:
+        arg = args.pop(0)
         if arg.startswith("--") and "=" not in arg:
-            value = next(args, None)
-            if value is None or value.startswith("--"):
+            if arg[2:] in bool_keys and (not args or args[0].lower() not in BOOL_WORDS):
+                args.insert(0, "True")
+            if not args or args[0].startswith("--"):
                 raise ConfigError(f"override {arg!r} must look like --key=value (or --key value)")
-            arg = f"{arg}={value}"
+            arg = f"{arg}={args.pop(0)}"
         out.append(arg)
     return out
 
@@ -103,13 +109,15 @@ def configure(config, argv):
 def configure_and_report(config, argv):
     """configure(), also returning the set of keys that the config files and overrides assigned: what
     the user chose, as opposed to what was left at its default."""
-    applied = set()
-    for arg in _joined(argv):
+    applied, types_by_name = set(), _field_types(type(config))
+    for arg in _joined(argv, [key for key, kind in types_by_name.items() if kind is bool]):
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
             value = parse_value(text)
-            if _field_types(type(config)).get(key) is str and not isinstance(value, str):
+            if types_by_name.get(key) is str and not isinstance(value, str):
                 value = text                     # --out_dir=2024 is the folder "2024", not an int
+            if types_by_name.get(key) is bool and text.lower() in BOOL_WORDS:
+                value = BOOL_WORDS[text.lower()]     # --compile=true, as other tools spell it
             settings, source = {key: value}, f"override {arg!r}"
         else:
             settings, source = _read_config_file(arg), f"config file {arg}"

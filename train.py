@@ -8,7 +8,8 @@ Train MobileLLM on a laptop CPU, one GPU, or many GPUs, with one script.
   python train.py config/finetune_shakespeare.py    # fine-tune a released model (SmolLM2-135M) on a CPU
   torchrun --nproc_per_node=8 train.py config/train_mobilellm_125m.py    # DDP: one process per GPU
 
-Settings: the TrainConfig defaults below, then config files, then --key=value overrides (configurator.py).
+Settings: the TrainConfig defaults below, then config files, then --key=value overrides (configurator.py; a
+bool setting alone, --compile, is --compile=True).
 In python: `from train import TrainConfig, train; log = train(TrainConfig(max_iters=100, quiet=True))`.
 
 Fine-tuning (warm_start.py, with resuming): --init_from=<model source> starts from any model loader.py loads
@@ -82,7 +83,7 @@ class TrainConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # optimization: AdamW (or Muon for the blocks' matrices), linear warmup, then decay to min_lr, gradient clipping
-    max_iters: int = 1500               # the quick default: 7-10 minutes on 2 CPU cores (docs/quickstart.md)
+    max_iters: int = 1500               # the quick default: 3-10 minutes on 2 CPU cores (docs/quickstart.md)
     batch_size: int = 16                # sequences per micro-step per process
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, summed over all processes
     optimizer: str = "muon"             # "muon": Muon (optim.py) for the 2-D matrices inside the blocks, AdamW for

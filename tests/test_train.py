@@ -244,6 +244,12 @@ def test_bad_overrides_are_clear_errors(argv, message):
         configure(TrainConfig(), argv)
 
 
+def test_a_bool_setting_alone_is_true_and_true_false_take_any_case():
+    assert configure(TrainConfig(), ["--compile", "--quiet=true"]) == replace(TrainConfig(), compile=True, quiet=True)
+    assert configure(TrainConfig(), ["--compile", "False", "--max_iters", "5"]) == replace(TrainConfig(), max_iters=5)
+    assert configure(TrainConfig(), ["--compile=TRUE"]).compile is True
+
+
 def test_config_files_and_overrides_apply_in_order(tmp_path):
     config_file = tmp_path / "x.py"
     config_file.write_text("import math\nbatch_size = 3\nlearning_rate = 1\nmin_lr = 0.1\nout_dir = 'o'\n")
