@@ -20,7 +20,8 @@ What is measured:
     fresh process (its own peak memory), and the same for eager PyTorch (--eager).
   * DRAM bound: the decode speed this host's measured read bandwidth allows, given the bytes of weights a
     token reads from DRAM (a block re-applied right after itself through shared weights counted as read from
-    cache: an upper bound on speed, whatever the caches keep).
+    cache). A bound for weights streamed from DRAM: a small model whose weights stay in the caches between
+    tokens can beat it (marked *).
   * --kernel_bound: what XNNPACK's own matrix-vector products allow: the model's products alone, in its
     order, in delegates split and shared as the program's are, lowered the same way and timed
     (decode_bounds.kernel_seconds). The table adds what each block application costs beyond them.
@@ -171,9 +172,11 @@ def format_table(rows, prompt_len, bandwidth, kernel_column, logits_columns=Fals
             kernel = f" {tok_s(r['kernel_tok_s'])} | {r['beyond_kernel_ms']:.3f} |"
         logits = f" {r['logit_error']:.2g} | {r['same_token']:.0%} |" if logits_columns else ""
         val = f" {r['val_loss']:.4f} ({math.exp(r['val_loss']):.2f}) |" if val_column else ""
+        dram_bound = bandwidth * 1e9 / r["dram_bytes"]
+        beaten = "*" if 1e3 / r["decode_ms"] > dram_bound else ""     # its weights stayed in the caches
         lines.append(f"| {r['model']} | {r['runtime']} | {file_mb} | "
                      f"{r['load_ms']:.0f} | {r['init_ms']:.0f} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | "
-                     f"{1e3 / r['decode_ms']:.1f} | {tok_s(bandwidth * 1e9 / r['dram_bytes'])} |{kernel} "
+                     f"{1e3 / r['decode_ms']:.1f} | {tok_s(dram_bound)}{beaten} |{kernel} "
                      f"{r['mem_mb']:.0f} |{logits}{val}")
     return "\n".join(lines)
 
@@ -359,7 +362,8 @@ def print_host_table(rows, args):
     bandwidth = memory_bandwidth_gbs(args.threads)
     print(f"\n{args.threads} threads, torch {torch.__version__}, median of {args.runs} runs after a warm-up; "
           f"DRAM bound = measured read bandwidth {bandwidth:.1f} GB/s / bytes of weights read per token "
-          f"from DRAM (a block re-applied through the same weights is assumed to hit the cache)")
+          f"from DRAM (a block re-applied through the same weights is assumed to hit the cache); * a row faster "
+          f"than it: its weights stay in the caches between tokens")
     if args.kernel_bound:
         print("kernel bound = XNNPACK's matrix-vector products alone on the program's weights, in its order "
               "and sharing (decode_bounds.kernel_seconds)")

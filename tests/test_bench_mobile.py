@@ -115,6 +115,14 @@ def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     assert reference > 3                                            # random weights: about ln(64) = 4.16
 
 
+def test_a_row_faster_than_its_dram_bound_is_marked():
+    row = dict(model="m", runtime="r", load_ms=1, init_ms=1, prefill_ms=1, mem_mb=1, dram_bytes=1e8)  # 100 MB/token
+    table = bm.format_table([dict(row, decode_ms=10.0), dict(row, decode_ms=2.0)], 4, bandwidth=20.0,
+                            kernel_column=False)                                  # bound: 20 GB/s / 100 MB = 200
+    slow, fast = [line.split("|")[9].strip() for line in table.splitlines()[2:]]
+    assert (slow, fast) == ("200", "200*")                                     # 100 and 500 tok/s
+
+
 def test_logit_agreement_measures_the_difference_and_the_chosen_tokens():
     reference = torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 0.0]])
     error, same = bm.logit_agreement(torch.tensor([[0.0, 0.25, 0.5], [2.0, 0.0, 0.1]]), reference)
