@@ -21,6 +21,7 @@ empty line or /exit; the whole conversation is the prompt of each reply (its old
 outgrows the context). Ctrl-C stops a reply and leaves that exchange out; Ctrl-C at the "> " prompt quits.
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -168,11 +169,14 @@ def prompt_ids(tokenizer, args, block_size):
 
 
 def chat(model, tokenizer, args, generator):
-    """--interactive: each stdin line is the user's next message; the whole conversation is re-rendered as the
-    prompt, and the reply streams to stdout and joins the conversation. Ctrl-C stops a reply (that exchange
-    is left out of the conversation); Ctrl-C at the prompt ends it."""
+    """--interactive: --start (if given) is the user's first message, then each stdin line the next; the whole
+    conversation is re-rendered as the prompt, and the reply streams to stdout and joins the conversation.
+    Ctrl-C stops a reply (that exchange is left out of the conversation); Ctrl-C at the prompt ends it."""
     messages = system_message(args.system)
-    while (line := read_user_line()) is not None:
+    first = read_prompt(args.start).strip()
+    if first:
+        print(f"> {first}", file=sys.stderr)
+    for line in itertools.chain([first] if first else [], iter(read_user_line, None)):
         ids, kept = encode_chat(tokenizer, messages + [{"role": "user", "content": line}], model.config.block_size)
         try:
             new, _, _, _ = generate_one(model, ids, args, generator, tokenizer, echo=False)
@@ -214,6 +218,8 @@ def main(argv=None):
                    help="--benchmark also times transformers' LlamaForCausalLM with the same weights")
     args = p.parse_args(accept_old_flags(argv, {"--prompt_tokens": "--prompt_len"}))
     args.chat |= args.interactive
+    if args.interactive and args.num_samples > 1:
+        p.error("--interactive gives one reply per message: leave out --num_samples")
     if args.system is not None and not args.chat:
         p.error("--system needs --chat or --interactive")
     if args.temperature < 0:
@@ -239,6 +245,8 @@ def main(argv=None):
         return benchmark(model, args, generator)
     if args.chat:
         require_chat_template(tokenizer, args.init_from)
+    if args.compile:
+        warm_up(model, args)
     if args.interactive:
         return chat(model, tokenizer, args, generator)
     ids = prompt_ids(tokenizer, args, model.config.block_size)
@@ -255,6 +263,14 @@ def timed_samples(model, ids, args, generator, tokenizer=None):
         if tokenizer is not None:
             print("\n---------------")
     return prefill_s, decoded, decode_s
+
+
+def warm_up(model, args):
+    """Run the compiled decode step once before the samples, so that its compiling (tens of seconds on a CPU)
+    is not counted as decoding time; its own generator leaves the samples as they would be."""
+    t0 = time.perf_counter()
+    generate_one(model, [0], argparse.Namespace(**{**vars(args), "max_new_tokens": 3}), torch.Generator(args.device))
+    print(f"compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
 def benchmark(model, args, generator):

@@ -271,6 +271,23 @@ def test_interactive_keeps_the_conversation(chat_ckpt, capsys, monkeypatch):
     assert tokenizer.decode(prompts[1]) == render_chat(tokenizer.chat_template, CONVERSATION[:3], tokenizer)
 
 
+def test_interactive_takes_start_as_the_first_message(chat_ckpt, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("how are you?\n"))
+    out, err = run(["--init_from", str(chat_ckpt), "--interactive", "--temperature", "0", "--start", "hi"], capsys)
+    assert out == "hello there\nfine thanks\n" and err == "> hi\n" + "> " * 2      # as llama.cpp's -i -p
+    with pytest.raises(SystemExit):
+        sample.main(["--init_from", str(chat_ckpt), "--interactive", "--num_samples", "2"])
+    assert "--interactive gives one reply per message" in capsys.readouterr().err
+
+
+def test_with_compile_the_decode_step_is_compiled_before_the_timed_samples(trained_ckpt, capsys, monkeypatch):
+    args = ["--init_from", str(trained_ckpt), "--start", "ab", "--max_new_tokens", "8"]
+    eager_out, _ = run(args, capsys)
+    monkeypatch.setattr(sample, "compile_decode_step", lambda model: None)     # compiling itself: tested above
+    out, err = run(args + ["--compile"], capsys)
+    assert out == eager_out and err.index("compiled the decode step in") < err.index("decode:")   # same samples
+
+
 def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on_without_that_exchange(chat_ckpt, capsys, monkeypatch):
     prompts, real_generate_one = [], sample.generate_one
 
