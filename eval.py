@@ -146,7 +146,7 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "na
 
 
 def parse_tasks(text):
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))    # a task named twice: once
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise EvalError(f"unknown task(s) {', '.join(unknown) or repr(text)}; choose from: {', '.join(TASKS)}")
@@ -393,6 +393,13 @@ def main(argv=None):
         paths = parse_data(args.data, tasks)
         args.device = resolve_device(args.device)
         require_source(args.init_from)
+        out = Path(args.out)                    # checked now, not after the first task's scoring
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EvalError(f"--out {out}: cannot make its folder ({e.strerror})") from e
+        if out.is_dir():
+            raise EvalError(f"--out {out} is a folder: give the .json file to write")
         examples = {}
         for name in tasks:       # read every task's data before the model, so a bad file fails fast
             docs = load_docs(name, paths.get(name))[:args.limit]
@@ -411,12 +418,12 @@ def main(argv=None):
     args.dtype = resolve_dtype(args.dtype, args.device, model.config.dim)
     dtype = torch_dtype(args.dtype)
     paper_name, paper = paper_row(args.init_from)
-    out, results = Path(args.out), {}
+    results = {}
     for name in tasks:        # each task's line and the JSON report as it finishes: a stopped run keeps those done
         r = results[name] = evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
         print(f"{name}: {r['n']} examples ({r['skipped']} skipped: not encodable) in {r['seconds']:.1f} s, "
               f"{r['examples_per_s']:.2f} examples/s, {r['tokens_per_s']:.0f} tokens/s; "
-              f"{r['truncated_contexts']} contexts cut to block_size")
+              f"{r['truncated_contexts']} contexts and {r['truncated_continuations']} choices cut to block_size")
         report = dict(init_from=str(args.init_from), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                       limit=args.limit, simulate_int8=args.simulate_int8, torch=torch.__version__, results=results,
                       paper={paper_name: paper} if paper else None)

@@ -275,6 +275,15 @@ def test_clear_errors_for_unknown_task_malformed_line_and_missing_file(tmp_path)
         ev.build_examples("piqa", [dict(question="wrong task's fields")])
     with pytest.raises(SystemExit, match="unknown task"):
         ev.main(["--init_from", "unused", "--tasks", "nope"])
+    assert ev.parse_tasks("piqa,piqa") == ["piqa"]
+    data = tmp_path / "piqa.jsonl"
+    data.write_text(json.dumps(piqa_docs([0])[0]) + "\n")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="--out .*a-file/r.json: cannot make its folder"):     # before any scoring
+        ev.main(["--init_from", "mobilellm-micro", "--tasks", "piqa", "--data", str(data),
+                 "--out", str(tmp_path / "a-file" / "r.json")])
+    with pytest.raises(SystemExit, match="is a folder: give the .json file"):
+        ev.main(["--init_from", "mobilellm-micro", "--tasks", "piqa", "--data", str(data), "--out", str(tmp_path)])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
