@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import os
 import sys
 import textwrap
 import tokenize
@@ -161,13 +162,17 @@ def exit_if_help(argv, doc, config, more_comments=()):
         for cls in (*more_comments, *reversed(type(config).__mro__)):     # a subclass's own comments last
             if dataclasses.is_dataclass(cls):
                 comments.update(field_comments(cls))
-        print(doc.strip() + "\n\nSettings (--key=value), their defaults and what they are:")
+        lines = [doc.strip() + "\n\nSettings (--key=value), their defaults and what they are:"]
         for key, value in dataclasses.asdict(config).items():
             setting = f"  --{key}={value!r}"
             comment = comments.get(key, "")
-            print(setting if not comment else textwrap.fill(
+            lines.append(setting if not comment else textwrap.fill(
                 comment, width=max(100, len(setting) + 40), initial_indent=f"{setting:<38}",
                 subsequent_indent=" " * 38))
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:                         # `train.py --help | head`: the reader has gone
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit()
 
 

@@ -6,7 +6,7 @@
 # at lr 5e-4: the lr scales linearly with the global batch (--gradient_accumulation_steps=8
 # --learning_rate=5e-4 --min_lr=5e-5).
 # The paper's tokenizer is LLaMA-2's 32k SentencePiece; fineweb_edu here uses GPT-2's 50257 tokens,
-# which adds 10.6M embedding parameters to the 125M.
+# which adds 10.5M embedding parameters to the 125M ((50257 - 32000) x 576).
 out_dir = "out-mobilellm-125m"
 dataset = "fineweb_edu"
 
