@@ -493,5 +493,6 @@ if __name__ == "__main__":
         train(*configure_and_report(TrainConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:
-        sys.exit(f"interrupted: {e}")
+    except KeyboardInterrupt as e:              # saved and stopped: exit as sample.py and eval.py do on Ctrl-C
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -305,6 +305,20 @@ def test_command_line_reports_errors_in_one_line():
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: unknown config key(s) 'n_layer' (did you mean 'n_layers'?) in")
     assert "Traceback" not in result.stderr
+
+
+def test_command_line_ctrl_c_saves_says_how_to_resume_and_exits_130(data_dir, tmp_path):
+    settings = {**asdict(tiny(data_dir, tmp_path, max_iters=100_000, eval_interval=100_000)), "quiet": False,
+                "peak_flops": 1e12}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py")] + [f"--{k}={v}" for k, v in settings.items()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "parameters" not in proc.stdout.readline():        # the header: the run and its signal handlers are set
+        pass
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"saved {tmp_path / 'ckpt.pt'}" in out
+    assert f"to resume: python train.py --init_from=resume --out_dir={tmp_path}" in err
 
 
 def test_resuming_a_bf16_run_where_bf16_is_emulated_says_how_to_continue_in_fp32(data_dir, tmp_path, monkeypatch,
