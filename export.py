@@ -470,9 +470,6 @@ def write_model_files(model, tokenizer, fmt, dtype, out):
             path = export_gguf(model, tokenizer, out, GGUF_TYPES[dtype])            # fp16 -> llama.cpp's F16
             vocab = "no vocabulary" if tokenizer is None else f"{tokenizer.spec['kind']} vocabulary"
             return f"{path} ({path.stat().st_size / 2**20:.1f} MB, {dtype}, {len(model.schedule)} layers, {vocab})"
-        if tokenizer is not None and tokenizer.spec.get("kind") not in ("tokenizers", "sentencepiece"):
-            print(f"a {tokenizer.spec.get('kind')!r} tokenizer has no Hugging Face files: writing the model alone")
-            tokenizer = None
         path = export_hf(model, out, tokenizer)
     except (ValueError, RuntimeError, OSError) as e:        # their format errors are ValueErrors; a missing package
         raise ExportError(f"--format {fmt}: {e}") from e

@@ -293,14 +293,19 @@ def prepends_bos(post_processor, bos):
 
 
 def write_tokenizer(tokenizer, out_dir):
-    """tokenizer.json + tokenizer_config.json for the tokenizers kind, tokenizer.model for SentencePiece."""
+    """tokenizer.json + tokenizer_config.json for the tokenizers kind, tokenizer.model for SentencePiece. A char
+    or tiktoken tokenizer is first made the tokenizer.json its GGUF vocabulary stands for (gguf_vocab.py: the
+    same tokens, as llama.cpp tokenizes them)."""
+    if tokenizer.spec.get("kind") in ("char", "tiktoken"):
+        from gguf_vocab import tokenizer_from_gguf, vocab_metadata
+        tokenizer = tokenizer_from_gguf(vocab_metadata(tokenizer, tokenizer.vocab_size), tokenizer.vocab_size)
     spec = tokenizer.spec
     if spec.get("kind") == "sentencepiece":
         atomic_write(out_dir / SENTENCEPIECE_FILE, lambda tmp: tmp.write_bytes(Path(spec["model_file"]).read_bytes()))
         return
     if spec.get("kind") != "tokenizers":
-        raise HFFormatError(f"a {spec.get('kind')!r} tokenizer has no Hugging Face files here (only the tokenizers "
-                            "and sentencepiece kinds): export the model without it")
+        raise HFFormatError(f"a {spec.get('kind')!r} tokenizer has no Hugging Face files here (char, tiktoken, "
+                            "tokenizers and sentencepiece have): export the model without it")
     tokenizer_json = with_bos_post_processor(spec["json"], spec["bos"], tokenizer.bos_id)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
               "add_bos_token": spec["add_bos"], "chat_template": spec["chat_template"]}

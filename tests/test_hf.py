@@ -213,10 +213,19 @@ def test_an_export_that_fails_midway_leaves_no_directory_that_looks_like_a_model
     assert not (tmp_path / "config.json").exists()                         # so the old weights are not read as it
 
 
-def test_export_refuses_a_tokenizer_without_hf_files(tmp_path):
-    with pytest.raises(hf.HFFormatError, match="'char' tokenizer has no Hugging Face files"):
-        hf.export_hf(tiny_model(), tmp_path, char_tokenizer("abc"))
-    assert not (tmp_path / "model.safetensors").exists()
+@pytest.mark.parametrize("kind", ["char", "tiktoken"])
+def test_a_char_or_tiktoken_tokenizer_is_written_as_a_tokenizer_json_that_tokenizes_alike(tmp_path, kind):
+    from tokenizer import tiktoken_tokenizer
+    ours = char_tokenizer("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz") if kind == "char" \
+        else tiktoken_tokenizer("gpt2")
+    text = "ROMEO:\nBut, soft!  what light through yonder window breaks?\n\n"
+    hf.export_hf(tiny_model(), tmp_path, ours)
+    back = hf.load_hf(tmp_path)[1]
+    assert back.spec["kind"] == "tokenizers" and back.encode(text) == ours.encode(text)
+    assert back.decode(ours.encode(text)) == text
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert theirs(text).input_ids == ours.encode(text) and theirs.decode(ours.encode(text)) == text
 
 
 def test_export_py_writes_a_checkpoint_with_its_tokenizer_and_an_int8_one_as_its_float_weights(
