@@ -48,8 +48,8 @@ from checkpoint import CheckpointError
 from configurator import HelpFormatter, accept_old_flags, at_least
 from decode_bounds import kernel_seconds, weight_reads_per_token
 from executorch_private import reset_threadpool
-from export import (CACHE_DIR, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, check_source, load_source,
-                    program_dtype, program_seq_len, require_executorch, write_program)
+from export import (CACHE_DIR, LOWERINGS, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, check_source,
+                    load_source, program_dtype, program_seq_len, require_executorch, write_program)
 from loader import dtype_name, torch_dtype
 from measure import cached_forward, in_fresh_process, memory_bandwidth_gbs, peak_rss_mb, rss_mb, time_generation
 from quantize import validation_tokens
@@ -255,7 +255,7 @@ def check_args(args):
         if d not in PROGRAM_DTYPES:
             raise BenchError(f"--dtype {d!r}: choose from {', '.join(PROGRAM_DTYPES)}")
     for lowering in [x for x in args.lowering.split(",") if x]:
-        if lowering not in ("shared", "naive"):
+        if lowering not in LOWERINGS:
             raise BenchError(f"--lowering {lowering!r}: choose shared and/or naive")
     for d in [dtype_name(d) for d in args.eager.split(",") if d]:
         if d not in ("fp32", "bf16"):

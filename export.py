@@ -68,6 +68,7 @@ CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
 PROGRAM_DTYPES = ("fp32", "w8a8", "8da4w")
 OLD_PROGRAM_DTYPES = {"int8": "w8a8"}   # the W8A8 program's former name, still taken on the command line
 FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYPES), "hf": ("fp32",)}
+LOWERINGS = ("shared", "naive")         # identical block delegates shared (MobileLLM-LS), or ExecuTorch's own
 SUFFIX_FORMATS = {".pte": "pte", ".ptl": "ptl", ".gguf": "gguf"}       # --out's suffix names its --format
 MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
 GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
@@ -493,7 +494,7 @@ def main(argv=None):
                                              "gguf, hf: needed)")
     p.add_argument("--max_seq_len", type=at_least(0), default=0,
                    help=f"static KV cache length in the program (0: the model's context, at most {MAX_SEQ_LEN})")
-    p.add_argument("--lowering", default="shared", choices=("shared", "naive"),
+    p.add_argument("--lowering", default="shared", choices=LOWERINGS,
                    help="shared: identical block delegates shared (MobileLLM-LS); naive: ExecuTorch's own")
     p.add_argument("--cache_dir", default=str(CACHE_DIR),
                    help="where .pte programs are kept, one per weights and options")

@@ -1,8 +1,9 @@
 """
-XNNPACK lowering for export.py: how the pieces of a program (block halves, the head; decode_bounds.py's GemvChain
-pairs) become XNNPACK delegates, one per piece, and how a module calling them is emitted as one ExecuTorch
-program whose identical delegates are shared. export.py decides what the pieces are; this file does the
-lowering, through ExecuTorch's public API except where executorch_private.py says otherwise.
+XNNPACK lowering for export.py: how the pieces of a program (block halves, the head; the products of
+decode_bounds.py's ProductStream) become XNNPACK delegates, one per piece, and how a module calling them is
+emitted as one ExecuTorch program whose identical delegates are shared. export.py decides what the pieces
+are; this file does the lowering, through ExecuTorch's public API except where executorch_private.py says
+otherwise.
 
   * exported / lower_piece: torch.export (w8a8: quantized with ExecuTorch's XNNPACKQuantizer on the way),
     then one piece lowered to one delegate (one_delegate_partitioner).
@@ -25,8 +26,8 @@ from executorch_private import (cia_ops_collected_once, delegates_traced_by_shap
 
 
 def one_delegate_partitioner():
-    """XnnpackPartitioner that makes ONE delegate of a piece (a block half, the head, a pair of bench_mobile's
-    GemvChain): XNNPACK's own partitions of it are merged (w8a8 alone would make 4 per block half: each
+    """XnnpackPartitioner that makes ONE delegate of a piece (a block half, the head, a ProductStream's
+    products): XNNPACK's own partitions of it are merged (w8a8 alone would make 4 per block half: each
     dynamically quantized linear is grouped with its activation-quantization nodes, and the groups land
     in separate partitions)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -188,7 +189,7 @@ def lowered_alike(pieces, example, dynamic_shapes, dtype, desc):
 
 
 def emit_composed(module, example, dynamic_shapes):
-    """torch.export a module whose pieces are lowered already (an ExportLLM, a GemvChain), emit it, and let
+    """torch.export a module whose pieces are lowered already (an ExportLLM, a ProductStream), emit it, and let
     call sites of identical delegates share one. Returns (bytes, info dict)."""
     from executorch.exir import to_edge
     marks = [time.perf_counter()]                                       # where export time goes (docs/on-device.md)
