@@ -11,8 +11,11 @@ tokens/s and MFU, fp32 against bf16 autocast, measured side by side in one run.
 on top of the others), in alternating rounds in the first dtype, so that a busy machine slows all alike:
 tokens/s (median of the rounds) and the ratio to the first.
 
-Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup, compare and rounds;
---dtype takes a list here (fp32,bf16), as bench_mobile.py's does. MFU is relative to the device's peak in
+Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup, compare and rounds.
+Those of the step count: the model's shape, batch, optimizer, dtype, compile and the fine-tuning options
+(freeze_embedding, train_blocks, gradient_checkpointing); data, evals, schedule and out_dir do not (a config
+file of train.py's may set them), and the weights are random (init_from is train.py's alone). --dtype takes
+a list here (fp32,bf16), as bench_mobile.py's does. MFU is relative to the device's peak in
 each dtype: the datasheet bf16 number on known GPUs, else a large matmul in that dtype measured here first.
 dtype=auto (the default) times fp32, and bf16 too where the hardware has it: CPUs without AVX-512 BF16/AMX
 emulate bf16 ~100x slower than fp32 (there, --dtype=fp32,bf16 --iters=1 --warmup=0 times it anyway).
@@ -30,6 +33,7 @@ from model import MobileLLM, ModelConfig
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from optim import build_optimizer
 from train import TrainConfig, check_config, model_config
+from warm_start import freeze, frozen_blocks
 
 
 OLD_FLAGS = {"--dtypes": "--dtype"}
@@ -51,6 +55,8 @@ def tokens_per_second(cfg, dtype, device, rebuild=None):
     torch.manual_seed(cfg.seed)
     model = MobileLLM(model_config(cfg, cfg.vocab_size)).to(device)
     model = rebuild(model) if rebuild else model
+    freeze(model, cfg)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     optimizer = build_optimizer(model, cfg, device)
     step_model = torch.compile(model) if cfg.compile else model
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)   # (B, T)
@@ -123,7 +129,11 @@ def main(cfg):
     for name, least in (("iters", 1), ("rounds", 1), ("warmup", 0), ("vocab_size", 1)):
         if getattr(cfg, name) < least:
             raise ConfigError(f"{name} must be at least {least}, got {getattr(cfg, name)}")
-    flops = flops_per_token(model_config(cfg, cfg.vocab_size), cfg.block_size)
+    if cfg.init_from != "scratch":
+        raise ConfigError(f"init_from={cfg.init_from!r}: bench_train.py times random weights of the shape its "
+                          "settings give (set the model's fields, e.g. a config file of that shape)")
+    config = model_config(cfg, cfg.vocab_size)
+    flops = flops_per_token(config, cfg.block_size, frozen_blocks(config, cfg), cfg.freeze_embedding)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {cfg.batch_size} "
           f"x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
     if cfg.compare:

@@ -50,8 +50,8 @@ from loader import autocast, dtype_name, resolve_device, resolve_dtype
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
 from optim import build_optimizer, lr_at
-from warm_start import (adopt_model_settings, changed_settings, check_data_tokenizer, freeze, load_source_model,
-                        resumed_settings)
+from warm_start import (adopt_model_settings, changed_settings, check_data_tokenizer, freeze, frozen_blocks,
+                        load_source_model, resumed_settings)
 
 
 @dataclass
@@ -410,8 +410,8 @@ def run(cfg, set_keys, rank, world, device, stop):
     train_model = DDP(eval_model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else eval_model
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    frozen_blocks = range(config.n_layers - cfg.train_blocks) if cfg.train_blocks else ()
-    flops_per_iter = flops_per_token(config, cfg.block_size, frozen_blocks, cfg.freeze_embedding) * tokens_per_iter
+    flops_per_iter = tokens_per_iter * flops_per_token(config, cfg.block_size, frozen_blocks(config, cfg),
+                                                       cfg.freeze_embedding)
     peak_flops = cfg.peak_flops or (measure_peak_flops(device, cfg.dtype) if master and not cfg.quiet else 0.0)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{model.num_params():,} parameters, {trained:,} trained ({config.n_layers} blocks applied {config.depth} "

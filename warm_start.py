@@ -106,13 +106,17 @@ def check_data_tokenizer(cfg, meta, tokenizer_spec, config, source):
                         f"the model {source} (vocabulary {config.vocab_size}); {prepare_hint(cfg, source)}")
 
 
+def frozen_blocks(config, cfg):
+    """The unique blocks cfg keeps fixed: those before the last train_blocks (none when train_blocks is 0)."""
+    if cfg.train_blocks > config.n_layers:
+        raise ConfigError(f"train_blocks={cfg.train_blocks} but the model has {config.n_layers} unique blocks")
+    return range(config.n_layers - cfg.train_blocks if cfg.train_blocks else 0)
+
+
 def freeze(model, cfg):
     """requires_grad False for what cfg keeps fixed: the token embedding and LM head (freeze_embedding),
     the unique blocks before the last train_blocks."""
-    if cfg.train_blocks > model.config.n_layers:
-        raise ConfigError(f"train_blocks={cfg.train_blocks} but the model has {model.config.n_layers} unique blocks")
     frozen = [model.tok_embeddings, model.output] if cfg.freeze_embedding else []
-    if cfg.train_blocks:
-        frozen += list(model.layers[:-cfg.train_blocks])
+    frozen += [model.layers[b] for b in frozen_blocks(model.config, cfg)]
     for module in frozen:
         module.requires_grad_(False)

@@ -64,3 +64,24 @@ def test_compare_times_each_variant_in_alternating_rounds(capsys, monkeypatch):
 def test_bad_compare_variants_are_clear_errors(compare, message):
     with pytest.raises(ConfigError, match=message):
         bench_train.main(configure(bench_train.BenchConfig(), TINY + [f"--compare={compare}"]))
+
+
+def test_fine_tuning_options_change_what_is_timed_and_the_mfu(capsys, monkeypatch):
+    built, build = [], bench_train.build_optimizer
+    monkeypatch.setattr(bench_train, "build_optimizer", lambda model, cfg, device: built.append(model) or build(
+        model, cfg, device))
+    flops = []
+    monkeypatch.setattr(bench_train, "flops_per_token", lambda *a: flops.append(a) or 1.0)
+    argv = TINY + ["--dtype=fp32", "--n_layers=2", "--train_blocks=1", "--freeze_embedding=True",
+                   "--gradient_checkpointing=True"]
+    bench_train.main(configure(bench_train.BenchConfig(), argv))
+    model = built[0]
+    assert model.gradient_checkpointing
+    assert not model.tok_embeddings.weight.requires_grad and not any(p.requires_grad for p in model.layers[0].parameters())
+    assert all(p.requires_grad for p in model.layers[1].parameters())
+    assert list(flops[0][2]) == [0] and flops[0][3] is True
+
+
+def test_a_model_to_fine_tune_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="init_from='some/model': bench_train.py times random weights"):
+        bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", "--init_from=some/model"]))
