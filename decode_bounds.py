@@ -19,10 +19,9 @@ import torch
 import torch.nn as nn
 
 from executorch_private import reset_threadpool
-from export import quantize_8da4w
 from measure import in_fresh_process, seconds
 from model import MobileLLM
-from xnnpack_lowering import emit_composed, lowered_alike
+from xnnpack_lowering import emit_composed, lowered_alike, quantize_8da4w
 
 BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "w8a8": 1, "8da4w": 0.5}       # 8da4w: scales ignored
 

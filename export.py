@@ -12,7 +12,7 @@ llama.cpp (a .gguf, gguf_file.py) or transformers (a Hugging Face directory, hf.
 
 In Python: `path = export.cached_pte(model, "w8a8", max_seq_len=256)` (exported once per weights and
 options, kept in out-mobile/cache/), or `data, info = export.export_pte(model, "w8a8")` for the bytes.
---init_from takes what loader.py loads, or a preset with overrides, `NAME[:field=value+...]` (random
+--init_from takes what loader.py loads, a preset with overrides `NAME[:field=value+...]` included (random
 weights, seed --seed). An int8 checkpoint from quantize.py is dequantized to its float-equivalent weights
 and re-quantized by ExecuTorch's XNNPACK int8 flow, which makes the same per-channel symmetric int8 weights.
 
@@ -41,7 +41,6 @@ import copy
 import hashlib
 import json
 import logging
-import re
 import shutil
 import sys
 import time
@@ -55,13 +54,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import ConfigError, HelpFormatter, apply_settings, at_least, parse_value
+from configurator import HelpFormatter, at_least
 from gguf_file import EXPORT_TYPES as GGUF_TYPES, export_gguf
 from hf import export_hf
 from int8 import Int8Embedding, Int8Linear, dequantize_per_channel, is_quantized, quantize_per_channel
 from loader import dtype_name, load_model_and_tokenizer, require_source
-from model import PRESETS, MobileLLM, config_from_preset
-from xnnpack_lowering import emit_composed, lower, lowered_alike, tensor_bytes
+from model import MobileLLM
+from xnnpack_lowering import emit_composed, lower, lowered_alike, quantize_8da4w, tensor_bytes
 
 EXPORT_VERSION = {"fp32": 4, "w8a8": 5, "8da4w": 5}   # bump a dtype's when its programs change (cache key)
 CACHE_DIR = Path("out-mobile/cache")    # out*/ is git-ignored
@@ -71,7 +70,6 @@ FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYP
 LOWERINGS = ("shared", "naive")         # identical block delegates shared (MobileLLM-LS), or ExecuTorch's own
 SUFFIX_FORMATS = {".pte": "pte", ".ptl": "ptl", ".gguf": "gguf"}       # --out's suffix names its --format
 MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
-GROUP_SIZE = 32                         # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
 
 
 class ExportError(Exception):
@@ -99,57 +97,18 @@ def require_executorch():
 
 # --- the model source ---------------------------------------------------------------------------------
 
-def parse_model_spec(spec):
-    """'mobilellm-125m:n_layers=60+share=none' -> (preset, overrides); values are Python literals where they
-    parse (60, False), else strings. Fields are separated by '+' (or ',' outside --compare, whose list is
-    comma-separated)."""
-    name, _, rest = spec.partition(":")
-    overrides = {}
-    for item in filter(None, re.split(r"[+,]", rest)):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ExportError(f"bad override {item!r} in {spec!r}: use preset:field=value+field=value")
-        overrides[key] = parse_value(value)
-    return name, overrides
+def check_source(init_from):
+    """One clear error, before any slow work, for an --init_from that cannot load: a preset spec that does not
+    parse, or a local file or folder that is not there (anything else fails, clearly, when it loads)."""
+    try:
+        require_source(init_from)
+    except (CheckpointError, ValueError) as e:
+        raise ExportError(f"--init_from {init_from!r}: {e}") from e
 
 
 def program_dtype(name):
     """A --dtype of export.py or bench_mobile.py as its one spelling: dtype_name's, or an old name's new one."""
     return OLD_PROGRAM_DTYPES.get(name, dtype_name(name))
-
-
-def is_preset_spec(init_from):
-    """Whether --init_from names a preset, with or without overrides, rather than a file, folder or hub id."""
-    return not Path(init_from).exists() and (init_from.partition(":")[0] in PRESETS or ":" in init_from)
-
-
-def preset_config(spec):
-    """The ModelConfig of 'preset[:field=value+...]', each override checked by name and type."""
-    name, overrides = parse_model_spec(spec)
-    try:
-        return apply_settings(config_from_preset(name), overrides, f"--init_from {spec!r}")
-    except ConfigError as e:                # a field that is not one (with the nearest name) or a value of a wrong type
-        raise ExportError(str(e)) from e
-    except ValueError as e:                 # an unknown preset, or a shape the model refuses
-        raise ExportError(f"--init_from {spec!r}: {e}") from e
-
-
-def preset_model(spec, seed=0):
-    config = preset_config(spec)
-    torch.manual_seed(seed)
-    return MobileLLM(config).eval()
-
-
-def check_source(init_from):
-    """One clear error, before any slow work, for an --init_from that cannot load: a preset spec that does not
-    parse, or a local file or folder that is not there (anything else fails, clearly, when it loads)."""
-    if is_preset_spec(init_from):
-        preset_config(init_from)
-        return
-    try:
-        require_source(init_from)
-    except CheckpointError as e:
-        raise ExportError(f"--init_from {init_from!r}: {e}") from e
 
 
 def dequantized(qmodel):
@@ -177,13 +136,12 @@ def program_seq_len(model, requested=0):
 
 
 def load_source(init_from, seed=0):
-    """(the float MobileLLM to export, its tokenizer): a preset with overrides (random weights, seeded; no
-    tokenizer), or anything loader.load_model_and_tokenizer reads (our checkpoints, HF dirs, GGUF files, ...);
+    """(the float MobileLLM to export, its tokenizer): anything loader.load_model_and_tokenizer reads (our
+    checkpoints, HF dirs, GGUF files, a preset with overrides: random weights drawn from seed, no tokenizer);
     an int8 model is dequantized."""
-    if is_preset_spec(init_from):
-        return preset_model(init_from, seed), None
+    check_source(init_from)
     try:
-        model, tokenizer = load_model_and_tokenizer(init_from)
+        model, tokenizer = load_model_and_tokenizer(init_from, seed=seed)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:
         raise ExportError(f"--init_from {init_from!r}: {e}") from e
     return (dequantized(model) if is_quantized(model) else model), tokenizer
@@ -325,19 +283,6 @@ class ExportLLM(nn.Module):
 
 
 # --- the program: pieces lowered by xnnpack_lowering.py, composed, emitted --------------------------
-
-def quantize_8da4w(model):
-    """8-bit dynamic per-token activations, 4-bit weights in groups of GROUP_SIZE input channels (torchao's
-    Int8DynamicActivationIntxWeightConfig, which XNNPACK runs as a 4-bit GEMM), in place. Linears whose
-    input width is not a multiple of GROUP_SIZE stay fp32."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-    from torchao.utils import unwrap_tensor_subclass
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                           weight_granularity=PerGroup(GROUP_SIZE)),
-              filter_fn=lambda m, _: isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
-    return unwrap_tensor_subclass(model)
-
 
 def untied_copy(model):
     """A copy whose LM head has its own weight: 8da4w makes the head int4 while the embedding table

@@ -9,6 +9,7 @@ bfloat16, float16 work too), and what "auto" means for a dtype (resolve_dtype) a
   model, tokenizer = load_model_and_tokenizer("facebook/MobileLLM-125M") # an HF dir or hub repo id (hf.py)
   model, tokenizer = load_model_and_tokenizer("SmolLM2-135M.Q4_1.gguf")  # a llama.cpp GGUF file (gguf_file.py)
   model, tokenizer = load_model_and_tokenizer("mobilellm-125m")         # a preset: random weights, no tokenizer
+  model, tokenizer = load_model_and_tokenizer("mobilellm-125m:n_layers=60+share=none")   # ... with overrides
 """
 import difflib
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_model
-from configurator import ConfigError
+from configurator import ConfigError, apply_settings, parse_value
 from int8 import load_quantized
 from model import PRESETS, MobileLLM, config_from_preset
 from tokenizer import load_tokenizer
@@ -86,13 +87,13 @@ def autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
+def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False, seed=0):
     """(model in eval mode, tokenizer) from: one of our checkpoints (file or out_dir), an int8 checkpoint
     (quantize.py), a local Hugging Face dir or a hub repo id (hf.py), a .gguf file (gguf_file.py), or a preset
-    name (random weights, tokenizer None: for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's
-    -layer-share models).
+    name, with overrides as `preset:field=value+field=value` (random weights drawn from seed, tokenizer None:
+    for timing). meta_ls_cache: see ModelConfig.meta_ls_cache (Meta's -layer-share models).
     A tokenizer with more tokens than the model has embeddings is refused (fewer is fine: padded vocabularies)."""
-    model, tokenizer = _load(init_from, device)
+    model, tokenizer = _load(init_from, device, seed)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings: it is not this model's tokenizer")
@@ -102,9 +103,10 @@ def load_model_and_tokenizer(init_from, device="cpu", meta_ls_cache=False):
 
 
 def source_kind(init_from):
-    """What --init_from names: "preset", "gguf", "hf" (a local dir or a hub repo id) or "checkpoint" (ours)."""
+    """What --init_from names: "preset" (with or without overrides), "gguf", "hf" (a local dir or a hub repo id)
+    or "checkpoint" (ours)."""
     path = Path(init_from)
-    if init_from in PRESETS and not path.exists():
+    if not path.exists() and (init_from.partition(":")[0] in PRESETS or ":" in init_from):
         return "preset"
     if path.suffix == ".gguf":
         return "gguf"
@@ -132,10 +134,39 @@ def did_you_mean(name):
     return f" (did you mean {str(path.with_name(close[0])) if close[0] in beside else close[0]!r}?)"
 
 
+def parse_preset_spec(spec):
+    """'mobilellm-125m:n_layers=60+share=none' -> (preset, overrides); values are Python literals where they
+    parse (60, False), else strings. Fields are separated by '+' (or ',' outside a comma-separated list)."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, re.split(r"[+,]", rest)):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"bad override {item!r} in {spec!r}: use preset:field=value+field=value")
+        overrides[key] = parse_value(value)
+    return name, overrides
+
+
+def preset_config(spec):
+    """The ModelConfig of 'preset[:field=value+...]', each override checked by name and type (ConfigError,
+    with the nearest field name); model.py refuses an unknown preset or a bad shape (ValueError)."""
+    name, overrides = parse_preset_spec(spec)
+    return apply_settings(config_from_preset(name), overrides, "the preset's overrides")
+
+
+def preset_model(spec, seed=0):
+    """A preset (with overrides) with random weights drawn from seed."""
+    config = preset_config(spec)
+    torch.manual_seed(seed)
+    return MobileLLM(config).eval()
+
+
 def require_source(init_from):
-    """One clear error, before any slow work, when --init_from names a local file or folder that is not there.
-    Returns what it names (source_kind)."""
+    """One clear error, before any slow work, when --init_from names a local file or folder that is not there,
+    or a preset spec that does not parse. Returns what it names (source_kind)."""
     kind = source_kind(init_from)
+    if kind == "preset":
+        preset_config(init_from)
     if kind in ("checkpoint", "gguf") and not Path(init_from).exists():
         what = "GGUF file" if kind == "gguf" else "checkpoint"
         raise CheckpointError(f"no {what} at {init_from}{did_you_mean(init_from)}: --init_from takes our out_dir "
@@ -144,11 +175,10 @@ def require_source(init_from):
     return kind
 
 
-def _load(init_from, device):
+def _load(init_from, device, seed):
     kind, path = require_source(init_from), Path(init_from)
     if kind == "preset":
-        torch.manual_seed(0)
-        return MobileLLM(config_from_preset(init_from)).to(device), None
+        return preset_model(init_from, seed).to(device), None
     if kind == "gguf":
         import gguf_file
         return gguf_file.load_gguf(path, device)

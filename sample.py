@@ -7,6 +7,7 @@ files, or Meta's released facebook/MobileLLM-* weights (any LLaMA-format Hugging
   python sample.py --init_from facebook/MobileLLM-125M --start "The capital of France is" --temperature 0
   python sample.py --init_from out --start FILE:prompt.txt --num_samples 3 --top_k 50 --top_p 0.9
   python sample.py --init_from mobilellm-125m --benchmark --dtype fp16 --compile  # decode speed, random weights
+  python sample.py --init_from mobilellm-125m:n_layers=60+share=none --benchmark  # a preset with overrides
   python sample.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --chat --start "What is a llama?"
   python sample.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --interactive --system "Answer briefly."
 
@@ -191,7 +192,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--init_from", default=TrainConfig.out_dir,
                    help="our checkpoint (out_dir or file), an int8 checkpoint, a GGUF file, an HF dir or repo id, "
-                        "or a preset name")
+                        "or a preset[:field=value+...] (random weights)")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--chat", action="store_true",
                    help="--start is the user's message in the model's chat template; print the assistant's reply")

@@ -5,6 +5,7 @@ emitted as one ExecuTorch program whose identical delegates are shared. export.p
 are; this file does the lowering, through ExecuTorch's public API except where executorch_private.py says
 otherwise.
 
+  * quantize_w8a8, quantize_8da4w: the two int8 schemes, by ExecuTorch's and torchao's own flows.
   * exported / lower_piece: torch.export (w8a8: quantized with ExecuTorch's XNNPACKQuantizer on the way),
     then one piece lowered to one delegate (one_delegate_partitioner).
   * lowered_alike: pieces that compute the same on other weights, lowered once: the others reuse that
@@ -23,6 +24,8 @@ from tqdm import tqdm
 
 from executorch_private import (cia_ops_collected_once, delegates_traced_by_shape, emitted_program, reserialize,
                                 restamped, tensor_bytes, xnnpack_skip_idle_passes)
+
+GROUP_SIZE = 32      # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
 
 
 def one_delegate_partitioner():
@@ -121,6 +124,19 @@ def quantize_w8a8(module, example, dynamic_shapes):
     graph = prepare_pt2e(graph, quantizer)
     graph(*example)                                            # dynamic quantization needs no calibration
     return convert_pt2e(graph)
+
+
+def quantize_8da4w(model):
+    """8-bit dynamic per-token activations, 4-bit weights in groups of GROUP_SIZE input channels (torchao's
+    Int8DynamicActivationIntxWeightConfig, which XNNPACK runs as a 4-bit GEMM), in place. Linears whose
+    input width is not a multiple of GROUP_SIZE stay fp32."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.utils import unwrap_tensor_subclass
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                           weight_granularity=PerGroup(GROUP_SIZE)),
+              filter_fn=lambda m, _: isinstance(m, torch.nn.Linear) and m.in_features % GROUP_SIZE == 0)
+    return unwrap_tensor_subclass(model)
 
 
 def xnnpack_int8_weight(w):

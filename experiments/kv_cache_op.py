@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts liv
 import export  # noqa: E402
 from bench_mobile import check_tokens, host_pte_row  # noqa: E402
 from configurator import at_least  # noqa: E402
+from loader import preset_model  # noqa: E402
 from measure import in_fresh_process  # noqa: E402
 
 VARIANTS = ("sdpa_with_kv_cache", "update_cache x2 + custom_sdpa")
@@ -64,7 +65,7 @@ def main(argv=None):
     programs, tokens = {}, {}
     with tempfile.TemporaryDirectory(prefix="kv_cache_op-") as tmp:
         for spec in args.init_from.split(","):
-            model = export.preset_model(spec)
+            model = preset_model(spec)
             tokens[spec] = check_tokens(model.config.vocab_size, 32, 0)
             for variant in VARIANTS:
                 with cache_ops(variant):

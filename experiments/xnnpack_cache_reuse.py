@@ -21,8 +21,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the repo root
 from configurator import at_least  # noqa: E402
 from decode_bounds import BYTES_PER_WEIGHT, program_seconds  # noqa: E402
-from export import PROGRAM_DTYPES, preset_config, quantize_8da4w  # noqa: E402
-from xnnpack_lowering import emit_composed, lowered_alike  # noqa: E402
+from export import PROGRAM_DTYPES  # noqa: E402
+from loader import preset_config  # noqa: E402
+from xnnpack_lowering import emit_composed, lowered_alike, quantize_8da4w  # noqa: E402
 
 
 class GemvPair(nn.Module):

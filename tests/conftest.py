@@ -67,8 +67,8 @@ MAX_SEQ_LEN = 32
 
 @pytest.fixture(scope="session")
 def tiny():
-    import export
-    return export.preset_model(TINY_LS, seed=0)
+    from loader import preset_model
+    return preset_model(TINY_LS, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,8 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--init_from", "mobilellm-9t:n_layers=2", "--device", "none"])
     with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t"):
         bm.main(["--init_from", "mobilellm-9t", "--device", "none"])
-    with pytest.raises(SystemExit, match="'n_layer' \\(did you mean 'n_layers'\\?\\) in --init_from"):
+    with pytest.raises(SystemExit, match="--init_from 'mobilellm-micro:n_layer=2': .*'n_layer' "
+                                         "\\(did you mean 'n_layers'\\?\\) in the preset's overrides"):
         bm.main(["--init_from", "mobilellm-micro:n_layer=2", "--device", "none"])
     with pytest.raises(SystemExit, match="--lowering 'foo': choose shared and/or naive"):
         bm.main(["--init_from", TINY_LS, "--lowering", "shared,foo", "--device", "none"])

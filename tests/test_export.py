@@ -11,6 +11,7 @@ import torch
 
 import export as ex
 import xnnpack_lowering as xl
+from loader import preset_model
 from executorch_private import deserialized_program
 
 pytest.importorskip("executorch.exir")
@@ -77,7 +78,7 @@ def test_a_restamped_block_is_the_lowering_of_that_block(dtype="fp32"):
     shapes."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
     from executorch_private import delegates_traced_by_shape, restamped
-    model = ex.preset_model(f"{TINY_LS}+n_layers=2+share=none", seed=0)
+    model = preset_model(f"{TINY_LS}+n_layers=2+share=none", seed=0)
     halves = [ex.FrontHalf(block, model.config).eval() for block in model.layers]
     seq = torch.export.Dim("seq", min=1, max=MAX_SEQ_LEN - 1)
     example = (torch.randn(1, 3, 32), torch.randn(3, 1, 16), torch.randn(3, 1, 16))
@@ -131,7 +132,7 @@ def test_pte_quantized_close_to_eager(dtype, tolerance, blocks, static_len):
     blocks each: the second is restamped from the first (its stored weights made as XNNPACK makes them).
     8da4w's are unshared (sharing is the same code as w8a8's) and run one token at a time (dynamic
     lengths are the same code as fp32's and w8a8's)."""
-    tiny = ex.preset_model(TINY_LS + blocks, seed=0)
+    tiny = preset_model(TINY_LS + blocks, seed=0)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     data, info = ex.export_pte(tiny, dtype, MAX_SEQ_LEN, static_len=static_len)
     # one delegate per half (front, back) of each block application, + the head; a shared block's two
@@ -173,7 +174,7 @@ def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
 
 
 def test_the_kv_cache_length_defaults_to_the_models_context_up_to_256(tmp_path, capsys):
-    short, long = ex.preset_model(TINY_LS), ex.preset_model("mobilellm-micro:block_size=512")
+    short, long = preset_model(TINY_LS), preset_model("mobilellm-micro:block_size=512")
     assert (ex.program_seq_len(short), ex.program_seq_len(long)) == (64, ex.MAX_SEQ_LEN)   # contexts 64 and 512
     assert ex.program_seq_len(short, 32) == 32
     assert ex.export_ptl(short, tmp_path / "default.ptl").is_file()    # the Python API defaults alike
@@ -214,8 +215,8 @@ def test_executorch_import_and_thread_setting_print_nothing_and_leave_stderr_and
 def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
     from checkpoint import model_checkpoint, save_checkpoint
     from int8 import quantize_model
-    float_model = ex.preset_model(TINY_LS, seed=1)
-    qmodel = quantize_model(ex.preset_model(TINY_LS, seed=1), "w8a8")
+    float_model = preset_model(TINY_LS, seed=1)
+    qmodel = quantize_model(preset_model(TINY_LS, seed=1), "w8a8")
     save_checkpoint(model_checkpoint(qmodel, {"kind": "char", "chars": "ab"}, quantization="w8a8"), tmp_path / "ckpt.pt")
     model = ex.load_source(str(tmp_path))[0]
     assert model.output.weight is model.tok_embeddings.weight                  # still tied, not untied

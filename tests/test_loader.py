@@ -36,6 +36,24 @@ def test_a_missing_source_is_one_error_that_names_what_was_meant(tmp_path, monke
         loader.load_model_and_tokenizer("out-shakespeare-char/ckpt.pt")      # nothing close: no guess
 
 
+def test_a_preset_with_overrides_loads_in_every_script_with_its_seed():
+    model, tokenizer = loader.load_model_and_tokenizer("mobilellm-micro-ls:n_layers=2+dim=32+n_heads=2,n_kv_heads=1")
+    assert tokenizer is None and (model.config.n_layers, model.config.dim, model.config.n_heads) == (2, 32, 2)
+    again = loader.load_model_and_tokenizer("mobilellm-micro-ls:n_layers=2+dim=32+n_heads=2,n_kv_heads=1")[0]
+    other = loader.load_model_and_tokenizer("mobilellm-micro-ls:n_layers=2+dim=32+n_heads=2,n_kv_heads=1", seed=1)[0]
+    assert torch.equal(model.output.weight, again.output.weight)
+    assert not torch.equal(model.output.weight, other.output.weight)
+    assert source_kind("mobilellm-micro:dim=64") == "preset" and source_kind("mobilellm-micro:") == "preset"
+    with pytest.raises(ConfigError, match=r"'n_layer' \(did you mean 'n_layers'\?\) in the preset's overrides"):
+        loader.load_model_and_tokenizer("mobilellm-micro:n_layer=2")
+    with pytest.raises(ConfigError, match="'n_layers' must be int, got 'two'"):
+        loader.require_source("mobilellm-micro:n_layers=two")
+    with pytest.raises(ConfigError, match="bad override 'dim' in 'mobilellm-micro:dim': use preset:field=value"):
+        loader.require_source("mobilellm-micro:dim")
+    with pytest.raises(ValueError, match="unknown preset 'mobilellm-9t'"):
+        loader.require_source("mobilellm-9t:dim=64")
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_on_a_cpu_is_bf16_only_where_native_and_the_model_is_wide(monkeypatch, native):
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
