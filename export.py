@@ -266,7 +266,7 @@ class ExportLLM(nn.Module):
         m = self.model
         T = tokens.size(1)
         start = input_pos[0].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)                    # the data-dependent cache position's range, for torch.export
         torch._check(start + T <= self.max_seq_len)
         cos, sin = m.rope_cos.narrow(0, start, T), m.rope_sin.narrow(0, start, T)          # (T, D/2)
         cos, sin = torch.cat([cos, cos], -1)[:, None, :], torch.cat([sin, sin], -1)[:, None, :]  # (T, 1, D)
@@ -376,7 +376,8 @@ class LiteForward(nn.Module):
 @torch.no_grad()
 def export_ptl(model, path, max_seq_len=0):
     """TorchScript for PyTorch Mobile's lite interpreter. TorchScript is deprecated; this is the legacy
-    path (ExecuTorch replaces it). optimize_for_mobile needs a torch built with XNNPACK for TorchScript.
+    path (ExecuTorch replaces it). optimize_for_mobile needs a torch built with XNNPACK for TorchScript, and
+    `_save_for_lite_interpreter` is PyTorch Mobile's documented save call, despite its underscore.
     max_seq_len: as export_pte's."""
     from torch.utils.mobile_optimizer import optimize_for_mobile
     max_seq_len = program_seq_len(model, max_seq_len)

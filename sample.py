@@ -35,9 +35,8 @@ from checkpoint import CheckpointError
 from configurator import HelpFormatter, accept_old_flags, at_least
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype, without_tokenizer
 from tokenizer import render_chat
+from torch_private import MATRIX_VECTOR_LOOPS
 from train import TrainConfig
-
-MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}   # inductor: see compile_decode_step
 
 
 def compile_decode_step(model):

@@ -1,8 +1,9 @@
 """
-Every use of torch's private operators, in one place. Checked against torch 2.13.0 (the version
+Every use of torch's private operators (and of an inductor pass's name), in one place. Checked against torch 2.13.0 (the version
 requirements.txt pins). torch may rename, reshape or drop any of these in a release without notice; each
 function says what it reaches into, why nothing public does the job, and what breaks if it changes. After
-upgrading torch, run tests/test_torch_private.py: it checks each function against a public computation.
+upgrading torch, run tests/test_torch_private.py: it checks each function against a public computation
+(MATRIX_VECTOR_LOOPS: tests/test_sample.py's compiled decode step).
 (ExecuTorch's internals, and torch.export's for lowering, are in executorch_private.py.)
 """
 import torch
@@ -40,3 +41,12 @@ def cpu_has_native_bf16():
     says yes to any AVX-512 CPU (BW, VL, DQ), bf16 instructions or not. If they change: AttributeError when
     dtype=auto resolves on a CPU."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+# torch.compile options for a decode step on the CPU (sample.compile_decode_step, experiments/decode_gemv.py):
+# one token makes every linear a matrix-vector product, and inductor's decompose_mm_pass writes it as its own
+# fused multiply-and-sum loop, which streams the weights faster than the BLAS call (docs/decoding.md). Reaches
+# into: the name of a pass in torch/_inductor/fx_passes/decompose_mem_bound_mm.py, a private module with no
+# public switch. If it is renamed: torch.compile raises InductorError (KeyError) at the first compiled decode
+# step, and tests/test_sample.py's compiled-decode test fails (it counts the decomposed products).
+MATRIX_VECTOR_LOOPS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}

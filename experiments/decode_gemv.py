@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # sample.py lives at the repo root
 from configurator import accept_old_flags, at_least  # noqa: E402
 from loader import dtype_name, torch_dtype  # noqa: E402
-from sample import MATRIX_VECTOR_LOOPS  # noqa: E402
+from torch_private import MATRIX_VECTOR_LOOPS  # noqa: E402
 
 
 class Chain(nn.Module):
