@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from android import android_rows, android_target
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, atomic_write
 from configurator import HelpFormatter, accept_old_flags, at_least
 from decode_bounds import kernel_seconds, weight_reads_per_token
 from executorch_private import reset_threadpool
@@ -248,8 +248,11 @@ def checked_source(args, source):
 
 
 def check_args(args):
-    """The dtypes to export; one clear error for options that do not go together or do not exist, before any
-    model is loaded or exported."""
+    """(the sources, the dtypes) to export; one clear error for options that do not go together or do not exist,
+    before any model is loaded or exported."""
+    sources = [s for s in args.compare.split(",") if s] if args.compare else [args.init_from]
+    for source in sources:
+        check_source(source)
     dtypes = [program_dtype(d) for d in args.dtype.split(",") if d]
     for d in dtypes:
         if d not in PROGRAM_DTYPES:
@@ -265,7 +268,13 @@ def check_args(args):
     for flag, on in (("--check_logits", args.check_logits), ("--data_dir", args.data_dir)):
         if on and (args.device != "host" or args.format != "pte"):
             raise BenchError(f"{flag} runs the .pte programs on this host: use it with --device host --format pte")
-    return dtypes
+    if args.format == "ptl" and len(sources) > 1:
+        raise BenchError("--format ptl exports one model: give one --init_from, not --compare")
+    several = len(dtypes) > 1 or "," in args.lowering.strip(",") or args.device == "android"
+    if args.out and (len(sources) > 1 or (args.format == "pte" and several)):
+        raise BenchError(f"--out {args.out} is one program: give one --init_from, one --dtype (now {args.dtype}) and "
+                         "one --lowering, and --device host or none")
+    return sources, dtypes
 
 
 def pte_row(args, model, name, dtype, lowering, path, tokens, windows):
@@ -295,10 +304,7 @@ def eager_rows(args, model, seq_len, source, name, tokens, windows):
 
 
 def run(args):
-    dtypes = check_args(args)
-    sources = [s for s in args.compare.split(",") if s] if args.compare else [args.init_from]
-    for source in sources:
-        check_source(source)
+    sources, dtypes = check_args(args)
     if args.format == "ptl":
         model, seq_len = checked_source(args, sources[0])
         out = write_program(model, "ptl", "fp32", args.out, seq_len)
@@ -333,9 +339,8 @@ def run(args):
                 info = json.loads(path.with_suffix(".json").read_text())
                 print(f"{name} {dtype} {lowering}: {path} ({path.stat().st_size / 2**20:.1f} MB, "
                       f"{info['delegate_calls']} delegate calls -> {info['delegates']} delegates)")
-                if args.out and len(sources) == 1 and len(dtypes) == 1:
-                    shutil.copyfile(path, args.out)
-                    print(f"wrote {args.out}")
+                if args.out:
+                    print(f"wrote {atomic_write(args.out, lambda tmp: shutil.copyfile(path, tmp))}")
                 if args.device == "host":
                     row = pte_row(args, model, name, dtype, lowering, path, tokens, windows)
                     rows.append(with_logit_agreement(row, reference))

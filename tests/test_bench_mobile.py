@@ -68,6 +68,21 @@ def test_every_compared_model_is_checked_before_the_first_export(monkeypatch):
         bm.main(["--compare", f"{TINY_LS},mobilellm-9t:dim=64", "--dtype", "fp32", "--device", "none"])
 
 
+def test_out_is_one_program_or_an_error_before_any_export(monkeypatch, tmp_path, export_cache, pte_fp32):
+    monkeypatch.setattr(bm, "cached_pte", lambda *a: pytest.fail("exported though --out could not be written"))
+    for many in (["--dtype", "fp32,w8a8"], ["--dtype", "fp32", "--lowering", "shared,naive"],
+                 ["--dtype", "fp32", "--compare", f"{TINY_LS},{TINY_LS}"]):
+        with pytest.raises(SystemExit, match="--out m.pte is one program: give one --init_from, one --dtype"):
+            bm.main(["--init_from", TINY_LS, "--out", "m.pte", "--device", "none"] + many)
+    with pytest.raises(SystemExit, match="--format ptl exports one model"):
+        bm.main(["--compare", f"{TINY_LS},{TINY_LS}", "--format", "ptl"])
+    monkeypatch.undo()
+    out = tmp_path / "sub" / "m.pte"
+    bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--max_seq_len", str(MAX_SEQ_LEN), "--device", "none",
+             "--prompt_len=4", "--new_tokens=2", "--cache_dir", str(export_cache), "--out", str(out)])
+    assert out.read_bytes() == pte_fp32[0].read_bytes() and [p.name for p in out.parent.iterdir()] == ["m.pte"]
+
+
 def test_old_flag_spellings_still_work(capsys):
     """--prompt-len, --ckpt, --preset, ... from older command lines: the same options under their old names."""
     with pytest.raises(SystemExit, match=r"--prompt_len \+ --new_tokens \(302\) must fit in --max_seq_len \(30\)"):
