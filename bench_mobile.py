@@ -44,15 +44,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from android import android_rows, android_target
-from checkpoint import CheckpointError, atomic_write
+from checkpoint import atomic_write
 from configurator import HelpFormatter, accept_old_flags, at_least
+from dataset import DataError, validation_tokens
 from decode_bounds import kernel_seconds, weight_reads_per_token
 from executorch_private import reset_threadpool
 from export import (CACHE_DIR, LOWERINGS, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, check_source,
                     load_source, program_dtype, program_seq_len, require_executorch, write_program)
 from loader import dtype_name, torch_dtype
 from measure import cached_forward, in_fresh_process, memory_bandwidth_gbs, peak_rss_mb, rss_mb, time_generation
-from quantize import validation_tokens
 
 
 class BenchError(ExportError):
@@ -76,7 +76,7 @@ def val_windows(data_dir, n_tokens, window, vocab_size):
     next by one token: inputs w[:-1], targets w[1:] (quantize.evaluate's windows)."""
     try:
         tokens = validation_tokens(None, vocab_size, n_tokens + 1, data_dir)
-    except CheckpointError as e:
+    except DataError as e:
         raise BenchError(f"--data_dir: {e}") from e
     n_windows = (len(tokens) - 1) // window
     if n_windows < 1:

@@ -81,6 +81,31 @@ def load_dataset(cfg, source=None):
     return meta, splits
 
 
+def validation_tokens(train_config, vocab_size, n_tokens, data_dir=""):
+    """The first n_tokens of the validation split the model trained with (train_config: the checkpoint's;
+    data/<dataset>/val.bin or val_*.bin shards, uint16, as train.py reads them), or of data_dir, as a
+    (n,) int64 tensor."""
+    train_config = train_config or {}
+    if not (data_dir or train_config.get("data_dir") or train_config.get("dataset")):
+        raise DataError("the checkpoint does not say which dataset it was trained on: pass --data_dir")
+    data_dir = Path(data_dir or train_config.get("data_dir") or REPO_DIR / "data" / train_config["dataset"])
+    files = split_files(data_dir, "val")
+    if not files:
+        raise DataError(f"no val.bin (or val_*.bin shards) in {data_dir}: prepare the dataset "
+                        f"(python data/<dataset>/prepare.py) or pass --data_dir")
+    parts, have = [], 0
+    for f in files:
+        if have >= n_tokens:
+            break
+        part = np.memmap(f, dtype=np.uint16, mode="r")[: n_tokens - have]
+        parts.append(torch.from_numpy(part.astype(np.int64)))
+        have += len(part)
+    tokens = torch.cat(parts)
+    if int(tokens.max()) >= vocab_size:
+        raise DataError(f"{data_dir} holds token ids >= the model's vocab_size {vocab_size}: wrong dataset?")
+    return tokens
+
+
 def seeded_generator(*keys):
     """A torch.Generator seeded from integer keys, e.g. (seed, split, iteration, micro-batch index)."""
     state = np.random.SeedSequence(list(keys)).generate_state(2, dtype=np.uint32)

@@ -38,7 +38,7 @@ from checkpoint import CheckpointError, atomic_write
 from configurator import ConfigError, HelpFormatter, at_least
 from int8 import set_simulate
 from loader import (DTYPES, autocast, dtype_name, load_model_and_tokenizer, require_source, resolve_device,
-                    resolve_dtype, torch_dtype)
+                    resolve_dtype, torch_dtype, without_tokenizer)
 
 
 class EvalError(Exception):
@@ -411,8 +411,7 @@ def main(argv=None):
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:   # hf.py and hub downloads raise the last 3
         sys.exit(f"eval.py: cannot load {args.init_from}: {e}")
     if tokenizer is None:
-        sys.exit(f"eval.py: {args.init_from} has no tokenizer (a preset name gives random weights only): "
-                 "give a checkpoint or a Hugging Face model")
+        sys.exit(f"eval.py: {without_tokenizer(args.init_from)}: give a trained model with its tokenizer")
     if args.simulate_int8:
         set_simulate(model, True)
     args.dtype = resolve_dtype(args.dtype, args.device, model.config.dim)

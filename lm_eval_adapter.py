@@ -44,7 +44,7 @@ import eval as ev
 from checkpoint import CheckpointError
 from configurator import ConfigError
 from int8 import set_simulate
-from loader import autocast, load_model_and_tokenizer, resolve_device, torch_dtype
+from loader import autocast, load_model_and_tokenizer, resolve_device, torch_dtype, without_tokenizer
 
 log = logging.getLogger(__name__)
 MAX_GEN_TOKS = 256   # the harness's default when a task does not say
@@ -88,8 +88,7 @@ class NanoMobileLLM(TemplateLM):
         self.model, self.tokenizer = load_model_and_tokenizer(str(init_from), device=self._device)
         set_simulate(self.model, str(simulate_int8).lower() == "true")          # eval.py --simulate_int8
         if self.tokenizer is None:
-            raise ValueError(f"{init_from} has no tokenizer (a preset name gives random weights only): give a "
-                             "checkpoint or a Hugging Face model")
+            raise ValueError(f"{without_tokenizer(str(init_from))}: give a trained model with its tokenizer")
         self.block_size = self.model.config.block_size
 
     @classmethod

@@ -1,6 +1,7 @@
 """
 int8 post-training quantization of a trained MobileLLM, the way the paper does it (§3.5, Fig. 7):
-per-token min/max quantization of weights and activations to 8 bits (W8A8), with no retraining.
+min/max quantization to 8 bits of activations (per token) and weights (per output channel), W8A8, with no
+retraining.
 The math and the int8 modules are in int8.py; this is the command that applies them and measures the cost.
 
 Usage:
@@ -22,12 +23,11 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
 from configurator import HelpFormatter, accept_old_flags, at_least
-from dataset import REPO_DIR, split_files
+from dataset import DataError, validation_tokens
 from int8 import MODES, TRAINING_RECORD, is_quantized, quantize_model, quantized_checkpoint, set_simulate
 from loader import load_model_and_tokenizer, source_kind, without_tokenizer
 from measure import eager_decode_ms
@@ -49,34 +49,6 @@ def load_float_source(init_from):
 
 
 # --- measuring: the same validation tokens through every variant ------------------------------------
-
-def validation_tokens(train_config, vocab_size, n_tokens, data_dir=""):
-    """The first n_tokens of the validation split the model trained with (train_config: the checkpoint's;
-    data/<dataset>/val.bin or val_*.bin shards, uint16, as train.py reads them), or of data_dir, as a
-    (n,) int64 tensor."""
-    train_config = train_config or {}
-    if not data_dir:
-        data_dir = train_config.get("data_dir") or (REPO_DIR / "data" / train_config["dataset"]
-                                                    if train_config.get("dataset") else "")
-    if not data_dir:
-        raise CheckpointError("the checkpoint does not say which dataset it was trained on: pass --data_dir")
-    data_dir = Path(data_dir)
-    files = split_files(data_dir, "val")
-    if not files:
-        raise CheckpointError(f"no val.bin (or val_*.bin shards) in {data_dir}: prepare the dataset "
-                              f"(python data/<dataset>/prepare.py) or pass --data_dir")
-    parts, have = [], 0
-    for f in files:
-        if have >= n_tokens:
-            break
-        part = np.memmap(f, dtype=np.uint16, mode="r")[: n_tokens - have]
-        parts.append(torch.from_numpy(part.astype(np.int64)))
-        have += len(part)
-    tokens = torch.cat(parts)
-    if int(tokens.max()) >= vocab_size:
-        raise CheckpointError(f"{data_dir} holds token ids >= the model's vocab_size {vocab_size}: wrong dataset?")
-    return tokens
-
 
 @torch.inference_mode()
 def evaluate(model, tokens, block_size, batch_size=8, desc="eval"):
@@ -223,5 +195,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")

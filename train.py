@@ -400,7 +400,7 @@ def run(cfg, set_keys, rank, world, device, stop):
     iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
     if ckpt is not None:
         iter_num, best_val_loss, elapsed_before, history = resume_state(ckpt, out_dir, optimizer, device)
-        say(f"resuming from {out_dir / 'ckpt.pt'} at iteration {iter_num}" + (
+        say(f"resuming from {out_dir / CKPT_NAME} at iteration {iter_num}" + (
             f": the run already reached max_iters={cfg.max_iters} (raise it to train further)"
             if iter_num >= cfg.max_iters else ""))
     elif cfg.init_from != "scratch":
@@ -435,7 +435,7 @@ def run(cfg, set_keys, rank, world, device, stop):
                      data_state={"sampler": "seeded_random", "seed": cfg.seed, "iter_num": iter_num,
                                  "tokens_seen": iter_num * tokens_per_iter})
         save_checkpoint(model_checkpoint(model, tokenizer_spec, **extra), out_dir)
-        say(f"saved {out_dir / 'ckpt.pt'} at iteration {iter_num} ({reason})")
+        say(f"saved {out_dir / CKPT_NAME} at iteration {iter_num} ({reason})")
 
     records = []
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.quiet, unit="it",

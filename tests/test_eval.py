@@ -284,6 +284,8 @@ def test_clear_errors_for_unknown_task_malformed_line_and_missing_file(tmp_path)
                  "--out", str(tmp_path / "a-file" / "r.json")])
     with pytest.raises(SystemExit, match="is a folder: give the .json file"):
         ev.main(["--init_from", "mobilellm-micro", "--tasks", "piqa", "--data", str(data), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"eval.py: mobilellm-micro is a preset \(random weights, no tokenizer\)"):
+        ev.main(["--init_from", "mobilellm-micro", "--tasks", "piqa", "--data", str(data)])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from checkpoint import CheckpointError, model_checkpoint, save_checkpoint
+from dataset import DataError
 from int8 import load_quantized
 from quantize import int8_path, main
 from test_int8 import CHARS, SPEC, tiny_model
@@ -46,7 +47,7 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked
     with pytest.raises(SystemExit, match="--out_dir .*a-file is a file: give a folder"):
         main(["--init_from", str(src), "--out_dir", str(tmp_path / "a-file")])
     written = (tmp_path / "src-w8a8" / "ckpt.pt").stat().st_mtime_ns
-    with pytest.raises(CheckpointError, match="no val.bin .* in .*nowhere"):
+    with pytest.raises(DataError, match="no val.bin .* in .*nowhere"):
         main(["--init_from", str(src), "--report", "--data_dir", str(tmp_path / "nowhere")])
     assert (tmp_path / "src-w8a8" / "ckpt.pt").stat().st_mtime_ns == written     # checked before writing
 
