@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from android import android_rows, android_target
 from checkpoint import atomic_write
-from configurator import HelpFormatter, accept_old_flags, at_least
+from configurator import HelpFormatter, accept_old_flags, at_least, usage_description
 from dataset import DataError, validation_tokens
 from decode_bounds import kernel_seconds, weight_reads_per_token
 from executorch_private import reset_threadpool
@@ -188,7 +188,7 @@ OLD_FLAGS = {"--prompt-len": "--prompt_len", "--new-tokens": "--new_tokens", "--
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=usage_description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--init_from", default="mobilellm-125m",
                    help="preset[:field=value+...] (random weights), our checkpoint (an int8 one is dequantized), "
                         "a GGUF file, or an HF dir or repo id")

@@ -176,6 +176,16 @@ def exit_if_help(argv, doc, config, more_comments=()):
         sys.exit()
 
 
+def usage_description(doc):
+    """A script's docstring as its --help shows it: the paragraphs up to the one of example command lines
+    (`  python ...`), without the notes after them."""
+    paragraphs = doc.strip("\n").split("\n\n")
+    for i, paragraph in enumerate(paragraphs):
+        if "\n  python " in "\n" + paragraph:
+            return "\n\n".join(paragraphs[:i + 1])
+    return doc
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help of the argparse scripts: the usage docstring as written, and each option's default after its
     help, as train.py's --help lists every setting's. Not for flags, nor for None, 0 and blank strings: those

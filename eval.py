@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import ConfigError, HelpFormatter, at_least
+from configurator import ConfigError, HelpFormatter, at_least, usage_description
 from int8 import set_simulate
 from loader import (DTYPES, autocast, dtype_name, load_model_and_tokenizer, require_source, resolve_device,
                     resolve_dtype, torch_dtype, without_tokenizer)
@@ -369,7 +369,7 @@ def markdown_table(results, paper_name=None, paper=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=usage_description(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--init_from", required=True, help="our checkpoint (dir or file), an int8 checkpoint, "
                         "a GGUF file, or a Hugging Face repo id / local HF dir")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import HelpFormatter, at_least
+from configurator import HelpFormatter, at_least, usage_description
 from gguf_file import EXPORT_TYPES as GGUF_TYPES, export_gguf
 from hf import export_hf
 from int8 import Int8Embedding, Int8Linear, dequantize_per_channel, is_quantized, quantize_per_channel
@@ -425,7 +425,7 @@ def write_model_files(model, tokenizer, fmt, dtype, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=usage_description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--init_from", default="mobilellm-125m",
                    help="our checkpoint (an int8 one is dequantized), a GGUF file, an HF dir or repo id, or "
                         "preset[:field=value+...]")

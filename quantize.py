@@ -1,8 +1,8 @@
 """
 int8 post-training quantization of a trained MobileLLM, the way the paper does it (§3.5, Fig. 7):
 min/max quantization to 8 bits of activations (per token) and weights (per output channel), W8A8, with no
-retraining.
-The math and the int8 modules are in int8.py; this is the command that applies them and measures the cost.
+retraining. The math and the int8 modules are in int8.py; this is the command that applies them and
+measures the cost.
 
 Usage:
   python quantize.py --init_from=out-shakespeare-char         # W8A8 checkpoint in out-shakespeare-char-w8a8/
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CKPT_NAME, CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint, save_checkpoint
-from configurator import HelpFormatter, accept_old_flags, at_least
+from configurator import HelpFormatter, accept_old_flags, at_least, usage_description
 from dataset import DataError, validation_tokens
 from int8 import MODES, TRAINING_RECORD, is_quantized, quantize_model, quantized_checkpoint, set_simulate
 from loader import load_model_and_tokenizer, source_kind, without_tokenizer
@@ -147,7 +147,7 @@ def variant_names(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=usage_description(__doc__),
                                      formatter_class=HelpFormatter)
     parser.add_argument("--init_from", default="", help="the float model: our checkpoint (out_dir or ckpt.pt), "
                                                         "a GGUF file, an HF dir or repo id")

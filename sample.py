@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError
-from configurator import HelpFormatter, accept_old_flags, at_least
+from configurator import HelpFormatter, accept_old_flags, at_least, usage_description
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype, without_tokenizer
 from tokenizer import render_chat
 from torch_private import MATRIX_VECTOR_LOOPS
@@ -188,7 +188,7 @@ def chat(model, tokenizer, args, generator):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=usage_description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--init_from", default=TrainConfig.out_dir,
                    help="our checkpoint (out_dir or file), an int8 checkpoint, a GGUF file, an HF dir or repo id, "
                         "or a preset[:field=value+...] (random weights)")

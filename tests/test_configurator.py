@@ -72,6 +72,16 @@ def test_argparse_help_names_each_options_default_unless_it_means_off(capsys):
     assert help_text.count("(default:") == 1                        # not for 0, a blank string, None or a flag
 
 
+@pytest.mark.parametrize("script", ["sample.py", "eval.py", "quantize.py", "export.py", "bench_mobile.py"])
+def test_argparse_scripts_help_shows_their_example_command_lines(script):
+    doc = runpy.run_path(str(REPO / script))["__doc__"]
+    shown = configurator.usage_description(doc)
+    examples = [line for line in doc.splitlines() if line.startswith(f"  python {script}")]
+    assert examples and all(line in shown for line in examples)
+    assert len(shown) <= len(doc)
+    assert configurator.usage_description("A.\n\n  python x.py\n\nNotes.") == "A.\n\n  python x.py"
+
+
 def test_an_unknown_key_names_the_closest_known_one():
     @dataclasses.dataclass
     class Settings:
