@@ -182,7 +182,8 @@ def read_jsonl(path):
             try:
                 docs.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise EvalError(f"{path}, line {n}: not a JSON object ({e.msg}); the file must hold one per line") from e
+                raise EvalError(f"{path}, line {n}: not a JSON object ({e.msg}); the file must hold one per "
+                                "line") from e
             if not isinstance(docs[-1], dict):
                 raise EvalError(f"{path}, line {n}: not a JSON object; the file must hold one per line")
     return docs

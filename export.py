@@ -69,7 +69,7 @@ OLD_PROGRAM_DTYPES = {"int8": "w8a8"}   # the W8A8 program's former name, still 
 FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYPES), "hf": ("fp32",)}
 LOWERINGS = ("shared", "naive")         # identical block delegates shared (MobileLLM-LS), or ExecuTorch's own
 SUFFIX_FORMATS = {".pte": "pte", ".ptl": "ptl", ".gguf": "gguf"}       # --out's suffix names its --format
-MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or the context is shorter)
+MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or a shorter context)
 
 
 class ExportError(Exception):
@@ -352,7 +352,7 @@ def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, ca
         tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; a 125M "
                    f"model takes {takes} on 2 cores: docs/on-device.md)")
         data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
-        atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))   # what the program is ...
+        atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))  # what the program is ...
         atomic_write(path, lambda tmp: tmp.write_bytes(data))     # ... then the program: never half of one
         phases = ", ".join(f"{k[:-2]} {v} s" for k, v in info.items() if k.endswith("_s") and k != "export_s")
         tqdm.write(f"exported in {info['export_s']} s" + (f" ({phases})" if phases else ""))

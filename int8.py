@@ -1,8 +1,9 @@
 """
-int8 weights and activations for a trained MobileLLM, the way the paper quantizes it (§3.5, Fig. 7):
-min/max quantization to 8 bits, per token for activations and per output channel for weights, weights and
-activations (W8A8) or weights only (W8), with no retraining. The math, the modules that replace nn.Linear and nn.Embedding (model.py stays untouched), and
-int8 checkpoints; `python quantize.py` is the command that makes one and measures what it costs.
+int8 weights and activations for a trained MobileLLM, the way the paper quantizes it (§3.5, Fig. 7): min/max
+quantization to 8 bits, per token for activations and per output channel for weights, weights and activations
+(W8A8) or weights only (W8), with no retraining. The math, the modules that replace nn.Linear and nn.Embedding
+(model.py stays untouched), and int8 checkpoints; `python quantize.py` is the command that makes one and
+measures what it costs.
 
   from int8 import quantize_model, load_quantized
   qmodel = quantize_model(model, "w8a8")              # a float MobileLLM, swapped in place

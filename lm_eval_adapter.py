@@ -2,16 +2,18 @@
 lm-evaluation-harness (lm-eval) backend for our models: anything loader.py loads (our checkpoints, int8
 checkpoints, Hugging Face dirs and repo ids) evaluated on the harness's own tasks, prompts and metrics.
 
-  python lm_eval_adapter.py --model_args init_from=out-gutenberg,device=cpu,batch_size=16 --include_path lm_eval_tasks --tasks piqa_local --limit 200
+  python lm_eval_adapter.py --model_args init_from=out-gutenberg,device=cpu,batch_size=16 \
+      --include_path lm_eval_tasks --tasks piqa_local --limit 200
 
 Run as a script, this registers the model as `nanomobilellm` and hands its arguments to lm-eval's own CLI
-(`lm-eval run --model nanomobilellm ...`), so every lm-eval flag works (--output_path, --log_samples, --tasks with
-any task lm-eval knows, which then downloads its data; lm_eval_tasks/ holds offline ones). model_args: init_from
-(required) and dtype (fp32, the default, bf16 or fp16: the autocast dtype of the forward; log-probs are
-summed in float32), simulate_int8 (True: as eval.py --simulate_int8), device and batch_size, which may instead be lm-eval's --device and --batch_size flags
-(model_args win; lm-eval's CLI asks for cuda:0 by default: without CUDA that means the CPU). From Python, after
-`import lm_eval_adapter`: lm_eval.simple_evaluate(model="nanomobilellm", model_args=dict(init_from=..., device=...,
-dtype=..., batch_size=...), tasks=[...]).
+(`lm-eval run --model nanomobilellm ...`), so every lm-eval flag works (--output_path, --log_samples, --tasks
+with any task lm-eval knows, which then downloads its data; lm_eval_tasks/ holds offline ones). model_args:
+init_from (required) and dtype (fp32, the default, bf16 or fp16: the autocast dtype of the forward; log-probs
+are summed in float32), simulate_int8 (True: as eval.py --simulate_int8), device and batch_size, which may
+instead be lm-eval's --device and --batch_size flags (model_args win; lm-eval's CLI asks for cuda:0 by default:
+without CUDA that means the CPU). From Python, after `import lm_eval_adapter`:
+lm_eval.simple_evaluate(model="nanomobilellm", model_args=dict(init_from=..., device=..., dtype=...,
+batch_size=...), tasks=[...]).
 
 How requests are answered:
   loglikelihood          the harness's own split of (context, continuation) into tokens (TemplateLM: trailing

@@ -1,9 +1,9 @@
 """
-Every use of torch's private operators (and of an inductor pass's name), in one place. Checked against torch 2.13.0 (the version
-requirements.txt pins). torch may rename, reshape or drop any of these in a release without notice; each
-function says what it reaches into, why nothing public does the job, and what breaks if it changes. After
-upgrading torch, run tests/test_torch_private.py: it checks each function against a public computation
-(MATRIX_VECTOR_LOOPS: tests/test_sample.py's compiled decode step).
+Every use of torch's private operators (and of an inductor pass's name), in one place. Checked against torch
+2.13.0 (the version requirements.txt pins). torch may rename, reshape or drop any of these in a release
+without notice; each function says what it reaches into, why nothing public does the job, and what breaks if
+it changes. After upgrading torch, run tests/test_torch_private.py: it checks each function against a public
+computation (MATRIX_VECTOR_LOOPS: tests/test_sample.py's compiled decode step).
 (ExecuTorch's internals, and torch.export's for lowering, are in executorch_private.py.)
 """
 import torch

@@ -22,8 +22,9 @@ is saved in ckpt.pt. --init_from=resume continues a fine-tune exactly, as any ru
 train_blocks and gradient_checkpointing make a 135M model practical on a CPU.
 
 Writes into out_dir: ckpt.pt (model, optimizer, iteration, config, RNG states, data position; written
-atomically), log.jsonl (one JSON line per eval) and loss.png (when matplotlib is installed).
-Ctrl-C or SIGTERM (kill, a scheduler) saves a checkpoint and stops; a NaN/inf loss stops the run and keeps the last good checkpoint.
+atomically), log.jsonl (one JSON line per eval) and loss.png (when matplotlib is installed). Ctrl-C or SIGTERM
+(kill, a scheduler) saves a checkpoint and stops; a NaN/inf loss stops the run and keeps the last good
+checkpoint.
 """
 import json
 import math
@@ -273,7 +274,8 @@ class StopRequest:
 def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, world, device, stop):
     """One optimizer step over gradient_accumulation_steps micro-batches split between the processes
     (DDP syncs gradients only on each process's last micro-step). Returns (mean loss over all processes,
-    whether any process was asked to stop (a StopRequest)); a non-finite loss or gradient skips the update and returns nan."""
+    whether any process was asked to stop (a StopRequest)); a non-finite loss or gradient skips the update
+    and returns nan."""
     local_accum = cfg.gradient_accumulation_steps // world
     loss_sum = torch.zeros((), device=device)
     for micro in range(local_accum):
@@ -407,7 +409,8 @@ def run(cfg, set_keys, rank, world, device, stop):
         say(f"fine-tuning {cfg.init_from}")
     start_iter = iter_num
     eval_model = torch.compile(model) if cfg.compile else model         # evaluated without DDP's buffer sync
-    train_model = DDP(eval_model, device_ids=[device] if device.startswith("cuda") else None) if world > 1 else eval_model
+    device_ids = [device] if device.startswith("cuda") else None
+    train_model = DDP(eval_model, device_ids=device_ids) if world > 1 else eval_model
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_per_iter = tokens_per_iter * flops_per_token(config, cfg.block_size, frozen_blocks(config, cfg),

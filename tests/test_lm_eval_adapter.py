@@ -50,7 +50,7 @@ def test_model_args_are_checked_and_a_missing_cuda_means_the_cpu(tmp_path):
         adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", batch_size="auto")
     with pytest.raises(ValueError, match="unknown dtype"):
         adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", dtype="int8")
-    with pytest.raises(ValueError, match="mobilellm-micro is a preset \\(random weights, no tokenizer\\): give a trained"):
+    with pytest.raises(ValueError, match=r"mobilellm-micro is a preset \(random weights, no tokenizer\): give"):
         adapter.NanoMobileLLM("mobilellm-micro", device="cpu")
     if not torch.cuda.is_available():
         assert adapter.pick_device("cuda:0") == "cpu" and adapter.pick_device(None) == "cpu"
