@@ -64,7 +64,7 @@ def _require(module, package):
 
 # --- config ------------------------------------------------------------------------------------
 
-def config_from_hf(hf, has_lm_head, meta_ls_cache=False):
+def config_from_hf(hf, has_lm_head):
     """ModelConfig from an HF config.json dict; one HFFormatError naming every field we cannot represent."""
     problems = []
     if hf.get("model_type", "llama") not in ("llama", "mobilellm"):
@@ -92,8 +92,7 @@ def config_from_hf(hf, has_lm_head, meta_ls_cache=False):
             ffn_dim=hf["intermediate_size"], block_size=hf.get("max_position_embeddings", 2048),
             rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=shared_head or not has_lm_head,
-            share="immediate" if hf.get("layer_sharing") else "none", share_repeats=2,
-            meta_ls_cache=meta_ls_cache)
+            share="immediate" if hf.get("layer_sharing") else "none", share_repeats=2)
     except KeyError as e:
         raise HFFormatError(f"Hugging Face config.json lacks {e.args[0]!r}") from e
     except ValueError as e:
@@ -201,9 +200,9 @@ def download(repo_id, revision=None):
     raise HFFormatError(f"{repo_id} has none of {', '.join(WEIGHT_FILES)}")
 
 
-def load_hf(repo_id_or_dir, device="cpu", meta_ls_cache=False, revision=None):
-    """Load an HF LLaMA/MobileLLM checkpoint (a local dir, else a hub repo id) -> (model in eval mode, tokenizer).
-    meta_ls_cache: reproduce Meta's cached decoding of -layer-share models (ModelConfig.meta_ls_cache)."""
+def load_hf(repo_id_or_dir, device="cpu", revision=None):
+    """Load an HF LLaMA/MobileLLM checkpoint (a local dir, else a hub repo id; revision: a hub branch, tag or
+    commit) -> (model in eval mode, tokenizer)."""
     hf_dir = Path(repo_id_or_dir)
     if not hf_dir.is_dir():
         hf_dir = download(str(repo_id_or_dir), revision)
@@ -214,7 +213,7 @@ def load_hf(repo_id_or_dir, device="cpu", meta_ls_cache=False, revision=None):
         warnings.warn(f"{repo_id_or_dir} looks like a -layer-share model but its config has no layer_sharing: true; "
                       "loading it without layer sharing")
     hf_sd = read_hf_weights(hf_dir)
-    config = config_from_hf(hf_config, "lm_head.weight" in hf_sd, meta_ls_cache)
+    config = config_from_hf(hf_config, "lm_head.weight" in hf_sd)
     model = MobileLLM(config)
     try:
         model.load_state_dict(state_dict_from_hf(hf_sd, config))     # fp16/bf16 files are cast to fp32 here

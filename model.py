@@ -95,17 +95,14 @@ def block_schedule(config):
     return [b for i in range(r) for b in (blocks if i % 2 == 0 else blocks[::-1])]  # reverse: b0..bN bN..b0
 
 
-def _llm(**kw):
-    return dict(vocab_size=32000, rope_theta=10000.0, norm_eps=1e-5, init_std=0.02, **kw)
-
-
-# The paper's models (Table 9 / Meta's released configs) and small deep-and-thin ones for CPU work.
+# The paper's models (Table 9 / Meta's released configs; ModelConfig's defaults are theirs: the 32k vocabulary,
+# RoPE base 10,000, RMSNorm eps 1e-5) and small deep-and-thin ones for CPU work.
 PRESETS = {
-    "mobilellm-125m": _llm(n_layers=30, dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536),
-    "mobilellm-350m": _llm(n_layers=32, dim=960, n_heads=15, n_kv_heads=5, ffn_dim=2560),
-    "mobilellm-600m": _llm(n_layers=40, dim=1152, n_heads=18, n_kv_heads=6, ffn_dim=3072),
-    "mobilellm-1b": _llm(n_layers=54, dim=1280, n_heads=20, n_kv_heads=5, ffn_dim=3584),
-    "mobilellm-1.5b": _llm(n_layers=54, dim=1600, n_heads=25, n_kv_heads=5, ffn_dim=4352),
+    "mobilellm-125m": dict(n_layers=30, dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536),
+    "mobilellm-350m": dict(n_layers=32, dim=960, n_heads=15, n_kv_heads=5, ffn_dim=2560),
+    "mobilellm-600m": dict(n_layers=40, dim=1152, n_heads=18, n_kv_heads=6, ffn_dim=3072),
+    "mobilellm-1b": dict(n_layers=54, dim=1280, n_heads=20, n_kv_heads=5, ffn_dim=3584),
+    "mobilellm-1.5b": dict(n_layers=54, dim=1600, n_heads=25, n_kv_heads=5, ffn_dim=4352),
     "mobilellm-tiny": dict(n_layers=12, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=352, block_size=256),
     "mobilellm-micro": dict(n_layers=6, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=176, block_size=128),
 }

@@ -68,7 +68,7 @@ TRAIN = {
                   learning_rate=2e-3, warmup_iters=1, min_lr=2e-4, dtype="fp32", optimizer="adamw"),
 }
 ALL_THREADS = torch.get_num_threads()   # decode timing uses every core (it runs alone, under the exclusive lock)
-SEEDS = {"full": (0, 1), "quick": (0, 1)}
+SEEDS = (0, 1)                          # every study runs each variant with each seed, in both sizes
 DATASETS = {"embedding_sharing": "shakespeare"}    # GPT-2 BPE; every other study is character level
 DEFAULT_DATASET = "shakespeare_char"
 
@@ -396,7 +396,7 @@ def run_study(study, quick=False, out_dir=None, cpu_lock_path=None, max_iters=No
         base = {**BASE[size], "vocab_size": vocab_size, "block_size": settings["block_size"]}
         variants = [{**v, **describe(v["config"])} for v in study_variants(study, base)]
         result = dict(study=study, paper=PAPER[study], dataset=dataset, **notes, train=settings,
-                      seeds=list(SEEDS[size]), machine=f"{platform.machine()}, {os.cpu_count()} cores, "
+                      seeds=list(SEEDS), machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                       f"torch {torch.__version__}", variants=variants,
                       equal_param_spread=check_equal_params(variants), runs=[])
         json_path = out_dir / f"{study}.json"
