@@ -302,7 +302,26 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
     return train_loss, stop_requested
 
 
-def resume_state(ckpt, out_dir, optimizer, device):
+def read_log(out_dir, say):
+    """The eval records in out_dir/log.jsonl, without any line that is not one (a run killed while writing it,
+    an editor's blank line), which is said."""
+    log_file = Path(out_dir) / "log.jsonl"
+    records, bad = [], 0
+    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        say(f"{log_file}: left out {bad} line(s) that are not eval records (a run killed while writing one?)")
+    return records
+
+
+def resume_state(ckpt, out_dir, optimizer, device, say):
     """Load out_dir's checkpoint (ckpt; the model was built from it) into the optimizer, restore RNG states.
     Returns (iter_num, best val loss, elapsed seconds so far, eval history from log.jsonl)."""
     try:
@@ -311,10 +330,9 @@ def resume_state(ckpt, out_dir, optimizer, device):
         raise ConfigError(f"resume: the checkpoint's optimizer state does not fit the parameters trained now "
                           f"(set freeze_embedding and train_blocks as the run did, and the same optimizer): {e}") from e
     restore_rng_state(ckpt["rng"], device)
-    log_file = Path(out_dir) / "log.jsonl"
-    history = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-    history = [r for r in history if r["iter"] <= ckpt["iter_num"]]     # a run killed outright may have logged
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["elapsed_s"], history   # evals past its checkpoint
+    history = read_log(out_dir, say)
+    history = [r for r in history if r["iter"] <= ckpt["iter_num"]]   # a run killed outright may have logged more
+    return ckpt["iter_num"], ckpt.get("best_val_loss", math.inf), ckpt.get("elapsed_s", 0.0), history
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,10 +419,12 @@ def run(cfg, set_keys, rank, world, device, stop):
     optimizer = build_optimizer(model, cfg, device)
     iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
     if ckpt is not None:
-        iter_num, best_val_loss, elapsed_before, history = resume_state(ckpt, out_dir, optimizer, device)
+        iter_num, best_val_loss, elapsed_before, history = resume_state(ckpt, out_dir, optimizer, device, say)
+    evaluated = any(r["iter"] == iter_num for r in history)     # a run stopped at an eval's iteration did not eval
+    if ckpt is not None:
         say(f"resuming from {out_dir / CKPT_NAME} at iteration {iter_num}" + (
             f": the run already reached max_iters={cfg.max_iters} (raise it to train further)"
-            if iter_num >= cfg.max_iters else ""))
+            if iter_num >= cfg.max_iters and evaluated else ""))
     elif cfg.init_from != "scratch":
         say(f"fine-tuning {cfg.init_from}")
     start_iter = iter_num
@@ -447,7 +467,7 @@ def run(cfg, set_keys, rank, world, device, stop):
     while True:
         lr = lr_at(cfg, iter_num)
         at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
-        if at_eval and not (iter_num == start_iter and cfg.init_from == "resume"):
+        if at_eval and not (iter_num == start_iter and evaluated):
             record = evaluate(eval_model, splits, cfg, device, rank, world, iter_num, lr,
                               iter_num * tokens_per_iter, elapsed())
             records.append(record)

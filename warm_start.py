@@ -31,6 +31,7 @@ def changed_settings(cfg):
 
 
 RUN_LOCAL = ("init_from", "out_dir", "device", "quiet")   # where and how this process runs, not the run
+RUN_STATE = ("optimizer", "iter_num", "rng")              # what a checkpoint needs to be resumed exactly
 
 
 def resumed_settings(cfg, set_keys, ckpt, device, say):
@@ -40,8 +41,9 @@ def resumed_settings(cfg, set_keys, ckpt, device, say):
     if ckpt.get("quantization"):
         raise ConfigError(f"{cfg.out_dir} holds an int8 ({ckpt['quantization']}) checkpoint, whose weights cannot "
                           "be trained: resume the float run it was quantized from")
-    if "optimizer" not in ckpt:
-        raise ConfigError(f"{cfg.out_dir} holds a model, not a training run (no optimizer state to resume): "
+    missing = [k for k in RUN_STATE if k not in ckpt]
+    if missing:
+        raise ConfigError(f"{cfg.out_dir} holds a model, not a training run (no {', '.join(missing)} to resume): "
                           f"fine-tune from it instead, with --init_from={cfg.out_dir} and another out_dir")
     settings = {f.name for f in fields(cfg)} - set(RUN_LOCAL)
     saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k in settings}

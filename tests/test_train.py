@@ -108,6 +108,44 @@ def test_resume_drops_evals_logged_past_the_checkpoint(data_dir, tmp_path):
     assert [r["iter"] for r in log] == [0, 5, 10, 15, 20] and log[3]["val_loss"] < 9
 
 
+def test_resume_leaves_out_a_torn_log_line(data_dir, tmp_path, capsys):
+    train(tiny(data_dir, tmp_path, max_iters=10, always_save_checkpoint=True))
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write('\n{"iter": 10, "train_lo')                       # a blank line, and one cut short
+    train(TrainConfig(init_from="resume", out_dir=str(tmp_path), max_iters=20, quiet=False, peak_flops=1.0))
+    assert "log.jsonl: left out 2 line(s) that are not eval records" in capsys.readouterr().out
+    log = [json.loads(line)["iter"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log == [0, 10, 20]
+
+
+def interrupt_at(iteration, monkeypatch, signum=signal.SIGINT, evals_before=1):
+    """Signal this thread while the step to `iteration` draws its batch (one batch a step, after the
+    evals before it: each draws 2 x eval_iters batches)."""
+    get_batch, calls = train_module.get_batch, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 2 * 2 * evals_before + iteration:
+            signal.pthread_kill(threading.main_thread().ident, signum)       # to this thread, handled at once
+        return get_batch(*args)
+
+    monkeypatch.setattr(train_module, "get_batch", interrupting)
+
+
+@pytest.mark.parametrize("stop_at", [10, 20])           # an eval's iteration, and max_iters (the last eval)
+def test_a_run_stopped_where_an_eval_was_due_evaluates_when_resumed(data_dir, tmp_path, monkeypatch, stop_at):
+    straight = train(tiny(data_dir, tmp_path / "a", max_iters=20))
+    interrupt_at(stop_at, monkeypatch, evals_before=1 + (stop_at > 10))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data_dir, tmp_path / "b", max_iters=20))
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(tmp_path / "b")["iter_num"] == stop_at
+    train(TrainConfig(init_from="resume", out_dir=str(tmp_path / "b"), quiet=True))
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [0, 10, 20]
+    assert [r["val_loss"] for r in log] == [r["val_loss"] for r in straight]
+
+
 def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
     """With Muon, the default (AdamW under DDP: tests/test_finetune.py's DDP test)."""
     common = dict(max_iters=6, eval_interval=6, gradient_accumulation_steps=2, always_save_checkpoint=True,
@@ -159,15 +197,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(data_
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])       # Ctrl-C, or kill / a scheduler
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path, monkeypatch, signum):
-    get_batch, calls = train_module.get_batch, []
-
-    def interrupt_at_iteration_7(*args):
-        calls.append(1)
-        if len(calls) == 2 * 2 + 7:             # two evals of 2 batches at iteration 0, then 7 steps
-            signal.pthread_kill(threading.main_thread().ident, signum)       # to this thread, handled at once
-        return get_batch(*args)
-
-    monkeypatch.setattr(train_module, "get_batch", interrupt_at_iteration_7)
+    get_batch = train_module.get_batch
+    interrupt_at(7, monkeypatch, signum)
     cfg = tiny(data_dir, tmp_path, max_iters=20)
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(KeyboardInterrupt, match=f"to resume: python train.py --init_from=resume --out_dir={tmp_path}$"):
@@ -293,6 +324,11 @@ def test_resuming_what_is_not_a_training_run_says_what_to_do_instead(data_dir, t
     with pytest.raises(ConfigError, match=f"{tmp_path / 'model'} holds a model, not a training run .*fine-tune from "
                                          f"it instead, with --init_from={tmp_path / 'model'} and another out_dir"):
         train(tiny(data_dir, tmp_path / "model", init_from="resume"))
+    ckpt_without_rng = checkpoint.load_checkpoint(tmp_path / "run")
+    del ckpt_without_rng["rng"]
+    checkpoint.save_checkpoint(ckpt_without_rng, tmp_path / "no-rng")
+    with pytest.raises(ConfigError, match="no-rng holds a model, not a training run \\(no rng to resume\\)"):
+        train(tiny(data_dir, tmp_path / "no-rng", init_from="resume"))
     checkpoint.save_checkpoint(int8.quantized_checkpoint(int8.quantize_model(model, "w8a8"), ckpt, "w8a8"),
                                tmp_path / "int8")
     with pytest.raises(ConfigError, match="holds an int8 \\(w8a8\\) checkpoint, whose weights cannot be trained"):
