@@ -32,10 +32,12 @@ def checkpoint_file(path):
 
 def atomic_write(path, write):
     """Make the file at path with write(tmp_path), all or nothing: write fills a temporary file beside
-    path, which is flushed to disk and then renamed over path. A crash or an error mid-write leaves the
-    previous file (or none), never half of one, and no temporary file. Returns path."""
+    path, which is flushed to disk and then renamed over path. An error mid-write leaves the previous file
+    (or none), never half of one, and no temporary file; a process killed outright (SIGKILL, power) leaves
+    its temporary file, which the next write of the same path removes. Returns path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers_files(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -45,6 +47,25 @@ def atomic_write(path, write):
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_dead_writers_files(path):
+    """Delete the temporary files of path (".NAME.tmpPID") left by writers that no longer run: a checkpoint's
+    can be as large as the checkpoint."""
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)                 # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # it exists, as another user's
+        return True
+    return True
 
 
 def save_checkpoint(obj, path):

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -41,6 +45,17 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     monkeypatch.undo()
     assert load_checkpoint(tmp_path)["iter_num"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]       # no temp file left behind
+
+
+def test_the_temporary_file_of_a_writer_killed_outright_is_removed_by_the_next_write(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()                      # a process that has ended
+    (tmp_path / f".ckpt.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    (tmp_path / f".ckpt.pt.tmp{os.getppid()}").write_bytes(b"being written")       # a process that runs
+    (tmp_path / f".log.jsonl.tmp{dead}").write_bytes(b"another file's")
+    save_checkpoint(model_checkpoint(tiny(), SPEC, iter_num=1), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ckpt.pt", f".ckpt.pt.tmp{os.getppid()}", f".log.jsonl.tmp{dead}"])
 
 
 def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
