@@ -368,8 +368,10 @@ def evaluate(model, splits, cfg, device, rank, world, iter_num, lr, tokens, elap
 
 
 def write_log(history, out_dir):
-    """out_dir/log.jsonl holding these eval records alone (none for a new run)."""
+    """out_dir/log.jsonl holding these eval records alone (none for a new run), and their loss curve."""
     atomic_write(out_dir / "log.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in history)))
+    if history:
+        plot_losses(history, out_dir / "loss.png")
 
 
 def append_log(record, history, out_dir):
@@ -439,11 +441,13 @@ def run(cfg, set_keys, rank, world, device, stop):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{model.num_params():,} parameters, {trained:,} trained ({config.n_layers} blocks applied {config.depth} "
         f"times, dim {config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
-    if master:
+    # a new run in the folder of an earlier one leaves its checkpoint and log as they are until its first save
+    earlier_run_kept = master and cfg.init_from != "resume" and (out_dir / CKPT_NAME).is_file()
+    if earlier_run_kept:
+        say(f"{out_dir / CKPT_NAME} is an earlier run's, which this run replaces at its first save "
+            "(to continue that run instead: --init_from=resume)")
+    elif master:
         write_log(history, out_dir)
-        if cfg.init_from != "resume" and (out_dir / CKPT_NAME).is_file():
-            say(f"{out_dir / CKPT_NAME} is an earlier run's, which this run replaces at its first save "
-                "(to continue that run instead: --init_from=resume)")
 
     t_start = time.perf_counter()
 
@@ -451,6 +455,7 @@ def run(cfg, set_keys, rank, world, device, stop):
         return elapsed_before + time.perf_counter() - t_start
 
     def save(reason):
+        nonlocal earlier_run_kept
         if not master:
             return
         extra = dict(optimizer=optimizer.state_dict(), iter_num=iter_num, train_config=asdict(cfg),
@@ -458,7 +463,11 @@ def run(cfg, set_keys, rank, world, device, stop):
                      data_state={"sampler": "seeded_random", "seed": cfg.seed, "iter_num": iter_num,
                                  "tokens_seen": iter_num * tokens_per_iter})
         save_checkpoint(model_checkpoint(model, tokenizer_spec, **extra), out_dir)
-        say(f"saved {out_dir / CKPT_NAME} at iteration {iter_num} ({reason})")
+        if earlier_run_kept:                                        # this run's log replaces the earlier run's
+            write_log(history, out_dir)
+            earlier_run_kept = False
+        if not cfg.quiet:
+            bar.write(f"saved {out_dir / CKPT_NAME} at iteration {iter_num} ({reason})")    # not onto the bar's line
 
     records = []
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.quiet, unit="it",
@@ -471,7 +480,9 @@ def run(cfg, set_keys, rank, world, device, stop):
             record = evaluate(eval_model, splits, cfg, device, rank, world, iter_num, lr,
                               iter_num * tokens_per_iter, elapsed())
             records.append(record)
-            if master:
+            if earlier_run_kept:
+                history.append(record)                              # written at this run's first save
+            elif master:
                 append_log(record, history, out_dir)
             if not cfg.quiet and master:
                 bar.write(f"iter {iter_num}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}")
@@ -501,11 +512,14 @@ def run(cfg, set_keys, rank, world, device, stop):
             window_t, window_iters = time.perf_counter(), 0
         if stop_requested:
             bar.close()
+            if earlier_run_kept:
+                raise KeyboardInterrupt(f"stopped at iteration {iter_num}, before this run's first save: nothing "
+                                        f"saved, and {out_dir} still holds the earlier run")
             save("interrupted")
             raise KeyboardInterrupt(f"stopped at iteration {iter_num}; to resume: python train.py --init_from=resume "
                                     f"--out_dir={out_dir}")
     bar.close()
-    if (out_dir / CKPT_NAME).is_file():
+    if master and not earlier_run_kept and (out_dir / CKPT_NAME).is_file():
         say(f"sample from it: python sample.py --init_from={out_dir}")
     return records
 

@@ -79,6 +79,23 @@ def test_training_says_it_replaces_an_earlier_run_and_ends_with_the_command_to_s
            "that run instead: --init_from=resume)" in capsys.readouterr().out
 
 
+def test_a_new_run_stopped_before_its_first_save_leaves_the_earlier_run_in_its_folder(data_dir, tmp_path,
+                                                                                     monkeypatch):
+    earlier = train(tiny(data_dir, tmp_path, max_iters=10))
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    interrupt_at(5, monkeypatch)
+    with pytest.raises(KeyboardInterrupt, match=f"before this run's first save: nothing saved, and {tmp_path} "
+                                                "still holds the earlier run"):
+        train(tiny(data_dir, tmp_path, max_iters=20, learning_rate=1e-3))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    monkeypatch.undo()
+    assert train(TrainConfig(init_from="resume", out_dir=str(tmp_path), quiet=True)) == []     # finished, as it was
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == earlier
+    later = train(tiny(data_dir, tmp_path, max_iters=20, learning_rate=1e-3))       # replaced at its first save
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == later
+    assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 20
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_continues_exactly_with_the_runs_own_settings(data_dir, tmp_path, optimizer, capsys):
     common = dict(lr_decay_iters=20, gradient_accumulation_steps=2, always_save_checkpoint=True, optimizer=optimizer)
