@@ -253,8 +253,8 @@ class StopRequest:
     saves and stops after the current step. A second signal kills."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, quiet=False):
+        self.requested, self.quiet = False, quiet
         self.previous = {}
 
     def __enter__(self):
@@ -265,6 +265,9 @@ class StopRequest:
     def handle(self, signum, frame):
         self.requested = True
         self.__exit__()
+        if not self.quiet:          # an eval or a long step may run on for a while: say that it was heard
+            print("\nstopping after this step, with a checkpoint (press Ctrl-C again to stop at once, saving "
+                  "nothing)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -350,7 +353,7 @@ def train(cfg: TrainConfig, set_keys=None) -> list:
             prepare_if_missing(cfg)
         if world > 1:
             dist.barrier()
-        with StopRequest() as stop:
+        with StopRequest(quiet=cfg.quiet or rank != 0) as stop:
             return run(cfg, changed_settings(cfg) if set_keys is None else set_keys, rank, world, device, stop)
     finally:
         if owned_group:
@@ -531,5 +534,5 @@ if __name__ == "__main__":
     except (ConfigError, TrainError, DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:              # saved and stopped: exit as sample.py and eval.py do on Ctrl-C
-        print(f"interrupted: {e}", file=sys.stderr)
+        print(f"interrupted: {str(e) or 'stopped at once, without saving'}", file=sys.stderr)
         sys.exit(130)

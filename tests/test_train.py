@@ -370,6 +370,7 @@ def test_command_line_ctrl_c_saves_says_how_to_resume_and_exits_130(data_dir, tm
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
+    assert "stopping after this step, with a checkpoint (press Ctrl-C again to stop at once" in err
     assert f"saved {tmp_path / 'ckpt.pt'}" in out
     assert f"to resume: python train.py --init_from=resume --out_dir={tmp_path}" in err
 
