@@ -177,7 +177,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, source = load_float_source(init_from)
+    try:
+        model, source = load_float_source(init_from)
+    except (ValueError, RuntimeError, OSError) as e:        # a file of another kind, a bad tokenizer, hub errors
+        raise CheckpointError(f"cannot load {init_from}: {e}") from e
     int8_file = int8_path(init_from, args.out_dir, args.mode)
     if int8_file.resolve() == checkpoint_file(init_from).resolve():
         raise SystemExit("--out_dir would overwrite the float checkpoint: choose another folder")
@@ -197,3 +200,6 @@ if __name__ == "__main__":
         main()
     except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted (an int8 checkpoint is only ever written whole)", file=sys.stderr)
+        sys.exit(130)

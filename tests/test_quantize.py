@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,8 @@ from dataset import DataError
 from int8 import load_quantized
 from quantize import int8_path, main
 from test_int8 import CHARS, SPEC, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def float_checkpoint(tmp_path, model):
@@ -50,6 +54,15 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked
     with pytest.raises(DataError, match="no val.bin .* in .*nowhere"):
         main(["--init_from", str(src), "--report", "--data_dir", str(tmp_path / "nowhere")])
     assert (tmp_path / "src-w8a8" / "ckpt.pt").stat().st_mtime_ns == written     # checked before writing
+
+
+def test_what_does_not_load_is_one_line_naming_it(tmp_path):
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF" + bytes(20))
+    for bad in (tmp_path / "cut.gguf", "mobilellm-micro:n_layer=2"):
+        result = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--init_from", str(bad)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"error: cannot load {bad}: "), result.stderr
 
 
 def test_the_int8_checkpoint_goes_beside_our_run_and_here_for_a_gguf_or_a_hub_id(tmp_path, monkeypatch):
