@@ -119,6 +119,23 @@ def model_checkpoint(model, tokenizer_spec, **extra):
     return dict(model=plain.state_dict(), model_config=asdict(plain.config), tokenizer=tokenizer_spec, **extra)
 
 
+def load_weights(model, state, path):
+    """model.load_state_dict(state), copied in place; where the file's weights do not fit the model its
+    model_config builds, one CheckpointError saying how, with the first example of each kind."""
+    expected = model.state_dict()
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = [f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} in the file, "
+                f"{tuple(expected[shapes[0]].shape)} in the model)"] if shapes else []
+    problems += [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+    problems += [f"{len(unexpected)} not the model's (e.g. {unexpected[0]})"] if unexpected else []
+    if problems:
+        raise CheckpointError(f"{checkpoint_file(path)}: its weights do not fit the model its model_config describes: "
+                              f"{len(expected)} tensors expected, {'; '.join(problems)}")
+    model.load_state_dict(state)
+
+
 def load_model(path, device="cpu", ckpt=None):
     """Rebuild a float MobileLLM from one of our checkpoints (ckpt: its dict, when already loaded from
     path). Returns (model in eval mode, checkpoint)."""
@@ -128,7 +145,7 @@ def load_model(path, device="cpu", ckpt=None):
                               "load it with int8.load_quantized")
     try:
         model = MobileLLM(config_from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{checkpoint_file(path)} does not match the model: {e}") from e
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint_file(path)}: its model_config does not make a model: {e}") from e
+    load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, model_checkpoint
+from checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_weights, model_checkpoint
 from model import MobileLLM, config_from_dict
 from torch_private import int_mm, weight_int8_mm
 
@@ -206,12 +206,12 @@ def load_quantized(path, device="cpu", ckpt=None):
                               "load it with checkpoint.load_model, or make one with `python quantize.py`")
     try:
         model = quantize_model(MobileLLM(config_from_dict(ckpt["model_config"])), mode)
-        model.load_state_dict(ckpt["model"])      # copies in place: the tied head and embedding stay one tensor
-        for module in model.modules():
-            if isinstance(module, Int8Linear):
-                module.refresh_weight_sum()
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{checkpoint_file(path)} does not match the model: {e}") from e
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint_file(path)}: its model_config does not make a model: {e}") from e
+    load_weights(model, ckpt["model"], path)      # copies in place: the tied head and embedding stay one tensor
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.refresh_weight_sum()
     return model.to(device).eval(), ckpt
 
 

@@ -78,7 +78,18 @@ def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(tmp_path):
     ckpt = model_checkpoint(tiny(), SPEC)
     ckpt["model_config"]["dim"] = 32
     save_checkpoint(ckpt, tmp_path)
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: its weights do not fit the model its model_config describes:"
+                                              r" \d+ tensors expected, \d+ of another shape \(e.g. tok_embeddings."
+                                              r"weight: \(3, 16\) in the file, \(3, 32\) in the model\)$"):
+        load_model(tmp_path)
+    ckpt = model_checkpoint(tiny(), SPEC)
+    ckpt["model"]["extra.weight"] = ckpt["model"].pop("norm.weight")
+    save_checkpoint(ckpt, tmp_path)
+    with pytest.raises(CheckpointError, match=r"1 missing \(e.g. norm.weight\); 1 not the model's \(e.g. extra"):
+        load_model(tmp_path)
+    ckpt["model_config"]["n_heads"] = 3
+    save_checkpoint(ckpt, tmp_path)
+    with pytest.raises(CheckpointError, match="its model_config does not make a model: "):
         load_model(tmp_path)
 
 
