@@ -60,11 +60,22 @@ def native_bf16(device):
 
 
 def resolve_device(name):
-    """--device: "auto" is CUDA where there is one, else the CPU; any other name as it is, if it exists here."""
+    """--device: "auto" is CUDA where there is one, else the CPU; cpu, cuda, cuda:N or mps as it is, if it
+    exists here."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name!r}: use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here (use --device=cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS (Apple's GPUs) is not available here (use --device=cpu)")
     return name
 
 

@@ -67,5 +67,14 @@ def test_auto_dtype_on_a_cpu_is_bf16_only_where_native_and_the_model_is_wide(mon
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_auto_device_is_the_cpu_without_cuda_and_asking_for_cuda_is_a_clear_error():
     assert loader.resolve_device("auto") == "cpu" and loader.resolve_device("cpu") == "cpu"
-    with pytest.raises(ConfigError, match=r"device='cuda:1' but CUDA is not available here \(use --device=cpu or auto\)"):
+    with pytest.raises(ConfigError, match=r"device='cuda:1' but CUDA is not available here \(use --device=cpu or "):
         loader.resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("name", ["foo", "gpu", "cuda:x", "xpu"])
+def test_a_device_torch_does_not_know_or_we_do_not_run_on_is_a_clear_error(name):
+    with pytest.raises(ConfigError, match=f"device='{name}': use cpu, cuda, cuda:N, mps or auto"):
+        loader.resolve_device(name)
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="device='mps' but MPS .* is not available here"):
+            loader.resolve_device("mps")
