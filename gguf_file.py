@@ -80,11 +80,15 @@ def read_gguf(path):
     path = Path(path)
     if not path.is_file():
         raise GGUFFormatError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise GGUFFormatError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
         reader = gguf.GGUFReader(path)
         meta = {name: field.contents() for name, field in reader.fields.items()}
-    except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... on foreign or cut files
-        raise GGUFFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... on cut or damaged files
+        raise GGUFFormatError(f"{path} ({path.stat().st_size / 2**20:.1f} MB) starts as a GGUF file but cannot be "
+                              f"read: cut short (an unfinished download?) or damaged ({type(e).__name__}: {e})") from e
     return meta, {t.name: t for t in reader.tensors}
 
 
