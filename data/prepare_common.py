@@ -44,10 +44,17 @@ def download(url, dest):
 
 
 def read_text(path):
+    """The UTF-8 text of --input path; one clear line where it is missing, a folder, not text or empty."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--input {path}: no such file")
-    return path.read_text(encoding="utf-8")
+        raise SystemExit(f"--input {path}: " + ("a folder, not a text file" if path.is_dir() else "no such file"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"--input {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not text.strip():
+        raise SystemExit(f"--input {path}: the file holds no text")
+    return text
 
 
 def shakespeare_text(input_path=None):
@@ -124,10 +131,12 @@ def write_meta(out_dir, tokenizer):
 
 
 def write_dataset(out_dir, tokenizer, train_text, val_text):
-    """Encode both splits and write train.bin, val.bin and (last) meta.json into out_dir."""
+    """Encode both splits, then write train.bin, val.bin and (last) meta.json into out_dir: an earlier
+    preparation there stays whole until the encoding, the slow part, is done."""
+    encoded = {split: encode(tokenizer, text, desc=f"encoding {split}")
+               for split, text in (("train", train_text), ("val", val_text))}
     out_dir = start_dataset(out_dir)
-    for split, text in (("train", train_text), ("val", val_text)):
-        ids = encode(tokenizer, text, desc=f"encoding {split}")
+    for split, ids in encoded.items():
         write_tokens(ids, out_dir / f"{split}.bin")
         print(f"{split}: {len(ids):,} tokens -> {out_dir / f'{split}.bin'}")
     write_meta(out_dir, tokenizer)

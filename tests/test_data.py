@@ -116,7 +116,8 @@ def test_a_preparation_killed_midway_leaves_a_folder_that_reads_as_not_prepared(
     prepare_common.write_dataset(tmp_path, tokenizer, text[:15_000], text[15_000:])
     assert load_dataset(TrainConfig(data_dir=str(tmp_path)))[0]["vocab_size"] == tokenizer.vocab_size
 
-    real_encode = prepare_common.encode
+    real_encode, real_write = prepare_common.encode, prepare_common.write_tokens
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     def killed_at_val(tokenizer, text, desc):
         if desc == "encoding val":
@@ -124,8 +125,19 @@ def test_a_preparation_killed_midway_leaves_a_folder_that_reads_as_not_prepared(
         return real_encode(tokenizer, text, desc)
 
     monkeypatch.setattr(prepare_common, "encode", killed_at_val)
+    with pytest.raises(KeyboardInterrupt):                   # while encoding: the earlier preparation is whole
+        prepare_common.write_dataset(tmp_path, tokenizer, text[:10_000], text[10_000:])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    monkeypatch.setattr(prepare_common, "encode", real_encode)
+
+    def killed_writing_val(ids, path):
+        if path.name == "val.bin":
+            raise KeyboardInterrupt
+        real_write(ids, path)
+
+    monkeypatch.setattr(prepare_common, "write_tokens", killed_writing_val)
     with pytest.raises(KeyboardInterrupt):                   # train.bin rewritten, val.bin not: a mixed folder
-        prepare_common.write_dataset(tmp_path, tokenizer, text[:15_000], text[15_000:])
+        prepare_common.write_dataset(tmp_path, tokenizer, text[:10_000], text[10_000:])
     with pytest.raises(DataError, match="is not prepared: no .*meta.json"):
         load_dataset(TrainConfig(data_dir=str(tmp_path)))
 
@@ -187,3 +199,9 @@ def test_an_error_reading_the_documents_stops_the_pool_with_its_message(tmp_path
 def test_missing_local_file_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--input .*nope.txt: no such file"):
         load_prepare("shakespeare").prepare(tmp_path / "nope.txt", tmp_path)
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for path, says in ((tmp_path / "binary.txt", "not UTF-8 text \\(invalid start byte at byte 128\\)"),
+                       (tmp_path / "empty.txt", "the file holds no text"), (tmp_path, "a folder, not a text file")):
+        with pytest.raises(SystemExit, match=f"--input .*: {says}"):
+            load_prepare("shakespeare_char").prepare(path, tmp_path / "out")
