@@ -227,6 +227,9 @@ def main(argv=None):
         run(args)
     except ExportError as e:
         sys.exit(f"bench_mobile.py: {e}")
+    except KeyboardInterrupt:
+        print("bench_mobile.py: interrupted (the programs exported so far stay in --cache_dir)", file=sys.stderr)
+        sys.exit(130)
 
 
 def with_logit_agreement(row, reference):

@@ -468,6 +468,10 @@ def main(argv=None):
                              args.cache_dir)
     except ExportError as e:
         sys.exit(f"export.py: {e}")
+    except KeyboardInterrupt:
+        print("export.py: interrupted (nothing half-written: every file is written whole or not at all)",
+              file=sys.stderr)
+        sys.exit(130)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 
