@@ -369,6 +369,17 @@ def markdown_table(results, paper_name=None, paper=None):
     return "\n".join(rows)
 
 
+def check_out(out):
+    """--out, checked before any work: a file that can be written, whose folder is made when it is."""
+    if out.is_dir():
+        raise EvalError(f"--out {out} is a folder: give the .json file to write")
+    existing = next(p for p in out.resolve().parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise EvalError(f"--out {out}: cannot make its folder ({existing} is " +
+                        ("a file)" if not existing.is_dir() else "not writable)"))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=usage_description(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--init_from", required=True, help="our checkpoint (dir or file), an int8 checkpoint, "
@@ -394,13 +405,7 @@ def main(argv=None):
         paths = parse_data(args.data, tasks)
         args.device = resolve_device(args.device)
         require_source(args.init_from)
-        out = Path(args.out)                    # checked now, not after the first task's scoring
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EvalError(f"--out {out}: cannot make its folder ({e.strerror})") from e
-        if out.is_dir():
-            raise EvalError(f"--out {out} is a folder: give the .json file to write")
+        out = check_out(Path(args.out))         # checked now, not after the first task's scoring
         examples = {}
         for name in tasks:       # read every task's data before the model, so a bad file fails fast
             docs = load_docs(name, paths.get(name))[:args.limit]
@@ -420,7 +425,13 @@ def main(argv=None):
     paper_name, paper = paper_row(args.init_from)
     results = {}
     for name in tasks:        # each task's line and the JSON report as it finishes: a stopped run keeps those done
-        r = results[name] = evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
+        try:
+            r = evaluate(model, tokenizer, name, examples[name], args.batch_size, args.device, dtype)
+        except KeyboardInterrupt:
+            print(f"\neval.py: stopped during {name}; " + (f"{', '.join(results)} in {out}" if results else
+                                                           "no task had finished, nothing written"), file=sys.stderr)
+            sys.exit(130)
+        results[name] = r
         print(f"{name}: {r['n']} examples ({r['skipped']} skipped: not encodable) in {r['seconds']:.1f} s, "
               f"{r['examples_per_s']:.2f} examples/s, {r['tokens_per_s']:.0f} tokens/s; "
               f"{r['truncated_contexts']} contexts and {r['truncated_continuations']} choices cut to block_size")
@@ -436,6 +447,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:                   # Ctrl-C: no traceback; the finished tasks are in the report
-        print("\neval.py: stopped; the tasks that finished are in the --out report", file=sys.stderr)
+    except KeyboardInterrupt:                   # Ctrl-C before or between the tasks: no traceback
+        print("\neval.py: stopped (the tasks that finished, if any, are in the --out report)", file=sys.stderr)
         sys.exit(130)

@@ -194,7 +194,7 @@ def test_a_missing_model_fails_before_any_task_data_is_read_or_downloaded(tmp_pa
         ev.main(["--init_from", "out-shakespeare", "--tasks", "piqa"])
 
 
-def test_a_run_stopped_after_its_first_task_keeps_that_tasks_results(tmp_path, monkeypatch):
+def test_a_run_stopped_after_its_first_task_keeps_that_tasks_results(tmp_path, monkeypatch, capsys):
     tok = char_tokenizer(CHARS + "P")
     save_checkpoint(model_checkpoint(tiny_model(tok.vocab_size), tok.spec), tmp_path / "ckpt")
     (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in piqa_docs([0, 1])))
@@ -207,10 +207,12 @@ def test_a_run_stopped_after_its_first_task_keeps_that_tasks_results(tmp_path, m
         return real_evaluate(model, tokenizer, name, *args)
 
     monkeypatch.setattr(ev, "evaluate", stopped_at_the_second)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         ev.main(["--init_from", str(tmp_path / "ckpt"), "--tasks", "piqa,boolq", "--device", "cpu", "--dtype", "fp32",
                  "--data", f"piqa={tmp_path / 'piqa.jsonl'},boolq={tmp_path / 'boolq.jsonl'}",
                  "--out", str(tmp_path / "r.json")])
+    assert stop.value.code == 130
+    assert f"eval.py: stopped during boolq; piqa in {tmp_path / 'r.json'}" in capsys.readouterr().err
     assert list(json.loads((tmp_path / "r.json").read_text())["results"]) == ["piqa"]
 
     def interrupted(*args, **kwargs):
@@ -285,7 +287,9 @@ def test_clear_errors_for_unknown_task_malformed_line_and_missing_file(tmp_path)
     with pytest.raises(SystemExit, match="is a folder: give the .json file"):
         ev.main(["--init_from", "mobilellm-micro", "--tasks", "piqa", "--data", str(data), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"eval.py: mobilellm-micro is a preset \(random weights, no tokenizer\)"):
-        ev.main(["--init_from", "mobilellm-micro", "--tasks", "piqa", "--data", str(data)])
+        ev.main(["--init_from", "mobilellm-micro", "--tasks", "piqa", "--data", str(data),
+                 "--out", str(tmp_path / "new" / "r.json")])
+    assert not (tmp_path / "new").exists()                  # a run that scored nothing makes no folder
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
