@@ -26,7 +26,6 @@ import itertools
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -69,8 +68,11 @@ def read_prompt(start):
     if start.startswith("FILE:"):
         prompt_file = Path(start[len("FILE:"):])
         if not prompt_file.is_file():
-            raise SystemExit(f"error: --start {start}: no such file")
-        return prompt_file.read_text(encoding="utf-8")
+            raise SystemExit(f"error: --start {start}: " + ("a folder" if prompt_file.is_dir() else "no such file"))
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --start {start}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     return start
 
 
@@ -85,8 +87,8 @@ def encode_prompt(tokenizer, text, block_size):
         raise SystemExit("error: the prompt is empty and this tokenizer has no beginning-of-text token: "
                          "give --start some text")
     if len(ids) > block_size:
-        warnings.warn(f"the prompt has {len(ids)} tokens, more than the context ({block_size}): "
-                      f"keeping its last {block_size}")
+        print(f"note: the prompt has {len(ids)} tokens, more than the context ({block_size}): keeping its last "
+              f"{block_size}", file=sys.stderr)
         ids = ids[-block_size:]
     return ids
 
@@ -134,7 +136,7 @@ def require_chat_template(tokenizer, init_from):
 def encode_chat(tokenizer, messages, block_size):
     """The conversation through the model's chat template, encoded with its special tokens recognised (no BOS
     added: a template writes its own). While it outgrows the context its oldest exchange (user message and
-    reply) is dropped, with a warning; a system message stays. Returns (ids, the messages kept)."""
+    reply) is dropped, with a note on stderr; a system message stays. Returns (ids, the messages kept)."""
     first = 1 if messages and messages[0]["role"] == "system" else 0
     while True:
         ids = tokenizer.encode(render_chat(tokenizer.chat_template, messages, tokenizer))
@@ -143,8 +145,8 @@ def encode_chat(tokenizer, messages, block_size):
         if len(messages) - first <= 1:
             raise SystemExit(f"error: the last message makes a {len(ids)}-token prompt, more than the context "
                              f"({block_size} tokens)")
-        warnings.warn(f"the conversation has {len(ids)} tokens, more than the context ({block_size}): "
-                      "dropping its oldest exchange")
+        print(f"note: the conversation has {len(ids)} tokens, more than the context ({block_size}): dropping its "
+              "oldest exchange", file=sys.stderr)
         messages = messages[:first] + messages[first + 2:]
 
 

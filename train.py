@@ -26,6 +26,7 @@ atomically), log.jsonl (one JSON line per eval) and loss.png (when matplotlib is
 (kill, a scheduler) saves a checkpoint and stops; a NaN/inf loss stops the run and keeps the last good
 checkpoint.
 """
+import difflib
 import json
 import math
 import os
@@ -152,6 +153,11 @@ def check_config(cfg):
         raise ConfigError(f"lr_decay_iters must be positive (or None: max_iters), got {cfg.lr_decay_iters}")
     if not 0 < cfg.cooldown_frac <= 1:
         raise ConfigError(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
+    if not cfg.out_dir.strip():
+        raise ConfigError("out_dir is empty: name the folder for ckpt.pt and log.jsonl")
+    close = difflib.get_close_matches(cfg.init_from, ("scratch", "resume"), n=1, cutoff=0.7)
+    if close and cfg.init_from != close[0] and not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from={cfg.init_from!r}: did you mean {close[0]!r}?")
 
 
 def model_config(cfg, vocab_size):

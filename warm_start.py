@@ -49,9 +49,12 @@ def resumed_settings(cfg, set_keys, ckpt, device, say):
     saved = {k: v for k, v in ckpt.get("train_config", {}).items() if k in settings}
     changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in sorted(set_keys)
                if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        say(f"resuming with settings changed from the run's: {', '.join(changed)}")
     cfg = replace(cfg, **{k: v for k, v in saved.items() if k not in set_keys})
+    if changed:
+        stretched = any(c.startswith("max_iters ") for c in changed) and cfg.lr_decay_iters is None
+        say(f"resuming with settings changed from the run's: {', '.join(changed)}" + (
+            " (the learning-rate schedule follows max_iters: it is laid over the new length from here on)"
+            if stretched else ""))
     if cfg.dtype == "bf16" and "dtype" not in set_keys and not native_bf16(device):
         say("the run trained in bf16, which this device emulates far slower than fp32: --dtype=fp32 continues "
             "in fp32")

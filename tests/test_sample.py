@@ -71,11 +71,11 @@ def test_prompt_from_file_and_seeded_sampling_is_reproducible(trained_ckpt, tmp_
     assert first == second and first.startswith("gh") and len(first.split("\n---")[0]) == 32
 
 
-def test_prompt_longer_than_context_is_cropped_with_a_warning(trained_ckpt, capsys):
-    with pytest.warns(UserWarning, match="more than the context"):
-        out, _ = run(["--init_from", str(trained_ckpt), "--start", "abcdefgh" * 5, "--temperature", "0",
-                      "--max_new_tokens", "4"], capsys)
+def test_prompt_longer_than_context_is_cropped_with_a_note(trained_ckpt, capsys):
+    out, err = run(["--init_from", str(trained_ckpt), "--start", "abcdefgh" * 5, "--temperature", "0",
+                    "--max_new_tokens", "4"], capsys)
     assert out.startswith(("abcdefgh" * 5)[-32:] + "abcd")
+    assert "note: the prompt has 40 tokens, more than the context (32): keeping its last 32" in err
 
 
 def test_an_int8_checkpoint_samples(trained_ckpt, tmp_path, capsys):
@@ -146,6 +146,10 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     save_checkpoint(model_checkpoint(tiny_model(), {"kind": "char", "chars": CHARS}), tmp_path)
     with pytest.raises(SystemExit, match="no such file"):
         sample.main(["--init_from", str(tmp_path), "--start", "FILE:/no/such/prompt.txt"])
+    with pytest.raises(SystemExit, match=f"^error: --start FILE:{tmp_path}: a folder$"):
+        sample.main(["--init_from", str(tmp_path), "--start", f"FILE:{tmp_path}"])
+    with pytest.raises(SystemExit, match=r"^error: --start FILE:.*ckpt.pt: not UTF-8 text \(invalid start byte"):
+        sample.main(["--init_from", str(tmp_path), "--start", f"FILE:{tmp_path / 'ckpt.pt'}"])
     with pytest.raises(SystemExit, match="^error: --start: characters not in this model's vocabulary: 'XYZ'$"):
         sample.main(["--init_from", str(tmp_path), "--start", "XYZ"])
     with pytest.raises(SystemExit):
@@ -305,14 +309,14 @@ def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on_without_that_exchange
     assert tokenizer.decode(prompts[1]) == render_chat(tokenizer.chat_template, CONVERSATION[:1], tokenizer)
 
 
-def test_a_long_conversation_drops_its_oldest_exchange_and_keeps_the_system_message(chat_tokenizer):
+def test_a_long_conversation_drops_its_oldest_exchange_and_keeps_the_system_message(chat_tokenizer, capsys):
     messages = [{"role": "system", "content": "be brief"}] + CONVERSATION + [{"role": "user", "content": "hi"}]
     fits = len(chat_tokenizer.encode(render_chat(chat_tokenizer.chat_template, messages[:1] + messages[3:],
                                                  chat_tokenizer)))
-    with pytest.warns(UserWarning, match="dropping its oldest exchange"):
-        ids, kept = sample.encode_chat(chat_tokenizer, messages, block_size=fits)
+    ids, kept = sample.encode_chat(chat_tokenizer, messages, block_size=fits)
+    assert "dropping its oldest exchange" in capsys.readouterr().err
     assert kept == messages[:1] + messages[3:] and len(ids) == fits
-    with pytest.raises(SystemExit, match="more than the context"), pytest.warns(UserWarning):
+    with pytest.raises(SystemExit, match="more than the context"):
         sample.encode_chat(chat_tokenizer, messages, block_size=10)
 
 

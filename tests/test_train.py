@@ -130,7 +130,9 @@ def test_resume_leaves_out_a_torn_log_line(data_dir, tmp_path, capsys):
     with open(tmp_path / "log.jsonl", "a") as log:
         log.write('\n{"iter": 10, "train_lo')                       # a blank line, and one cut short
     train(TrainConfig(init_from="resume", out_dir=str(tmp_path), max_iters=20, quiet=False, peak_flops=1.0))
-    assert "log.jsonl: left out 2 line(s) that are not eval records" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "log.jsonl: left out 2 line(s) that are not eval records" in said
+    assert "max_iters 10 -> 20, peak_flops 0.0 -> 1.0 (the learning-rate schedule follows max_iters: it is laid" in said
     log = [json.loads(line)["iter"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log == [0, 10, 20]
 
@@ -311,6 +313,10 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
 
 
 def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="init_from='resum': did you mean 'resume'\\?"):
+        train(tiny(data_dir, tmp_path, init_from="resum"))
+    with pytest.raises(ConfigError, match="out_dir is empty"):
+        train(tiny(data_dir, "", max_iters=1))
     with pytest.raises(ConfigError, match="dtype must be one of"):
         train(tiny(data_dir, tmp_path, dtype="fp16"))
     with pytest.raises(ConfigError, match="optimizer must be one of"):

@@ -1,6 +1,6 @@
 """warm_start.py on its own: what a resumed run takes from its checkpoint. Resuming and fine-tuning end to
 end are in test_train.py and test_finetune.py."""
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -11,13 +11,17 @@ from warm_start import changed_settings, model_fields, resumed_settings
 
 def test_a_resume_takes_the_runs_settings_except_what_this_command_sets_and_where_it_runs():
     run = TrainConfig(max_iters=3000, batch_size=8, seed=7, dim=256, device="cuda", out_dir="old", quiet=True)
-    ckpt = {"optimizer": {}, "train_config": asdict(run)}
+    ckpt = {"optimizer": {}, "iter_num": 10, "rng": {}, "train_config": asdict(run)}
     said = []
     now = TrainConfig(init_from="resume", out_dir="here", max_iters=4000)
     cfg = resumed_settings(now, {"init_from", "out_dir", "max_iters"}, ckpt, "cpu", said.append)
     assert (cfg.max_iters, cfg.batch_size, cfg.seed, cfg.dim) == (4000, 8, 7, 256)
     assert (cfg.init_from, cfg.out_dir, cfg.device, cfg.quiet) == ("resume", "here", "auto", False)
-    assert said == ["resuming with settings changed from the run's: max_iters 3000 -> 4000"]
+    assert said == ["resuming with settings changed from the run's: max_iters 3000 -> 4000 (the learning-rate "
+                    "schedule follows max_iters: it is laid over the new length from here on)"]
+    said.clear()
+    resumed_settings(replace(now, lr_decay_iters=3000), {"max_iters", "lr_decay_iters"}, ckpt, "cpu", said.append)
+    assert said[0].endswith("max_iters 3000 -> 4000")                  # a schedule of its own length: no note
     with pytest.raises(ConfigError, match="holds a model, not a training run"):
         resumed_settings(now, set(), {"train_config": asdict(run)}, "cpu", said.append)
 
