@@ -80,8 +80,10 @@ def save_checkpoint(obj, path):
 def unreadable(path, error):
     """One line on why torch.load failed: torch's own messages run to a dozen lines of advice."""
     with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"                # torch.save writes a zip archive
-    if not zipped:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return f"{path} is a GGUF file, not a torch checkpoint: name it .gguf and it loads as one"
+    if magic != b"PK\x03\x04":                                # torch.save writes a zip archive
         return f"{path} is not a readable checkpoint: not a file torch.save writes"
     refused = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", str(error), re.MULTILINE)
     if refused:

@@ -1,7 +1,8 @@
 """
 The one model loader every script uses: whatever --init_from names becomes (model, tokenizer).
-Also the one set of dtype names every script's --dtype takes: fp32, bf16, fp16 (torch's float32,
-bfloat16, float16 work too), and what "auto" means for a dtype (resolve_dtype) and a device (resolve_device).
+Also the one spelling of float dtypes on every command line: fp32, bf16, fp16 (torch's float32, bfloat16,
+float16 work too; export.py's and bench_mobile.py's --dtype adds their program schemes, w8a8 and 8da4w),
+and what "auto" means for a dtype (resolve_dtype) and a device (resolve_device).
 
   from loader import load_model_and_tokenizer
   model, tokenizer = load_model_and_tokenizer("out-shakespeare-char")   # our checkpoint (out_dir or ckpt.pt)

@@ -11,7 +11,8 @@ import torch
 
 
 def time_generation(step, prompt_len, new_tokens, runs, vocab_size):
-    """The one decode timing of the repo. step(tokens (1, T), input_pos (T,)) -> last-token logits (1, V).
+    """The benchmarks' decode timing (sample.py times its own streaming sampler as it prints).
+    step(tokens (1, T), input_pos (T,)) -> last-token logits (1, V).
     Warm-up once, then `runs` times: prefill a random prompt_len-token prompt and decode new_tokens greedily.
     Returns (median prefill ms, median decode ms per token)."""
     prompt = torch.randint(0, vocab_size, (1, prompt_len))

@@ -64,6 +64,9 @@ def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="not a readable checkpoint: not a file torch.save writes$"):
         load_checkpoint(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(CheckpointError, match="ckpt.pt is a GGUF file, not a torch checkpoint: name it .gguf"):
+        load_checkpoint(tmp_path)
     torch.save({"state_dict": {}}, tmp_path / "ckpt.pt")
     whole = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(whole[:len(whole) // 2])
