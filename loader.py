@@ -204,4 +204,7 @@ def _load(init_from, device, seed):
         model, ckpt = load_quantized(path, device, ckpt)
     else:
         model, ckpt = load_model(path, device, ckpt)
-    return model, load_tokenizer(ckpt["tokenizer"])
+    try:
+        return model, load_tokenizer(ckpt["tokenizer"])
+    except (ValueError, KeyError, TypeError) as e:     # a tokenizer spec that is not one of tokenizer.py's
+        raise CheckpointError(f"{checkpoint_file(path)}: its tokenizer does not load ({type(e).__name__}: {e})") from e

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import checkpoint
 import loader
 from checkpoint import CheckpointError
 from configurator import ConfigError
@@ -34,6 +35,13 @@ def test_a_missing_source_is_one_error_that_names_what_was_meant(tmp_path, monke
         loader.load_model_and_tokenizer("out-shakespeare")
     with pytest.raises(CheckpointError, match=r"^no checkpoint at out-shakespeare-char/ckpt.pt: "):
         loader.load_model_and_tokenizer("out-shakespeare-char/ckpt.pt")      # nothing close: no guess
+
+
+def test_a_checkpoint_whose_tokenizer_does_not_load_is_named(tmp_path):
+    model = loader.preset_model("mobilellm-micro:n_layers=1+vocab_size=8")
+    checkpoint.save_checkpoint(checkpoint.model_checkpoint(model, {"kind": "weird"}), tmp_path)
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: its tokenizer does not load \(ValueError: .*'weird'"):
+        loader.load_model_and_tokenizer(str(tmp_path))
 
 
 def test_a_preset_with_overrides_loads_in_every_script_with_its_seed():
