@@ -6,9 +6,9 @@ this host or on an Android phone, as the paper's Table 7 does on an iPhone (load
 Usage:
   python bench_mobile.py --init_from mobilellm-125m --dtype fp32,w8a8         # export (cached) + host timing
   python bench_mobile.py --device host --compare mobilellm-125m,mobilellm-125m-ls,mobilellm-125m:n_layers=60 \
-      --dtype fp32,w8a8 --eager fp32,bf16 --threads 2 --kernel_bound          # the README's table
+      --dtype fp32,w8a8 --eager fp32,bf16 --threads 2 --kernel_bound          # docs/on-device.md's table
   python bench_mobile.py --init_from mobilellm-125m --dtype w8a8,8da4w --check_logits  # + how close to model.py
-  python bench_mobile.py --init_from out-shakespeare --dtype w8a8 --out model.pte   # our checkpoint, timed + kept
+  python bench_mobile.py --init_from out-shakespeare-char --dtype w8a8 --out model.pte   # our checkpoint, kept
   python bench_mobile.py --device android --runner ./executor_runner [--serial S] --init_from mobilellm-125m
 
 Models: --init_from takes what export.py takes (a preset with overrides `NAME[:field=value+...]`, random

@@ -1,5 +1,5 @@
 """
-The training data of train.py: uint16 token files (train.bin and val.bin, or train_000000.bin, ... shards)
+The training data of train.py: uint16 token files (train.bin and val.bin, or val_*.bin and train_*.bin shards)
 with a meta.json, as data/<name>/prepare.py writes them, read through memmaps. Every batch is a pure function
 of its generator's seed (seeded_generator), so a resumed or distributed run draws exactly the same batches.
 """
@@ -48,6 +48,8 @@ def prepare_hint(cfg, source=None):
     """How to prepare cfg's dataset: its own prepare.py, or for a model to start from (source) any text's
     prepare.py with that model's tokenizer, into the dataset's folder unless that holds a built-in dataset."""
     built_in = prepare_script(cfg.dataset).is_file()
+    if source is None and cfg.data_dir:
+        return f"write it with one of data/*/prepare.py --out_dir={cfg.data_dir}, or fix data_dir"
     if source is None and built_in:
         return f"run `python data/{cfg.dataset}/prepare.py` (see its --help) or set data_dir"
     if source is None:

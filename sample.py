@@ -212,7 +212,7 @@ def main(argv=None):
                         "which decodes fastest depends on the CPU: see docs/decoding.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--meta_ls_cache", action="store_true",
-                   help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see README)")
+                   help="reproduce Meta's KV cache for facebook/MobileLLM-*-layer-share (see docs/decoding.md)")
     p.add_argument("--benchmark", action="store_true",
                    help="time greedy decoding of --max_new_tokens after a random --prompt_len prompt")
     p.add_argument("--prompt_len", type=at_least(1), default=64, help="--benchmark: tokens of the timed prefill")

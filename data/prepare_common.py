@@ -4,7 +4,7 @@ that ships in data/, or a download),
 encoding it with a progress bar, and writing the files train.py reads:
   train.bin, val.bin   token ids as uint16, back to back (documents joined as in the text)
   meta.json            {"tokenizer": <spec from tokenizer.py>, "vocab_size": N}
-Sharded datasets (fineweb_edu) write train_000000.bin, train_000001.bin, ... instead of train.bin.
+Sharded datasets (fineweb_edu) write val_000000.bin, train_000001.bin, ... instead of val.bin and train.bin.
 The tokenizer is GPT-2's BPE, or (--tokenizer=<model>) the tokenizer of a model to fine-tune with train.py;
 such data needs an --out_dir of its own.
 """

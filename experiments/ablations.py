@@ -9,7 +9,7 @@ and experiments/results/<study>.png (validation loss curves and final loss per m
   python experiments/ablations.py --study all                 # all five, one after the other
   python experiments/ablations.py --study all --quick         # all five, tiny models (for tests)
   python experiments/ablations.py --study layer_sharing --cpu_lock /tmp/nml-cpu.lock
-  python experiments/ablations.py --markdown                  # the README's tables from the results
+  python experiments/ablations.py --markdown                  # docs/ablations.md's tables from the results
 
 Studies (paper section: what is compared, at equal parameters unless said otherwise):
   swiglu             §2.2.1  SwiGLU FFN vs the plain 2-matrix ReLU and GELU MLPs (ffn_dim evened out)
@@ -60,7 +60,7 @@ BASE = {
     "quick": dict(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=44),
 }
 # Training settings (train.py's TrainConfig names). fp32: for these tiny matrices bf16 autocast is
-# slower, not faster (see docs/experiments.md).
+# slower, not faster (see docs/ablations.md).
 TRAIN = {
     "full": dict(max_iters=300, eval_interval=60, eval_iters=10, batch_size=16, block_size=64,
                  learning_rate=2e-3, warmup_iters=20, min_lr=2e-4, dtype="fp32", optimizer="adamw"),
@@ -72,7 +72,7 @@ SEEDS = (0, 1)                          # every study runs each variant with eac
 DATASETS = {"embedding_sharing": "shakespeare"}    # GPT-2 BPE; every other study is character level
 DEFAULT_DATASET = "shakespeare_char"
 
-# What the paper reports, quoted from the sources named in the README (nothing here is our measurement).
+# What the paper reports, quoted from the sources named in docs/ablations.md (nothing here is our measurement).
 PAPER = {
     "swiglu": "SwiGLU is found beneficial for small models too (§2.2.1).",
     "depth": "For small models, going deeper matters more than going wider: deep-and-thin beats "
@@ -441,7 +441,7 @@ def print_summary(result):
 
 
 def markdown(out_dir):
-    """The README's tables, from the results already in out_dir."""
+    """docs/ablations.md's tables, from the results already in out_dir."""
     lines = ["| study | model | params | depth | final val loss, mean ± std (min..max) over seeds |",
              "|---|---|---|---|---|"]
     latency = []
@@ -468,7 +468,8 @@ def markdown(out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=STUDIES + ("all",), help="which study to run")
-    parser.add_argument("--markdown", action="store_true", help="print the README tables from --out_dir's results")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print docs/ablations.md's tables from --out_dir's results")
     parser.add_argument("--plot_only", action="store_true", help="no training or timing: summary and plot of the "
                                                                  "runs already in the JSON (e.g. of a stopped study)")
     parser.add_argument("--quick", action="store_true", help="tiny models, a few iterations (for tests)")
@@ -478,7 +479,7 @@ def main(argv=None):
     parser.add_argument("--max_iters", type=at_least(1), help="override the study's training length")
     parser.add_argument("--data_root", default=str(DATA_DIR), help="folder holding the prepared datasets")
     parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads while training (default 1: one per "
-                        "tiny run; docs/experiments.md says why)")
+                        "tiny run; docs/ablations.md says why)")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown(args.out_dir or RESULTS_DIR))

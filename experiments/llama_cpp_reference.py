@@ -22,8 +22,9 @@ libllama.so) and reports, for every position, how far llama.cpp's logits are fro
       --quant Q8_0 --threads 2
   python experiments/llama_cpp_reference.py --llama_cpp BIN --init_from out-shakespeare --quant F32,Q8_0 --check_logits
 
-Getting llama.cpp (a CPU build). The README's figures used the llama.cpp vendored in llama-cpp-python 0.3.36,
-whose Python bindings then match the build exactly (--check_logits needs them; they are plain Python):
+Getting llama.cpp (a CPU build). The figures in docs/on-device.md and docs/real-models.md used the llama.cpp
+vendored in llama-cpp-python 0.3.36, whose Python bindings then match the build exactly (--check_logits needs
+them; they are plain Python):
   pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
   cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON
   cmake --build build -j --target llama-bench llama-quantize      # BIN is then build/bin (with libllama.so)
