@@ -125,11 +125,12 @@ def load_weights(model, state, path):
     """model.load_state_dict(state), copied in place; where the file's weights do not fit the model its
     model_config builds, one CheckpointError saying how, with the first example of each kind."""
     expected = model.state_dict()
-    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    shape = lambda tensor: tuple(getattr(tensor, "shape", ("not a tensor",)))
+    shapes = [k for k in expected if k in state and shape(state[k]) != shape(expected[k])]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    problems = [f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} in the file, "
-                f"{tuple(expected[shapes[0]].shape)} in the model)"] if shapes else []
+    problems = [f"{len(shapes)} of another shape (e.g. {shapes[0]}: {shape(state[shapes[0]])} in the file, "
+                f"{shape(expected[shapes[0]])} in the model)"] if shapes else []
     problems += [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
     problems += [f"{len(unexpected)} not the model's (e.g. {unexpected[0]})"] if unexpected else []
     if problems:
