@@ -8,8 +8,9 @@ tokens/s and MFU, fp32 against bf16 autocast, measured side by side in one run.
   python bench_train.py --dtype=fp32 --compare="optimizer='adamw';optimizer='muon'" --rounds=5
 
 --compare="a;b;..." times settings against each other instead (each a comma-separated list of key=value,
-on top of the others), in alternating rounds in the first dtype, so that a busy machine slows all alike:
-tokens/s (median of the rounds) and the ratio to the first.
+on top of the others), in alternating rounds, so that a busy machine slows all alike: tokens/s (median of
+the rounds) and the ratio to the first. Each runs in the first --dtype unless it sets its own
+(--compare="dtype=fp32;dtype=bf16").
 
 Takes train.py's settings (config files, --key=value) plus vocab_size, iters, warmup, compare and rounds.
 Those of the step count: the model's shape, batch, optimizer, dtype, compile and the fine-tuning options
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from configurator import ConfigError, accept_old_flags, apply_settings, configure, exit_if_help, parse_value
-from loader import autocast, dtype_name, native_bf16, resolve_device
+from loader import autocast, dtype_name, native_bf16, resolve_device, resolve_dtype
 from model import MobileLLM, ModelConfig
 from mfu import flops_per_token, measure_peak_flops, synchronize
 from optim import build_optimizer
@@ -47,6 +48,15 @@ class BenchConfig(TrainConfig):
     dtype: str = "auto"                  # the dtypes to time, comma-separated; auto: fp32, and bf16 where native
     compare: str = ""                    # "key=value,...;key=value,...": settings timed against each other
     rounds: int = 5                      # --compare: alternating rounds of iters iterations per setting
+
+
+def check_timed(cfg):
+    """One clear error for settings the step cannot be timed with: a model to fine-tune (the weights here are
+    random), a shape model.py refuses."""
+    if cfg.init_from != "scratch":
+        raise ConfigError(f"init_from={cfg.init_from!r}: bench_train.py times random weights of the shape its "
+                          "settings give (set the model's fields, e.g. a config file of that shape)")
+    model_config(cfg, cfg.vocab_size)
 
 
 def tokens_per_second(cfg, dtype, device, rebuild=None):
@@ -86,7 +96,11 @@ def parse_variants(spec, cfg, flag="--compare"):
             raise ConfigError(f"{flag} variant {label!r} is not a comma-separated list of key=value")
         settings = {key.strip(): parse_value(value) for key, value in pairs}
         variant = apply_settings(cfg, settings, f"{flag} variant {label!r}")
-        check_config(variant)
+        try:
+            check_config(variant)
+            check_timed(variant)
+        except ConfigError as e:
+            raise ConfigError(f"{flag} variant {label!r}: {e}") from e
         variants.append((label, variant))
     return variants
 
@@ -105,13 +119,14 @@ def timed_dtypes(cfg, device):
     return ["fp32", "bf16"] if native else ["fp32"]
 
 
-def compare(cfg, dtype, device):
-    """tokens/s of each --compare variant in `dtype`, timed in alternating rounds. Returns {label: median
-    tokens/s}."""
+def compare(cfg, device):
+    """tokens/s of each --compare variant (in its own dtype: the first of --dtype unless it sets one), timed in
+    alternating rounds. Returns {label: median tokens/s}."""
     variants = parse_variants(cfg.compare, cfg)
     rates = {label: [] for label, _ in variants}
     for _ in range(cfg.rounds):
         for label, variant in variants:
+            dtype = resolve_dtype(variant.dtype, device, variant.dim)
             rates[label].append(tokens_per_second(variant, dtype, device)[0])
     medians = {label: statistics.median(r) for label, r in rates.items()}
     first = next(iter(medians.values()))
@@ -129,15 +144,13 @@ def main(cfg):
     for name, least in (("iters", 1), ("rounds", 1), ("warmup", 0), ("vocab_size", 1)):
         if getattr(cfg, name) < least:
             raise ConfigError(f"{name} must be at least {least}, got {getattr(cfg, name)}")
-    if cfg.init_from != "scratch":
-        raise ConfigError(f"init_from={cfg.init_from!r}: bench_train.py times random weights of the shape its "
-                          "settings give (set the model's fields, e.g. a config file of that shape)")
+    check_timed(cfg)
     config = model_config(cfg, cfg.vocab_size)
     flops = flops_per_token(config, cfg.block_size, frozen_blocks(config, cfg), cfg.freeze_embedding)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {cfg.batch_size} "
           f"x {cfg.block_size} tokens x {cfg.gradient_accumulation_steps} micro-steps, compile={cfg.compile}")
     if cfg.compare:
-        return compare(cfg, dtypes[0], device)
+        return compare(cfg, device)
     results = {}
     for dtype in dtypes:
         peak = cfg.peak_flops or measure_peak_flops(device, dtype)

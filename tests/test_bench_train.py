@@ -66,6 +66,19 @@ def test_bad_compare_variants_are_clear_errors(compare, message):
         bench_train.main(configure(bench_train.BenchConfig(), TINY + [f"--compare={compare}"]))
 
 
+def test_compare_times_each_variant_in_its_own_dtype_and_names_a_bad_one(monkeypatch):
+    timed = []
+    monkeypatch.setattr(bench_train, "tokens_per_second", lambda cfg, dtype, device: timed.append(dtype) or (1.0,))
+    bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", "--rounds=1",
+                                                                  "--compare=dim=16;dtype=bf16"]))
+    assert timed == ["fp32", "bf16"]
+    with pytest.raises(ConfigError, match="--compare variant 'n_heads=3': bad model settings: dim .* divisible"):
+        bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", "--compare=dim=16;n_heads=3"]))
+    with pytest.raises(ConfigError, match="--compare variant 'init_from=x': init_from='x': bench_train.py times"):
+        bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", "--compare=dim=16;init_from=x"]))
+    assert timed == ["fp32", "bf16"]                                  # refused before any timing
+
+
 def test_fine_tuning_options_change_what_is_timed_and_the_mfu(capsys, monkeypatch):
     built, build = [], bench_train.build_optimizer
     monkeypatch.setattr(bench_train, "build_optimizer", lambda model, cfg, device: built.append(model) or build(
