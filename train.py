@@ -420,8 +420,10 @@ def run(cfg, set_keys, rank, world, device, stop):
         cfg = resumed_settings(cfg, set_keys, ckpt, device, say)
         check_config(cfg)
     if cfg.gradient_accumulation_steps % world:
+        fits = world * -(-cfg.gradient_accumulation_steps // world)
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "
-                          f"by the number of processes ({world})")
+                          f"by the number of processes ({world}), which share its micro-steps: e.g. "
+                          f"--gradient_accumulation_steps={fits}")
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     model, tokenizer_spec, cfg, splits = start_model(cfg, set_keys, device, ckpt)
@@ -525,8 +527,9 @@ def run(cfg, set_keys, rank, world, device, stop):
                 raise KeyboardInterrupt(f"stopped at iteration {iter_num}, before this run's first save: nothing "
                                         f"saved, and {out_dir} still holds the earlier run")
             save("interrupted")
-            raise KeyboardInterrupt(f"stopped at iteration {iter_num}; to resume: python train.py --init_from=resume "
-                                    f"--out_dir={out_dir}")
+            launcher = "python" if world == 1 else f"torchrun --standalone --nproc_per_node={world}"
+            raise KeyboardInterrupt(f"stopped at iteration {iter_num}; to resume: {launcher} train.py "
+                                    f"--init_from=resume --out_dir={out_dir}")
     bar.close()
     if master and not earlier_run_kept and (out_dir / CKPT_NAME).is_file():
         say(f"sample from it: python sample.py --init_from={out_dir}")
@@ -535,10 +538,12 @@ def run(cfg, set_keys, rank, world, device, stop):
 
 if __name__ == "__main__":
     exit_if_help(sys.argv[1:], __doc__, TrainConfig(), more_comments=(ModelConfig,))
+    first_process = os.environ.get("RANK", "0") == "0"      # under torchrun, one process says why it stopped
     try:
         train(*configure_and_report(TrainConfig(), sys.argv[1:]))
     except (ConfigError, TrainError, DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if first_process else 1)
     except KeyboardInterrupt as e:              # saved and stopped: exit as sample.py and eval.py do on Ctrl-C
-        print(f"interrupted: {str(e) or 'stopped at once, without saving'}", file=sys.stderr)
+        if first_process:
+            print(f"interrupted: {str(e) or 'stopped at once, without saving'}", file=sys.stderr)
         sys.exit(130)

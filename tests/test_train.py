@@ -184,6 +184,17 @@ def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
         torch.testing.assert_close(b["model"][name], weight, atol=1e-5, rtol=1e-4)
 
 
+def test_ddp_with_micro_steps_it_cannot_share_says_which_would_fit_once(data_dir, tmp_path):
+    args = [f"--{k}={v}" for k, v in vars(tiny(data_dir, tmp_path, max_iters=2)).items() if v != getattr(TrainConfig(), k)]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "train.py"), *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0
+    said = "error: gradient_accumulation_steps (1) must be divisible by the number of processes (2), which share " \
+           "its micro-steps: e.g. --gradient_accumulation_steps=2"
+    assert result.stderr.count(said) == 1, result.stderr[-2000:]
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
     cfg = tiny(data_dir, tmp_path, max_iters=10, always_save_checkpoint=True)
     train(cfg)
