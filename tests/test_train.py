@@ -185,7 +185,8 @@ def test_ddp_two_gloo_processes_match_one_process(data_dir, tmp_path):
 
 
 def test_ddp_with_micro_steps_it_cannot_share_says_which_would_fit_once(data_dir, tmp_path):
-    args = [f"--{k}={v}" for k, v in vars(tiny(data_dir, tmp_path, max_iters=2)).items() if v != getattr(TrainConfig(), k)]
+    cfg = tiny(data_dir, tmp_path, max_iters=2)
+    args = [f"--{k}={v}" for k, v in vars(cfg).items() if v != getattr(TrainConfig(), k)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(REPO / "train.py"), *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=120, cwd=REPO)
