@@ -98,7 +98,6 @@ def parse_variants(spec, cfg, flag="--compare"):
         variant = apply_settings(cfg, settings, f"{flag} variant {label!r}")
         try:
             check_config(variant)
-            check_timed(variant)
         except ConfigError as e:
             raise ConfigError(f"{flag} variant {label!r}: {e}") from e
         variants.append((label, variant))
@@ -123,6 +122,11 @@ def compare(cfg, device):
     """tokens/s of each --compare variant (in its own dtype: the first of --dtype unless it sets one), timed in
     alternating rounds. Returns {label: median tokens/s}."""
     variants = parse_variants(cfg.compare, cfg)
+    for label, variant in variants:
+        try:
+            check_timed(variant)
+        except ConfigError as e:
+            raise ConfigError(f"--compare variant {label!r}: {e}") from e
     rates = {label: [] for label, _ in variants}
     for _ in range(cfg.rounds):
         for label, variant in variants:
