@@ -204,14 +204,17 @@ def all_reduce_sum(tensor, world):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, device, rank, world):
+def estimate_loss(model, splits, cfg, device, rank, world, stop=None):
     """Mean loss over eval_iters fixed batches per split (the same batches at every eval), split
-    between the processes."""
+    between the processes; None where one process's stop (a StopRequest) was requested mid-way."""
     model.eval()
     out = {}
     for split_id, split in enumerate(("train", "val")):
         losses = torch.zeros(cfg.eval_iters, device=device)
         for k in range(rank, cfg.eval_iters, world):
+            if world == 1 and stop is not None and stop.requested:
+                model.train()
+                return None
             g = seeded_generator(cfg.seed, EVAL_STREAM, split_id, k)
             x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, g, device)
             with autocast(device, cfg.dtype):
@@ -272,8 +275,8 @@ class StopRequest:
         self.requested = True
         self.__exit__()
         if not self.quiet:          # an eval or a long step may run on for a while: say that it was heard
-            print("\nstopping after this step, with a checkpoint (press Ctrl-C again to stop at once, saving "
-                  "nothing)", file=sys.stderr, flush=True)
+            print("\nstopping after this step, with a checkpoint; an eval in progress is cut short (press Ctrl-C "
+                  "again to stop at once, saving nothing)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -366,9 +369,12 @@ def train(cfg: TrainConfig, set_keys=None) -> list:
             dist.destroy_process_group()
 
 
-def evaluate(model, splits, cfg, device, rank, world, iter_num, lr, tokens, elapsed_s):
-    """One eval record: train and val loss on the fixed eval batches; a non-finite loss stops the run."""
-    losses = estimate_loss(model, splits, cfg, device, rank, world)
+def evaluate(model, splits, cfg, device, rank, world, iter_num, lr, tokens, elapsed_s, stop=None):
+    """One eval record: train and val loss on the fixed eval batches; a non-finite loss stops the run. None
+    when a single process was asked to stop mid-eval (processes of one DDP run finish it together)."""
+    losses = estimate_loss(model, splits, cfg, device, rank, world, stop)
+    if losses is None:
+        return None
     if not all(map(math.isfinite, losses.values())):
         raise TrainError(f"non-finite eval loss {losses} at iteration {iter_num}; stopped, keeping the "
                          f"last good checkpoint in {cfg.out_dir}")
@@ -480,6 +486,16 @@ def run(cfg, set_keys, rank, world, device, stop):
         if not cfg.quiet:
             bar.write(f"saved {out_dir / CKPT_NAME} at iteration {iter_num} ({reason})")    # not onto the bar's line
 
+    def stop_here():
+        bar.close()
+        if earlier_run_kept:
+            raise KeyboardInterrupt(f"stopped at iteration {iter_num}, before this run's first save: nothing "
+                                    f"saved, and {out_dir} still holds the earlier run")
+        save("interrupted")
+        launcher = "python" if world == 1 else f"torchrun --standalone --nproc_per_node={world}"
+        raise KeyboardInterrupt(f"stopped at iteration {iter_num}; to resume: {launcher} train.py "
+                                f"--init_from=resume --out_dir={out_dir}")
+
     records = []
     bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not master or cfg.quiet, unit="it",
                dynamic_ncols=True)
@@ -488,8 +504,12 @@ def run(cfg, set_keys, rank, world, device, stop):
         lr = lr_at(cfg, iter_num)
         at_eval = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
         if at_eval and not (iter_num == start_iter and evaluated):
+            bar.set_description_str("evaluating")
             record = evaluate(eval_model, splits, cfg, device, rank, world, iter_num, lr,
-                              iter_num * tokens_per_iter, elapsed())
+                              iter_num * tokens_per_iter, elapsed(), stop)
+            bar.set_description_str("")
+            if record is None:                  # stopped mid-eval: the resumed run evaluates this iteration
+                stop_here()
             records.append(record)
             if earlier_run_kept:
                 history.append(record)                              # written at this run's first save
@@ -505,8 +525,11 @@ def run(cfg, set_keys, rank, world, device, stop):
         if iter_num >= cfg.max_iters:
             break
 
+        if iter_num == start_iter and cfg.compile:
+            bar.set_description_str("compiling")
         train_loss, stop_requested = train_step(train_model, model, optimizer, splits["train"], cfg, lr, iter_num,
                                                 rank, world, device, stop)
+        bar.set_description_str("")
         if not math.isfinite(train_loss):
             raise TrainError(f"the loss or its gradient became nan/inf at iteration {iter_num}: stopped; the last "
                              f"good checkpoint in {out_dir} is kept. Try a lower learning_rate or more warmup_iters")
@@ -522,14 +545,7 @@ def run(cfg, set_keys, rank, world, device, stop):
             bar.set_postfix(postfix)
             window_t, window_iters = time.perf_counter(), 0
         if stop_requested:
-            bar.close()
-            if earlier_run_kept:
-                raise KeyboardInterrupt(f"stopped at iteration {iter_num}, before this run's first save: nothing "
-                                        f"saved, and {out_dir} still holds the earlier run")
-            save("interrupted")
-            launcher = "python" if world == 1 else f"torchrun --standalone --nproc_per_node={world}"
-            raise KeyboardInterrupt(f"stopped at iteration {iter_num}; to resume: {launcher} train.py "
-                                    f"--init_from=resume --out_dir={out_dir}")
+            stop_here()
     bar.close()
     if master and not earlier_run_kept and (out_dir / CKPT_NAME).is_file():
         say(f"sample from it: python sample.py --init_from={out_dir}")

@@ -151,6 +151,26 @@ def interrupt_at(iteration, monkeypatch, signum=signal.SIGINT, evals_before=1):
     monkeypatch.setattr(train_module, "get_batch", interrupting)
 
 
+def test_ctrl_c_during_an_eval_cuts_it_short_and_the_resumed_run_evaluates_there(data_dir, tmp_path, monkeypatch):
+    straight = train(tiny(data_dir, tmp_path / "a", max_iters=20))
+    get_batch, calls = train_module.get_batch, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 2 * 2 + 10 + 1:           # the first batch of the eval at iteration 10
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return get_batch(*args)
+
+    monkeypatch.setattr(train_module, "get_batch", interrupting)
+    with pytest.raises(KeyboardInterrupt, match="stopped at iteration 10"):
+        train(tiny(data_dir, tmp_path / "b", max_iters=20))
+    assert len(calls) == 2 * 2 + 10 + 1                      # the other 3 eval batches were not drawn
+    monkeypatch.undo()
+    train(TrainConfig(init_from="resume", out_dir=str(tmp_path / "b"), quiet=True))
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["val_loss"]) for r in log] == [(r["iter"], r["val_loss"]) for r in straight]
+
+
 @pytest.mark.parametrize("stop_at", [10, 20])           # an eval's iteration, and max_iters (the last eval)
 def test_a_run_stopped_where_an_eval_was_due_evaluates_when_resumed(data_dir, tmp_path, monkeypatch, stop_at):
     straight = train(tiny(data_dir, tmp_path / "a", max_iters=20))
@@ -388,7 +408,7 @@ def test_command_line_ctrl_c_saves_says_how_to_resume_and_exits_130(data_dir, tm
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
-    assert "stopping after this step, with a checkpoint (press Ctrl-C again to stop at once" in err
+    assert "stopping after this step, with a checkpoint; an eval in progress is cut short (press Ctrl-C again" in err
     assert f"saved {tmp_path / 'ckpt.pt'}" in out
     assert f"to resume: python train.py --init_from=resume --out_dir={tmp_path}" in err
 
