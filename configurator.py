@@ -21,6 +21,7 @@ import os
 import sys
 import textwrap
 import tokenize
+import traceback
 import types
 import typing
 
@@ -63,14 +64,23 @@ def parse_value(text):
 
 
 def _read_config_file(path):
-    """The settings a config file assigns: every top-level name not starting with '_' (modules skipped)."""
+    """The settings a config file assigns: every top-level name not starting with '_' (what it imports or
+    defines, modules, functions and classes, is skipped). A file that does not run is one ConfigError
+    naming its line."""
     namespace = {"__file__": str(path)}    # lets a config file build on another: exec(open(...).read())
     try:
         source = open(path).read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-    exec(compile(source, path, "exec"), namespace)
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}") from e
+    except Exception as e:                # a config file is Python: NameError, ImportError, ... in its code
+        line = traceback.extract_tb(e.__traceback__)[-1].lineno
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from e
+    code = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, code)}
 
 
 def apply_settings(config, settings, source):

@@ -334,7 +334,8 @@ def test_a_bool_setting_alone_is_true_and_true_false_take_any_case():
 
 def test_config_files_and_overrides_apply_in_order(tmp_path):
     config_file = tmp_path / "x.py"
-    config_file.write_text("import math\nbatch_size = 3\nlearning_rate = 1\nmin_lr = 0.1\nout_dir = 'o'\n")
+    config_file.write_text("import math\nfrom math import sqrt\nbatch_size = 3\nlearning_rate = 1\nmin_lr = 0.1\n"
+                           "def half(x):\n    return x / 2\nout_dir = 'o'\n")      # imports and functions are no settings
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size=5", "--out_dir=2024"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (5, 1.0, "2024")
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size", "6", "--out_dir", "2025"])   # --key value
@@ -342,6 +343,11 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
     config_file.write_text("batch_sise = 3\n")
     with pytest.raises(ConfigError, match="'batch_sise' \\(did you mean 'batch_size'\\?\\) in config file"):
         configure(TrainConfig(), [str(config_file)])
+    for text, says in (("batch_size = 3\nmax_iters = (\n", "line 2: '\\(' was never closed"),
+                       ("batch_size = 3\nmax_iters = iters * 2\n", "line 2: NameError: name 'iters' is not defined")):
+        config_file.write_text(text)
+        with pytest.raises(ConfigError, match=f"config file {config_file}, {says}"):
+            configure(TrainConfig(), [str(config_file)])
 
 
 def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
