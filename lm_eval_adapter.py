@@ -31,6 +31,7 @@ How requests are answered:
 Text the tokenizer cannot encode (a character outside a char-level vocabulary) stops the run with the tokenizer's
 error: eval.py skips such examples, but an lm-eval backend must answer every request.
 """
+import inspect
 import logging
 import sys
 
@@ -98,6 +99,11 @@ class NanoMobileLLM(TemplateLM):
         """The model from model_args plus lm-eval's --device/--batch_size, model_args winning (lm-eval's CLI
         always sends those two, its defaults included, and would otherwise pass a key given in both twice)."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(arg_dict) - known)
+        if unknown or "init_from" not in arg_dict:
+            raise ValueError(f"--model_args {', '.join(unknown) or 'without init_from'}: takes init_from=<model> "
+                             f"(required), {', '.join(sorted(known - {'init_from'}))}")
         return cls(**arg_dict, **extra)
 
     @classmethod

@@ -46,6 +46,10 @@ def test_model_args_are_checked_and_a_missing_cuda_means_the_cpu(tmp_path):
     model_args = dict(init_from=tmp_path / "ckpt", batch_size=2)
     assert adapter.NanoMobileLLM.create_from_arg_obj(model_args, cli).batch_size == 2
     assert adapter.NanoMobileLLM.create_from_arg_string(f"init_from={tmp_path / 'ckpt'}", cli).batch_size == 3
+    with pytest.raises(ValueError, match="--model_args initfrom: takes init_from=<model> \\(required\\), batch_size"):
+        adapter.NanoMobileLLM.create_from_arg_string(f"initfrom={tmp_path / 'ckpt'}", cli)
+    with pytest.raises(ValueError, match="--model_args without init_from: takes init_from=<model>"):
+        adapter.NanoMobileLLM.create_from_arg_string("", cli)
     with pytest.raises(ValueError, match="no 'auto'"):
         adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", batch_size="auto")
     with pytest.raises(ValueError, match="unknown dtype"):
