@@ -2,10 +2,12 @@
 PIQA through eval.py and lm-evaluation-harness on the same model and examples, compared example by example,
 with the throughput (examples/s) of each: lm-eval's own `hf` backend (transformers) and ours (`nanomobilellm`,
 lm_eval_adapter.py). For all three runners the model must be a Hugging Face dir or repo id, the one format both
-load (`python export.py --init_from=model.gguf --format=hf --out=out-hf` writes one); lm-eval's hf backend needs accelerate.
+load (`python export.py --init_from=model.gguf --format=hf --out=out-hf` writes one); lm-eval's hf backend needs
+accelerate.
 
   python experiments/bench_lm_eval.py --init_from=out-hf --data=../shared/data/piqa/valid.jsonl
-  python experiments/bench_lm_eval.py --init_from=out-w8a8 --data=../shared/data/piqa/valid.jsonl --runners=eval.py,nanomobilellm --simulate_int8
+  python experiments/bench_lm_eval.py --init_from=out-w8a8 --data=../shared/data/piqa/valid.jsonl \
+      --runners=eval.py,nanomobilellm --simulate_int8
 
 Every runner scores the first --limit examples (default: all) at the same batch size, device and autocast dtype;
 the time is the whole evaluation (building and tokenizing requests, scoring, metrics) after the model is loaded.
@@ -24,6 +26,7 @@ from lm_eval.tasks import TaskManager
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # eval.py and the adapter live at the repo root
 import eval as ev  # noqa: E402
 import lm_eval_adapter  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
 from configurator import at_least  # noqa: E402
 from loader import DTYPES, dtype_name, load_model_and_tokenizer, resolve_device, torch_dtype  # noqa: E402
 from int8 import set_simulate  # noqa: E402
@@ -45,9 +48,11 @@ def time_eval_py(args):
     set_simulate(model, args.simulate_int8)
     outcomes = []
     t0 = time.perf_counter()
-    r = ev.evaluate(model, tokenizer, "piqa", examples, args.batch_size, args.device, torch_dtype(args.dtype), outcomes)
+    dtype = torch_dtype(args.dtype)
+    r = ev.evaluate(model, tokenizer, "piqa", examples, args.batch_size, args.device, dtype, outcomes)
     if r["skipped"]:
-        sys.exit(f"eval.py skipped {r['skipped']} examples its tokenizer cannot encode: no example-by-example comparison")
+        sys.exit(f"eval.py skipped {r['skipped']} examples its tokenizer cannot encode: no example-by-example "
+                 "comparison")
     return time.perf_counter() - t0, r["acc"], r["acc_norm"], outcomes
 
 
@@ -70,8 +75,10 @@ def main():
     parser.add_argument("--batch_size", type=at_least(1), default=16)
     parser.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     parser.add_argument("--dtype", default="fp32", type=dtype_name, choices=DTYPES, help="autocast dtype")
-    parser.add_argument("--simulate_int8", action="store_true", help="as eval.py --simulate_int8 (eval.py, nanomobilellm)")
-    parser.add_argument("--runners", default="eval.py,nanomobilellm,hf", help="eval.py (always first), nanomobilellm, hf")
+    parser.add_argument("--simulate_int8", action="store_true",
+                        help="as eval.py --simulate_int8 (eval.py, nanomobilellm)")
+    parser.add_argument("--runners", default="eval.py,nanomobilellm,hf",
+                        help="eval.py (always first), nanomobilellm, hf")
     args = parser.parse_args()
     args.device = resolve_device(args.device)
     autocast = None if args.dtype == "fp32" else str(torch_dtype(args.dtype)).removeprefix("torch.")
@@ -100,4 +107,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ev.EvalError, CheckpointError, ValueError, OSError) as e:       # bad data, a model that does not load
+        sys.exit(f"bench_lm_eval.py: {e}")

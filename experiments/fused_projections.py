@@ -67,6 +67,8 @@ def fused_projections(model):
 
 def main(cfg):
     check_config(cfg)
+    if cfg.rounds < 1 or cfg.iters < 1:
+        raise ConfigError(f"rounds and iters must be at least 1, got {cfg.rounds} and {cfg.iters}")
     device, dtype = resolve_device(cfg.device), dtype_name(cfg.dtype.split(",")[0])
     x = torch.randint(cfg.vocab_size, (2, cfg.block_size), device=device)
     torch.manual_seed(0)

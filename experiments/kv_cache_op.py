@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts liv
 import export  # noqa: E402
 from bench_mobile import check_tokens, host_pte_row  # noqa: E402
 from configurator import at_least  # noqa: E402
-from loader import preset_model  # noqa: E402
+from loader import preset_config, preset_model  # noqa: E402
 from measure import in_fresh_process  # noqa: E402
 
 VARIANTS = ("sdpa_with_kv_cache", "update_cache x2 + custom_sdpa")
@@ -61,6 +61,11 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=at_least(1), default=32)
     p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
+    for spec in args.init_from.split(","):
+        try:
+            preset_config(spec)
+        except ValueError as e:
+            p.error(f"--init_from {spec!r}: {e}")
     export.require_executorch()
     programs, tokens = {}, {}
     with tempfile.TemporaryDirectory(prefix="kv_cache_op-") as tmp:

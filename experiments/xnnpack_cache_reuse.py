@@ -76,15 +76,25 @@ def chain_gbs(config, dtype, threads, mb, hot_pairs):
     return n * pair_bytes / seconds / 1e9, pairs * pair_bytes / 2**20
 
 
+def positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--init_from", default="mobilellm-125m", help="preset[:field=value+...] whose FFN shape to use")
     p.add_argument("--dtype", default="fp32", choices=PROGRAM_DTYPES)
     p.add_argument("--hot_pairs", default="1,2,4", help="working sets to time, in pairs of FFN matrices")
-    p.add_argument("--mb", type=float, default=64, help="MB of weights read per call")
+    p.add_argument("--mb", type=positive_float, default=64, help="MB of weights read per call")
     p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
-    config = preset_config(args.init_from)
+    try:
+        config = preset_config(args.init_from)
+    except ValueError as e:
+        p.error(f"--init_from {args.init_from!r}: {e}")
     print("| weights re-read | working set MB | GB/s of weights |\n|---|---|---|")
     for hot_pairs in [0] + [int(k) for k in args.hot_pairs.split(",")]:
         gbs, working_set = chain_gbs(config, args.dtype, args.threads, args.mb, hot_pairs)
