@@ -144,7 +144,11 @@ def load_source(init_from, seed=0):
         model, tokenizer = load_model_and_tokenizer(init_from, seed=seed)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:
         raise ExportError(f"--init_from {init_from!r}: {e}") from e
-    return (dequantized(model) if is_quantized(model) else model), tokenizer
+    if is_quantized(model):
+        tqdm.write(f"note: {init_from} holds int8 weights: exported from the float weights they stand for, which "
+                   "--dtype w8a8 (.pte) or q8_0 (.gguf) quantize to 8 bits again")
+        model = dequantized(model)
+    return model, tokenizer
 
 
 def source_hash(model):

@@ -212,13 +212,15 @@ def test_executorch_import_and_thread_setting_print_nothing_and_leave_stderr_and
     assert run.stdout.split() == ["0", "0"]
 
 
-def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path):
+def test_int8_checkpoint_gives_its_float_equivalent_weights(tmp_path, capsys):
     from checkpoint import model_checkpoint, save_checkpoint
     from int8 import quantize_model
     float_model = preset_model(TINY_LS, seed=1)
     qmodel = quantize_model(preset_model(TINY_LS, seed=1), "w8a8")
-    save_checkpoint(model_checkpoint(qmodel, {"kind": "char", "chars": "ab"}, quantization="w8a8"), tmp_path / "ckpt.pt")
+    save_checkpoint(model_checkpoint(qmodel, {"kind": "char", "chars": "ab"}, quantization="w8a8"),
+                    tmp_path / "ckpt.pt")
     model = ex.load_source(str(tmp_path))[0]
+    assert "holds int8 weights: exported from the float weights they stand for" in capsys.readouterr().out
     assert model.output.weight is model.tok_embeddings.weight                  # still tied, not untied
     w, ref = model.layers[0].feed_forward.w1.weight, float_model.layers[0].feed_forward.w1.weight
     assert 0 < (w - ref).abs().max() <= ref.abs().amax(dim=1).max() / 127      # int8 rounding, no more
