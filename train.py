@@ -458,9 +458,10 @@ def run(cfg, set_keys, rank, world, device, stop):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{model.num_params():,} parameters, {trained:,} trained ({config.n_layers} blocks applied {config.depth} "
         f"times, dim {config.dim}); {tokens_per_iter:,} tokens/iter on {world} x {device}, {cfg.dtype}")
-    if peak_flops and flops_per_iter / (world * peak_flops) > 10:       # a GPU recipe on a CPU, say
-        say(f"each iteration is {flops_per_iter / 1e12:.1f} TFLOP: at least {flops_per_iter / (world * peak_flops):,.0f}"
-            f" s at this device's measured peak, and each eval {2 * cfg.eval_iters} forward batches")
+    least_s = flops_per_iter / (world * peak_flops) if peak_flops else 0.0
+    if least_s > 10:                                                    # a GPU recipe on a CPU, say
+        say(f"each iteration is {flops_per_iter / 1e12:.1f} TFLOP: at least {least_s:,.0f} s at this device's "
+            f"measured peak, and each eval {2 * cfg.eval_iters} forward batches")
     # a new run in the folder of an earlier one leaves its checkpoint and log as they are until its first save
     earlier_run_kept = master and cfg.init_from != "resume" and (out_dir / CKPT_NAME).is_file()
     if earlier_run_kept:
