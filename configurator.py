@@ -172,7 +172,13 @@ def exit_if_help(argv, doc, config, more_comments=()):
         for cls in (*more_comments, *reversed(type(config).__mro__)):     # a subclass's own comments last
             if dataclasses.is_dataclass(cls):
                 comments.update(field_comments(cls))
-        lines = [doc.strip() + "\n\nSettings (--key=value), their defaults and what they are:"]
+        given, values = [arg for arg in argv if arg not in ("-h", "--help")], "their defaults"
+        if given:                                   # `train.py config/x.py --help`: the values that run would take
+            try:
+                config, values = configure(config, given), "as the config files and overrides given set them"
+            except ConfigError:
+                pass                                # a bad one is said when the script runs without --help
+        lines = [doc.strip() + f"\n\nSettings (--key=value), {values}, and what they are:"]
         for key, value in dataclasses.asdict(config).items():
             setting = f"  --{key}={value!r}"
             comment = comments.get(key, "")

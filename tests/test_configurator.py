@@ -24,8 +24,8 @@ def test_help_prints_the_usage_and_every_setting_then_exits(script, flag, monkey
     assert stop.value.code is None                                  # exit status 0, nothing run
     out = capsys.readouterr().out
     assert out.startswith(runpy.run_path(str(REPO / script))["__doc__"].strip()[:40])
-    assert "Settings (--key=value), their defaults and what they are:" in out
-    assert "  --max_iters=" in out and "  --seed=1337" in out
+    assert "Settings (--key=value), as the config files and overrides given set them, and what they are:" in out
+    assert "  --max_iters=7 " in out and "  --seed=1337" in out                   # the override, and a default
     assert re.search(r"--share='immediate' +MobileLLM-LS: each block applied twice in a row\n", out)
     assert re.search(r"--n_kv_heads=2 +§2.2.4 grouped-query attention", out)     # ModelConfig's comment
 
