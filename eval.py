@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
-from configurator import ConfigError, HelpFormatter, at_least, usage_description
+from configurator import HelpFormatter, at_least, usage_description
 from int8 import set_simulate
 from loader import (DTYPES, autocast, dtype_name, load_model_and_tokenizer, require_source, resolve_device,
                     resolve_dtype, torch_dtype, without_tokenizer)
@@ -410,7 +410,7 @@ def main(argv=None):
         for name in tasks:       # read every task's data before the model, so a bad file fails fast
             docs = load_docs(name, paths.get(name))[:args.limit]
             examples[name] = build_examples(name, docs, paths.get(name, "the downloaded data"))
-    except (EvalError, ConfigError, CheckpointError) as e:
+    except (EvalError, CheckpointError, ValueError) as e:      # ValueError: ConfigError, a preset model.py refuses
         sys.exit(f"eval.py: {e}")
     try:
         model, tokenizer = load_model_and_tokenizer(args.init_from, device=args.device)

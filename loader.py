@@ -118,7 +118,7 @@ def source_kind(init_from):
     """What --init_from names: "preset" (with or without overrides), "gguf", "hf" (a local dir or a hub repo id)
     or "checkpoint" (ours)."""
     path = Path(init_from)
-    if not path.exists() and (init_from.partition(":")[0] in PRESETS or ":" in init_from):
+    if not path.exists() and init_from.partition(":")[0] in PRESETS:
         return "preset"
     if path.suffix == ".gguf":
         return "gguf"
@@ -140,7 +140,11 @@ def did_you_mean(name):
     it; "" when nothing is close."""
     path = Path(name)
     beside = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
-    close = difflib.get_close_matches(path.name, [*PRESETS, *beside], n=1)
+    stem, colon, overrides = path.name.partition(":")
+    if colon:                                               # a preset spec whose preset is misspelt
+        close = [p + colon + overrides for p in difflib.get_close_matches(stem, PRESETS, n=1)]
+    else:
+        close = difflib.get_close_matches(path.name, [*PRESETS, *beside], n=1)
     if not close:
         return ""
     return f" (did you mean {str(path.with_name(close[0])) if close[0] in beside else close[0]!r}?)"

@@ -40,7 +40,7 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--init_from", TINY_LS, "--prompt_len=300"])
     with pytest.raises(SystemExit, match=r"--max_seq_len \(100\) must be in 1..64"):
         bm.main(["--init_from", TINY_LS, "--max_seq_len=100", "--device", "none"])
-    with pytest.raises(SystemExit, match="unknown preset"):
+    with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t:n_layers=2"):
         bm.main(["--init_from", "mobilellm-9t:n_layers=2", "--device", "none"])
     with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t"):
         bm.main(["--init_from", "mobilellm-9t", "--device", "none"])
@@ -64,7 +64,7 @@ def test_every_compared_model_is_checked_before_the_first_export(monkeypatch):
     monkeypatch.setattr(bm, "cached_pte", lambda *a: pytest.fail("exported before checking every --compare entry"))
     with pytest.raises(SystemExit, match="--init_from 'nosuch': no checkpoint at nosuch"):
         bm.main(["--compare", f"{TINY_LS},nosuch", "--dtype", "fp32", "--device", "none"])
-    with pytest.raises(SystemExit, match="unknown preset 'mobilellm-9t'"):
+    with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t:dim=64"):
         bm.main(["--compare", f"{TINY_LS},mobilellm-9t:dim=64", "--dtype", "fp32", "--device", "none"])
 
 

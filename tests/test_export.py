@@ -235,7 +235,7 @@ def test_command_line_writes_a_program_that_computes_the_model(tiny, pte_fp32, e
     method = load_method(out)
     for (tokens, pos), ref in zip(STEPS, eager_steps(tiny, STEPS)):
         assert (method.execute([tokens, pos])[0] - ref).abs().max().item() < 1e-4
-    with pytest.raises(SystemExit, match="export.py: .*unknown preset"):
+    with pytest.raises(SystemExit, match="export.py: .*no checkpoint at mobilellm-9t:n_layers=1"):
         ex.main(["--init_from", "mobilellm-9t:n_layers=1", "--cache_dir", str(tmp_path / "cache")])
 
 

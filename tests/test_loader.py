@@ -58,8 +58,10 @@ def test_a_preset_with_overrides_loads_in_every_script_with_its_seed():
         loader.require_source("mobilellm-micro:n_layers=two")
     with pytest.raises(ConfigError, match="bad override 'dim' in 'mobilellm-micro:dim': use preset:field=value"):
         loader.require_source("mobilellm-micro:dim")
-    with pytest.raises(ValueError, match="unknown preset 'mobilellm-9t'"):
-        loader.require_source("mobilellm-9t:dim=64")
+    with pytest.raises(CheckpointError, match="no checkpoint at mobilellm-12m:dim=64 \\(did you mean "
+                                              "'mobilellm-125m:dim=64'\\?\\)"):
+        loader.require_source("mobilellm-12m:dim=64")
+    assert source_kind("out-run:2") == "checkpoint"
 
 
 @pytest.mark.parametrize("native", [True, False])
