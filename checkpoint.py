@@ -8,6 +8,7 @@ A checkpoint is one torch file (`<out_dir>/ckpt.pt`) holding a dict:
   ... plus whatever the writer adds (train.py: optimizer, iter_num, RNG states, data position;
       quantize.py: quantization = "w8a8" or "w8" and its int8 tensors).
 """
+import glob
 import os
 import re
 from dataclasses import asdict
@@ -50,11 +51,11 @@ def atomic_write(path, write):
 
 
 def remove_dead_writers_files(path):
-    """Delete the temporary files of path (".NAME.tmpPID") left by writers that no longer run: a checkpoint's
-    can be as large as the checkpoint."""
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+    """Delete the temporary files of path (".NAME.tmpPID") left by writers that no longer run on this machine:
+    a checkpoint's can be as large as the checkpoint."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not process_exists(int(pid)):
+        if pid.isdigit() and len(pid) < 10 and not process_exists(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, load_model, model_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model, model_checkpoint, save_checkpoint
 from model import MobileLLM, ModelConfig
 
 SPEC = {"kind": "char", "chars": "abc"}
@@ -53,9 +53,13 @@ def test_the_temporary_file_of_a_writer_killed_outright_is_removed_by_the_next_w
     (tmp_path / f".ckpt.pt.tmp{dead}").write_bytes(b"half a checkpoint")
     (tmp_path / f".ckpt.pt.tmp{os.getppid()}").write_bytes(b"being written")       # a process that runs
     (tmp_path / f".log.jsonl.tmp{dead}").write_bytes(b"another file's")
+    (tmp_path / ".ckpt.pt.tmp99999999999999999999").write_bytes(b"no pid of this machine")
     save_checkpoint(model_checkpoint(tiny(), SPEC, iter_num=1), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["ckpt.pt", f".ckpt.pt.tmp{os.getppid()}", f".log.jsonl.tmp{dead}"])
+        ["ckpt.pt", f".ckpt.pt.tmp{os.getppid()}", f".log.jsonl.tmp{dead}", ".ckpt.pt.tmp99999999999999999999"])
+    (tmp_path / f".m[1].pte.tmp{dead}").write_bytes(b"")                   # a name glob would read as a pattern
+    atomic_write(tmp_path / "m[1].pte", lambda tmp: tmp.write_bytes(b"x"))
+    assert not (tmp_path / f".m[1].pte.tmp{dead}").exists()
 
 
 def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
