@@ -52,11 +52,11 @@ class BenchConfig(TrainConfig):
 
 def check_timed(cfg):
     """One clear error for settings the step cannot be timed with: a model to fine-tune (the weights here are
-    random), a shape model.py refuses."""
+    random), a shape model.py refuses, more blocks to train than the model has."""
     if cfg.init_from != "scratch":
         raise ConfigError(f"init_from={cfg.init_from!r}: bench_train.py times random weights of the shape its "
                           "settings give (set the model's fields, e.g. a config file of that shape)")
-    model_config(cfg, cfg.vocab_size)
+    frozen_blocks(model_config(cfg, cfg.vocab_size), cfg)
 
 
 def tokens_per_second(cfg, dtype, device, rebuild=None):

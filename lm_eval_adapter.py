@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 import eval as ev
 from checkpoint import CheckpointError
-from configurator import ConfigError
 from int8 import set_simulate
 from loader import autocast, load_model_and_tokenizer, resolve_device, torch_dtype, without_tokenizer
 
@@ -56,11 +55,10 @@ MAX_GEN_TOKS = 256   # the harness's default when a task does not say
 def pick_device(device):
     """The device asked for, or CUDA when there is one; a CUDA device on a machine without CUDA means the CPU
     (lm-eval's CLI asks for cuda:0 unless told otherwise)."""
-    try:
-        return resolve_device(device or "auto")
-    except ConfigError:
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
         log.warning("device %s asked for, but CUDA is not available: using the CPU", device)
         return "cpu"
+    return resolve_device(device or "auto")
 
 
 def parse_batch_size(value):

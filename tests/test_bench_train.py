@@ -76,6 +76,9 @@ def test_compare_times_each_variant_in_its_own_dtype_and_names_a_bad_one(monkeyp
         bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", "--compare=dim=16;n_heads=3"]))
     with pytest.raises(ConfigError, match="--compare variant 'init_from=x': init_from='x': bench_train.py times"):
         bench_train.main(configure(bench_train.BenchConfig(), TINY + ["--dtype=fp32", "--compare=dim=16;init_from=x"]))
+    with pytest.raises(ConfigError, match="--compare variant 'train_blocks=5': train_blocks=5 but the model has 1"):
+        bench_train.main(configure(bench_train.BenchConfig(),
+                                   TINY + ["--dtype=fp32", "--compare=dim=16;train_blocks=5"]))
     assert timed == ["fp32", "bf16"]                                  # refused before any timing
 
 

@@ -58,6 +58,8 @@ def test_model_args_are_checked_and_a_missing_cuda_means_the_cpu(tmp_path):
         adapter.NanoMobileLLM("mobilellm-micro", device="cpu")
     if not torch.cuda.is_available():
         assert adapter.pick_device("cuda:0") == "cpu" and adapter.pick_device(None) == "cpu"
+    with pytest.raises(ValueError, match="device='gpu': use cpu, cuda"):        # a typo is no CPU fallback
+        adapter.pick_device("gpu")
     bf16 = adapter.NanoMobileLLM(tmp_path / "ckpt", device="cpu", dtype="bfloat16")
     [(ll, _)], [(ll16, _)] = (m.loglikelihood(requests("loglikelihood", ("Q: why?", " because"))) for m in (lm, bf16))
     assert ll16 == pytest.approx(ll, abs=0.1) and ll16 != ll                  # autocast ran, in bfloat16
