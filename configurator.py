@@ -64,8 +64,8 @@ def parse_value(text):
 
 
 def _read_config_file(path):
-    """The settings a config file assigns: every top-level name not starting with '_' (what it imports or
-    defines, modules, functions and classes, is skipped). A file that does not run is one ConfigError
+    """The settings a config file assigns: every top-level name not starting with '_', except modules,
+    functions and classes (which it may import or define). A file that does not run is one ConfigError
     naming its line."""
     namespace = {"__file__": str(path)}    # lets a config file build on another: exec(open(...).read())
     try:
@@ -77,7 +77,7 @@ def _read_config_file(path):
     except SyntaxError as e:
         raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}") from e
     except Exception as e:                # a config file is Python: NameError, ImportError, ... in its code
-        line = traceback.extract_tb(e.__traceback__)[-1].lineno
+        line = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == str(path)][-1]
         raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from e
     code = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, code)}

@@ -146,6 +146,8 @@ def check_config(cfg):
                  "eps", "grad_clip", "peak_flops"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.learning_rate == 0:                  # the schedule's peak, which Muon's lr is scaled by
+        raise ConfigError("learning_rate must be > 0 (it is the schedule's peak)")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
@@ -262,8 +264,8 @@ class StopRequest:
     saves and stops after the current step. A second signal kills."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, quiet=False):
-        self.requested, self.quiet = False, quiet
+    def __init__(self, quiet=False, cuts_evals=True):
+        self.requested, self.quiet, self.cuts_evals = False, quiet, cuts_evals
         self.previous = {}
 
     def __enter__(self):
@@ -275,8 +277,9 @@ class StopRequest:
         self.requested = True
         self.__exit__()
         if not self.quiet:          # an eval or a long step may run on for a while: say that it was heard
-            print("\nstopping after this step, with a checkpoint; an eval in progress is cut short (press Ctrl-C "
-                  "again to stop at once, saving nothing)", file=sys.stderr, flush=True)
+            evals = "; an eval in progress is cut short" if self.cuts_evals else ""
+            os.write(2, f"\nstopping after this step, with a checkpoint{evals} (press Ctrl-C again to stop at once, "
+                        "saving nothing)\n".encode())          # os.write: safe while tqdm writes to stderr too
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -324,7 +327,7 @@ def read_log(out_dir, say):
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+        if isinstance(record, dict) and {"iter", "train_loss", "val_loss"} <= set(record):
             records.append(record)
         else:
             bad += 1
@@ -344,7 +347,8 @@ def resume_state(ckpt, out_dir, optimizer, device, say):
     restore_rng_state(ckpt["rng"], device)
     history = read_log(out_dir, say)
     history = [r for r in history if r["iter"] <= ckpt["iter_num"]]   # a run killed outright may have logged more
-    return ckpt["iter_num"], ckpt.get("best_val_loss", math.inf), ckpt.get("elapsed_s", 0.0), history
+    best = min([ckpt.get("best_val_loss", math.inf)] + [r["val_loss"] for r in history])   # an eval after a save
+    return ckpt["iter_num"], best, ckpt.get("elapsed_s", 0.0), history
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,7 +366,7 @@ def train(cfg: TrainConfig, set_keys=None) -> list:
             prepare_if_missing(cfg)
         if world > 1:
             dist.barrier()
-        with StopRequest(quiet=cfg.quiet or rank != 0) as stop:
+        with StopRequest(quiet=cfg.quiet or rank != 0, cuts_evals=world == 1) as stop:
             return run(cfg, changed_settings(cfg) if set_keys is None else set_keys, rank, world, device, stop)
     finally:
         if owned_group:
@@ -465,8 +469,8 @@ def run(cfg, set_keys, rank, world, device, stop):
     # a new run in the folder of an earlier one leaves its checkpoint and log as they are until its first save
     earlier_run_kept = master and cfg.init_from != "resume" and (out_dir / CKPT_NAME).is_file()
     if earlier_run_kept:
-        say(f"{out_dir / CKPT_NAME} is an earlier run's, which this run replaces at its first save "
-            "(to continue that run instead: --init_from=resume)")
+        say(f"{out_dir / CKPT_NAME} is an earlier run's, which this run replaces at its first save, a Ctrl-C's "
+            "after its first step included (to continue that run instead: --init_from=resume)")
     elif master:
         write_log(history, out_dir)
 
@@ -492,9 +496,9 @@ def run(cfg, set_keys, rank, world, device, stop):
 
     def stop_here():
         bar.close()
-        if earlier_run_kept:
-            raise KeyboardInterrupt(f"stopped at iteration {iter_num}, before this run's first save: nothing "
-                                    f"saved, and {out_dir} still holds the earlier run")
+        if earlier_run_kept and iter_num == start_iter:
+            raise KeyboardInterrupt(f"stopped before this run's first step: nothing saved, and {out_dir} still "
+                                    "holds the earlier run")
         save("interrupted")
         launcher = "python" if world == 1 else f"torchrun --standalone --nproc_per_node={world}"
         raise KeyboardInterrupt(f"stopped at iteration {iter_num}; to resume: {launcher} train.py "
@@ -551,7 +555,9 @@ def run(cfg, set_keys, rank, world, device, stop):
         if stop_requested:
             stop_here()
     bar.close()
-    if master and not earlier_run_kept and (out_dir / CKPT_NAME).is_file():
+    if earlier_run_kept:
+        say(f"nothing saved: no eval improved on this run's first, and {out_dir} still holds the earlier run")
+    elif master and (out_dir / CKPT_NAME).is_file():
         say(f"sample from it: python sample.py --init_from={out_dir}")
     return records
 

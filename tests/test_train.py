@@ -77,25 +77,36 @@ def test_training_says_it_replaces_an_earlier_run_and_ends_with_the_command_to_s
     assert "an earlier run's" not in said
     assert re.search(r"each iteration is 0.0 TFLOP: at least [\d,]+ s at this device's measured peak", said)
     train(tiny(data_dir, tmp_path, max_iters=10, quiet=False, peak_flops=1.0))      # the same out_dir again
-    assert f"{tmp_path / 'ckpt.pt'} is an earlier run's, which this run replaces at its first save (to continue " \
-           "that run instead: --init_from=resume)" in capsys.readouterr().out
+    assert f"{tmp_path / 'ckpt.pt'} is an earlier run's, which this run replaces at its first save, a Ctrl-C's " \
+           "after its first step included (to continue that run instead: --init_from=resume)" in capsys.readouterr().out
 
 
-def test_a_new_run_stopped_before_its_first_save_leaves_the_earlier_run_in_its_folder(data_dir, tmp_path,
-                                                                                     monkeypatch):
+def test_a_new_run_leaves_the_earlier_run_in_its_folder_until_it_has_something_to_save(data_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
     earlier = train(tiny(data_dir, tmp_path, max_iters=10))
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    interrupt_at(5, monkeypatch)
-    with pytest.raises(KeyboardInterrupt, match=f"before this run's first save: nothing saved, and {tmp_path} "
+    get_batch = train_module.get_batch
+    monkeypatch.setattr(train_module, "get_batch", lambda *args: (
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT), get_batch(*args))[1])
+    with pytest.raises(KeyboardInterrupt, match=f"before this run's first step: nothing saved, and {tmp_path} "
                                                 "still holds the earlier run"):
-        train(tiny(data_dir, tmp_path, max_iters=20, learning_rate=1e-3))
+        train(tiny(data_dir, tmp_path, max_iters=20, learning_rate=1e-3))        # Ctrl-C in its first eval
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     monkeypatch.undo()
     assert train(TrainConfig(init_from="resume", out_dir=str(tmp_path), quiet=True)) == []     # finished, as it was
     assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == earlier
-    later = train(tiny(data_dir, tmp_path, max_iters=20, learning_rate=1e-3))       # replaced at its first save
-    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == later
-    assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 20
+    evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: {**evaluate(*args), "val_loss": 9.0 + args[6]})
+    train(tiny(data_dir, tmp_path, max_iters=20, quiet=False, peak_flops=1.0))       # never improves on its first
+    monkeypatch.undo()
+    assert "nothing saved: no eval improved on this run's first, and" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    interrupt_at(5, monkeypatch)
+    with pytest.raises(KeyboardInterrupt, match="stopped at iteration 5; to resume"):    # its progress is kept
+        train(tiny(data_dir, tmp_path, max_iters=20, learning_rate=1e-3))
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 5
+    assert [json.loads(line)["iter"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [0]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -171,6 +182,8 @@ def test_ctrl_c_during_an_eval_cuts_it_short_and_the_resumed_run_evaluates_there
     train(TrainConfig(init_from="resume", out_dir=str(tmp_path / "b"), quiet=True))
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [(r["iter"], r["val_loss"]) for r in log] == [(r["iter"], r["val_loss"]) for r in straight]
+    best = [checkpoint.load_checkpoint(tmp_path / run)["best_val_loss"] for run in ("a", "b")]
+    assert best[0] == best[1] == min(r["val_loss"] for r in straight)
 
 
 @pytest.mark.parametrize("stop_at", [10, 20])           # an eval's iteration, and max_iters (the last eval)
@@ -337,7 +350,7 @@ def test_a_bool_setting_alone_is_true_and_true_false_take_any_case():
 def test_config_files_and_overrides_apply_in_order(tmp_path):
     config_file = tmp_path / "x.py"
     config_file.write_text("import math\nfrom math import sqrt\nbatch_size = 3\nlearning_rate = 1\nmin_lr = 0.1\n"
-                           "def half(x):\n    return x / 2\nout_dir = 'o'\n")      # imports and functions are no settings
+                           "def half(x):\n    return x / 2\nout_dir = 'o'\n")    # imports, functions: no settings
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size=5", "--out_dir=2024"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.out_dir) == (5, 1.0, "2024")
     cfg = configure(TrainConfig(), [str(config_file), "--batch_size", "6", "--out_dir", "2025"])   # --key value
@@ -346,13 +359,16 @@ def test_config_files_and_overrides_apply_in_order(tmp_path):
     with pytest.raises(ConfigError, match="'batch_sise' \\(did you mean 'batch_size'\\?\\) in config file"):
         configure(TrainConfig(), [str(config_file)])
     for text, says in (("batch_size = 3\nmax_iters = (\n", "line 2: '\\(' was never closed"),
-                       ("batch_size = 3\nmax_iters = iters * 2\n", "line 2: NameError: name 'iters' is not defined")):
+                       ("batch_size = 3\nmax_iters = iters * 2\n", "line 2: NameError: name 'iters' is not defined"),
+                       ("import json\n\nx = json.loads('{bad')\n", "line 3: JSONDecodeError")):      # not json's line
         config_file.write_text(text)
         with pytest.raises(ConfigError, match=f"config file {config_file}, {says}"):
             configure(TrainConfig(), [str(config_file)])
 
 
 def test_bad_values_and_missing_data_are_clear_errors(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+        train(tiny(data_dir, tmp_path, learning_rate=0.0))
     with pytest.raises(ConfigError, match="init_from='resum': did you mean 'resume'\\?"):
         train(tiny(data_dir, tmp_path, init_from="resum"))
     with pytest.raises(ConfigError, match="out_dir is empty"):
