@@ -53,7 +53,7 @@ from mfu import flops_per_token, measure_peak_flops, synchronize
 from model import MobileLLM, ModelConfig
 from optim import build_optimizer, lr_at
 from warm_start import (adopt_model_settings, changed_settings, check_data_tokenizer, freeze, frozen_blocks,
-                        load_source_model, resumed_settings)
+                        load_source_model, resume_state, resumed_settings, rng_state)
 
 
 @dataclass
@@ -226,19 +226,6 @@ def estimate_loss(model, splits, cfg, device, rank, world, stop=None):
     return out
 
 
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def plot_losses(history, path):
     """loss.png: train and val loss per eval, when matplotlib is installed."""
     try:
@@ -315,40 +302,6 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
         train_loss = math.nan
     optimizer.zero_grad(set_to_none=True)
     return train_loss, stop_requested
-
-
-def read_log(out_dir, say):
-    """The eval records in out_dir/log.jsonl, without any line that is not one (a run killed while writing it,
-    an editor's blank line), which is said."""
-    log_file = Path(out_dir) / "log.jsonl"
-    records, bad = [], 0
-    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and {"iter", "train_loss", "val_loss"} <= set(record):
-            records.append(record)
-        else:
-            bad += 1
-    if bad:
-        say(f"{log_file}: left out {bad} line(s) that are not eval records (a run killed while writing one?)")
-    return records
-
-
-def resume_state(ckpt, out_dir, optimizer, device, say):
-    """Load out_dir's checkpoint (ckpt; the model was built from it) into the optimizer, restore RNG states.
-    Returns (iter_num, best val loss, elapsed seconds so far, eval history from log.jsonl)."""
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"resume: the checkpoint's optimizer state does not fit the parameters trained now "
-                          f"(set freeze_embedding and train_blocks as the run did, and the same optimizer): {e}") from e
-    restore_rng_state(ckpt["rng"], device)
-    history = read_log(out_dir, say)
-    history = [r for r in history if r["iter"] <= ckpt["iter_num"]]   # a run killed outright may have logged more
-    best = min([ckpt.get("best_val_loss", math.inf)] + [r["val_loss"] for r in history])   # an eval after a save
-    return ckpt["iter_num"], best, ckpt.get("elapsed_s", 0.0), history
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """
 A run that does not start from scratch (train.py's init_from): out_dir's own checkpoint, resumed with the
-run's own settings, or a trained model to fine-tune, whose shape and tokenizer the run then takes. Also the
-fine-tuning options that fix parameters (freeze_embedding, train_blocks).
+run's own settings, optimizer, RNG states and eval log, or a trained model to fine-tune, whose shape and
+tokenizer the run then takes. Also the fine-tuning options that fix parameters (freeze_embedding,
+train_blocks).
 
 Errors are ConfigError (a setting that does not fit the checkpoint or model) or DataError (data tokenized
 with another tokenizer), each naming what to do instead.
 """
 import json
+import math
 from dataclasses import fields, replace
 from pathlib import Path
+
+import torch
 
 from checkpoint import CheckpointError, checkpoint_file, load_model
 from configurator import ConfigError
@@ -125,3 +129,51 @@ def freeze(model, cfg):
     frozen += [model.layers[b] for b in frozen_blocks(model.config, cfg)]
     for module in frozen:
         module.requires_grad_(False)
+
+
+def rng_state(device):
+    """The RNG states a checkpoint keeps, so that a resumed run draws what the stopped one would have."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_log(out_dir, say):
+    """The eval records in out_dir/log.jsonl, without any line that is not one (a run killed while writing it,
+    an editor's blank line), which is said."""
+    log_file = Path(out_dir) / "log.jsonl"
+    records, bad = [], 0
+    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and {"iter", "train_loss", "val_loss"} <= set(record):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        say(f"{log_file}: left out {bad} line(s) that are not eval records (a run killed while writing one?)")
+    return records
+
+
+def resume_state(ckpt, out_dir, optimizer, device, say):
+    """Load out_dir's checkpoint (ckpt; the model was built from it) into the optimizer, restore RNG states.
+    Returns (iter_num, best val loss, elapsed seconds so far, eval history from log.jsonl)."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"resume: the checkpoint's optimizer state does not fit the parameters trained now "
+                          f"(set freeze_embedding and train_blocks as the run did, and the same optimizer): {e}") from e
+    restore_rng_state(ckpt["rng"], device)
+    history = read_log(out_dir, say)
+    history = [r for r in history if r["iter"] <= ckpt["iter_num"]]   # a run killed outright may have logged more
+    best = min([ckpt.get("best_val_loss", math.inf)] + [r["val_loss"] for r in history])   # an eval after a save
+    return ckpt["iter_num"], best, ckpt.get("elapsed_s", 0.0), history
