@@ -77,8 +77,8 @@ def _read_config_file(path):
     except SyntaxError as e:
         raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}") from e
     except Exception as e:                # a config file is Python: NameError, ImportError, ... in its code
-        line = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == str(path)][-1]
-        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from e
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == str(path)]
+        raise ConfigError(f"config file {path}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {e}") from e
     code = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, code)}
 
