@@ -208,15 +208,19 @@ def all_reduce_sum(tensor, world):
 @torch.no_grad()
 def estimate_loss(model, splits, cfg, device, rank, world, stop=None):
     """Mean loss over eval_iters fixed batches per split (the same batches at every eval), split
-    between the processes; None where one process's stop (a StopRequest) was requested mid-way."""
+    between the processes; None when a stop (a StopRequest) is requested mid-way, on any process."""
     model.eval()
     out = {}
     for split_id, split in enumerate(("train", "val")):
         losses = torch.zeros(cfg.eval_iters, device=device)
-        for k in range(rank, cfg.eval_iters, world):
-            if world == 1 and stop is not None and stop.requested:
+        for first in range(0, cfg.eval_iters, world):      # a round: a batch per process, all agreeing to go on
+            asked = torch.tensor(float(stop is not None and stop.requested), device=device)
+            if all_reduce_sum(asked, world).item() > 0:
                 model.train()
                 return None
+            k = first + rank
+            if k >= cfg.eval_iters:
+                continue
             g = seeded_generator(cfg.seed, EVAL_STREAM, split_id, k)
             x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, g, device)
             with autocast(device, cfg.dtype):
@@ -251,8 +255,8 @@ class StopRequest:
     saves and stops after the current step. A second signal kills."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, quiet=False, cuts_evals=True):
-        self.requested, self.quiet, self.cuts_evals = False, quiet, cuts_evals
+    def __init__(self, quiet=False):
+        self.requested, self.quiet = False, quiet
         self.previous = {}
 
     def __enter__(self):
@@ -264,9 +268,8 @@ class StopRequest:
         self.requested = True
         self.__exit__()
         if not self.quiet:          # an eval or a long step may run on for a while: say that it was heard
-            evals = "; an eval in progress is cut short" if self.cuts_evals else ""
-            os.write(2, f"\nstopping after this step, with a checkpoint{evals} (press Ctrl-C again to stop at once, "
-                        "saving nothing)\n".encode())          # os.write: safe while tqdm writes to stderr too
+            os.write(2, b"\nstopping after this step, with a checkpoint; an eval in progress is cut short (press "
+                        b"Ctrl-C again to stop at once, saving nothing)\n")   # os.write: tqdm writes to stderr too
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -319,7 +322,7 @@ def train(cfg: TrainConfig, set_keys=None) -> list:
             prepare_if_missing(cfg)
         if world > 1:
             dist.barrier()
-        with StopRequest(quiet=cfg.quiet or rank != 0, cuts_evals=world == 1) as stop:
+        with StopRequest(quiet=cfg.quiet or rank != 0) as stop:
             return run(cfg, changed_settings(cfg) if set_keys is None else set_keys, rank, world, device, stop)
     finally:
         if owned_group:
@@ -328,7 +331,7 @@ def train(cfg: TrainConfig, set_keys=None) -> list:
 
 def evaluate(model, splits, cfg, device, rank, world, iter_num, lr, tokens, elapsed_s, stop=None):
     """One eval record: train and val loss on the fixed eval batches; a non-finite loss stops the run. None
-    when a single process was asked to stop mid-eval (processes of one DDP run finish it together)."""
+    when a stop was requested mid-eval (all processes of a DDP run stop it together)."""
     losses = estimate_loss(model, splits, cfg, device, rank, world, stop)
     if losses is None:
         return None
