@@ -396,11 +396,10 @@ def run(cfg, set_keys, rank, world, device, stop):
     config = model.config
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, device, config.dim))
     optimizer = build_optimizer(model, cfg, device)
-    iter_num, best_val_loss, elapsed_before, history = 0, math.inf, 0.0, []
+    iter_num, best_val_loss, elapsed_before, history, evaluated = 0, math.inf, 0.0, [], False
     if ckpt is not None:
         iter_num, best_val_loss, elapsed_before, history = resume_state(ckpt, out_dir, optimizer, device, say)
-    evaluated = any(r["iter"] == iter_num for r in history)     # a run stopped at an eval's iteration did not eval
-    if ckpt is not None:
+        evaluated = any(r["iter"] == iter_num for r in history)   # a run stopped at an eval's iteration did not eval
         say(f"resuming from {out_dir / CKPT_NAME} at iteration {iter_num}" + (
             f": the run already reached max_iters={cfg.max_iters} (raise it to train further)"
             if iter_num >= cfg.max_iters and evaluated else ""))
