@@ -29,7 +29,7 @@ The math (everything below is these few lines, applied to every Linear of the mo
   point costs one multiply-add per output. This is also how XNNPACK's dynamically quantized linear works
   (per-token asymmetric int8 activations x per-channel symmetric int8 weights), the kernel ExecuTorch uses
   on phones. The same formula evaluated in float on dequantized tensors is the "simulated" (fake-quant)
-  path; it must give the same numbers as the integer path (tests/test_quantize.py checks it).
+  path; it must give the same numbers as the integer path (tests/test_int8.py checks it).
 
   Weight-only int8 ("w8") keeps activations in float: y = (x @ q_w^T) * scale_w, 1/4 of the weight bytes.
 
@@ -112,13 +112,14 @@ def w8_linear_simulated(x, qweight, scale):
 
 class Int8Linear(nn.Module):
     """A bias-free Linear with int8 weights. mode "w8a8": activations quantized per token at run time and an
-    int8 x int8 -> int32 matmul; "w8": float activations. simulate=True runs the fake-quant float path."""
+    int8 x int8 -> int32 matmul; "w8": float activations. simulate=True (set_simulate) runs the fake-quant
+    float path."""
 
-    def __init__(self, qweight, scale, mode="w8a8", simulate=False):
+    def __init__(self, qweight, scale, mode="w8a8"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode, self.simulate = mode, simulate
+        self.mode, self.simulate = mode, False
         self.in_features, self.out_features = qweight.size(1), qweight.size(0)
         self.register_buffer("qweight", qweight)                                        # (N, K) int8
         self.register_buffer("scale", scale)                                            # (N,) float32

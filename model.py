@@ -131,7 +131,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)   # (..., C)
 
 
 def rope_tables(head_dim, max_len, theta):
@@ -144,13 +144,14 @@ def rope_tables(head_dim, max_len, theta):
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[i], x[i + D/2]) by position-dependent angles (the "rotate half" layout that
     Hugging Face LLaMA checkpoints use). x: (B, H, T, D); cos, sin: (T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)                                             # (B, H, T, D/2) each
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.type_as(x)
 
 
 class KVCache(nn.Module):
-    """gpt-fast style static cache for one block *application*: fixed-size buffers written at input_pos."""
+    """gpt-fast style static cache for one block *application* (with meta_ls_cache: for one block, all its
+    applications side by side): fixed-size buffers written at input_pos."""
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
@@ -202,9 +203,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.ffn_type == "swiglu":
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))     # (B, T, C) -> (B, T, ffn_dim) -> (B, T, C)
         act = F.gelu if self.ffn_type == "gelu" else F.relu
-        return self.w2(act(self.w1(x)))
+        return self.w2(act(self.w1(x)))                         # (B, T, C) -> (B, T, ffn_dim) -> (B, T, C)
 
 
 class Block(nn.Module):
@@ -218,8 +219,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x, cos, sin, mask=None, cache=None, input_pos=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, input_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, input_pos)   # (B, T, C)
+        return x + self.feed_forward(self.ffn_norm(x))                                      # (B, T, C)
 
 
 def meta_ls_masks(input_pos, cache_len, repeats):
@@ -250,6 +251,7 @@ class MobileLLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.caches = None                            # nn.ModuleList of KVCache, one per block application
+                                                      # (meta_ls_cache: one per unique block)
         self.cache_len = 0                            # positions each cache holds (per application)
         self.gradient_checkpointing = False           # training: keep only each block application's input,
                                                       # recompute the rest in backward (less memory, ~1/3 more compute)
@@ -299,13 +301,13 @@ class MobileLLM(nn.Module):
         if input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None                        # (T, D/2) each
         else:
             if self.caches is None:
                 raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache() first")
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]                      # (T, D/2) each
             if self.config.meta_ls_cache:
-                masks = meta_ls_masks(input_pos, self.cache_len, self.config.share_repeats)        # (T, R*L)
+                masks = meta_ls_masks(input_pos, self.cache_len, self.config.share_repeats)  # R x (T, R*L)
             else:
                 mask = input_pos[:, None] >= torch.arange(self.cache_len, device=idx.device)[None, :]  # (T, L)
         x = self.tok_embeddings(idx)                                                           # (B, T, C)
@@ -322,7 +324,8 @@ class MobileLLM(nn.Module):
         logits = self.output(self.norm(x))                                                     # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),  # (B*T, V), (B*T,)
+                                   ignore_index=-1)
         return logits, loss
 
     @torch.no_grad()
@@ -334,7 +337,7 @@ class MobileLLM(nn.Module):
         T = context.size(1)
         self.setup_cache(idx.size(0), min(L, T + max_new_tokens))
         cache_len = self.cache_len
-        logits = self(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]
+        logits = self(context, input_pos=torch.arange(T, device=idx.device))[0][:, -1]        # (B, V)
         pos = T
         for step in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)           # (B, 1)
@@ -366,8 +369,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p     # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p     # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
