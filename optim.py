@@ -96,9 +96,9 @@ def adamw(params, cfg, device):
 def muon_and_adamw(model, params, cfg, device):
     """Muon for the blocks' 2-D matrices, AdamW for the rest (embeddings, norms). Muon's groups carry
     lr_scale = muon_lr / learning_rate, so that one schedule drives both."""
-    in_blocks = {id(p) for p in model.layers.parameters()}
-    matrices = [p for p in params if p.dim() == 2 and id(p) in in_blocks]
-    rest = [p for p in params if not (p.dim() == 2 and id(p) in in_blocks)]
+    block_matrices = {id(p) for p in model.layers.parameters() if p.dim() == 2}
+    matrices = [p for p in params if id(p) in block_matrices]
+    rest = [p for p in params if id(p) not in block_matrices]
     muon = Float32Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
     for group in muon.param_groups:
         group["lr_scale"] = cfg.muon_lr / cfg.learning_rate

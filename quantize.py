@@ -75,15 +75,14 @@ def serialized_bytes(obj):
 VARIANTS = ("fp32", "bf16", "w8a8", "w8", "w8a8-fake", "w8-fake")   # -fake: the rounding, float matmuls (set_simulate)
 
 
-def variants(model, names=VARIANTS):
-    """The variants the report compares (fp32, the reference, always first), made from the float model (left
-    as it is)."""
-    make = {"fp32": lambda: model, "bf16": lambda: copy.deepcopy(model).to(torch.bfloat16),
-            "w8a8": lambda: quantize_model(copy.deepcopy(model), "w8a8"),
-            "w8": lambda: quantize_model(copy.deepcopy(model), "w8"),
-            "w8a8-fake": lambda: set_simulate(quantize_model(copy.deepcopy(model), "w8a8"), True),
-            "w8-fake": lambda: set_simulate(quantize_model(copy.deepcopy(model), "w8"), True)}
-    return {name: make[name]() for name in dict.fromkeys(("fp32", *names))}
+def variant(model, name):
+    """One of VARIANTS, made from the float model (left as it is)."""
+    if name == "fp32":
+        return model
+    if name == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16)
+    qmodel = quantize_model(copy.deepcopy(model), name.removesuffix("-fake"))
+    return set_simulate(qmodel, name.endswith("-fake"))
 
 
 def sizes_on_disk(models, source):
@@ -96,9 +95,9 @@ def sizes_on_disk(models, source):
 
 
 def report(model, source, args):
-    """Loss, perplexity, size and decoding speed of fp32 and the --variants (bf16, W8A8, weight-only int8,
-    fake-quant W8A8), on the same validation tokens, as one markdown table."""
-    models = variants(model, args.variants.split(","))
+    """Loss, perplexity, size and decoding speed of fp32 (the reference, always first) and the --variants
+    (bf16, W8A8, weight-only int8, and both in fake-quant), on the same validation tokens, as one markdown table."""
+    models = {name: variant(model, name) for name in dict.fromkeys(("fp32", *args.variants.split(",")))}
     sizes, losses, speeds = sizes_on_disk(models, source), {}, {}
     if args.eval_tokens:
         tokens = validation_tokens(source.get("train_config"), model.config.vocab_size, args.eval_tokens + 1,
@@ -117,9 +116,9 @@ def report(model, source, args):
     print("|---|---|---|---|---|---|---|")
     for name in models:
         loss = losses.get(name)
-        cells = [name, f"{loss:.4f}" if loss is not None else "-", f"{math.exp(loss):.2f}" if loss is not None else "-",
-                 f"{100 * (loss / losses['fp32'] - 1):+.3f}%" if loss is not None else "-",
-                 f"{sizes[name] / 2**20:.2f} MiB", f"{sizes[name] / sizes['fp32']:.3f}x",
+        loss_cells = ([f"{loss:.4f}", f"{math.exp(loss):.2f}", f"{100 * (loss / losses['fp32'] - 1):+.3f}%"]
+                      if loss is not None else ["-"] * 3)
+        cells = [name, *loss_cells, f"{sizes[name] / 2**20:.2f} MiB", f"{sizes[name] / sizes['fp32']:.3f}x",
                  f"{speeds[name]:.1f}" if name in speeds else "-"]
         print("| " + " | ".join(cells) + " |")
     print("(fp32 and bf16 sizes: the model weights alone, as load_model needs them; training checkpoints also hold "
@@ -156,7 +155,7 @@ def main(argv=None):
                                                        "for a .gguf or a hub id, out-<name>-<mode> here)")
     parser.add_argument("--mode", default="w8a8", choices=MODES,
                         help="w8a8: int8 weights and per-token int8 activations; w8: int8 weights only")
-    parser.add_argument("--report", action="store_true", help="then compare every variant (fp32, bf16, w8a8, w8)")
+    parser.add_argument("--report", action="store_true", help="then compare the --variants (by default every one)")
     parser.add_argument("--variants", default=",".join(VARIANTS), type=variant_names,
                         help=f"--report: which of {', '.join(VARIANTS)} (fp32 always). On CPUs without AVX-512, bf16 "
                              "is emulated and the int8 kernels are slow on long inputs: the -fake variants give the "

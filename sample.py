@@ -111,7 +111,9 @@ def generate_one(model, ids, args, generator, tokenizer=None, out=None, echo=Tru
                                    generator)
     for token in stream:
         t_last = time.perf_counter()
-        t_first, steps = (t_last if steps == 0 else t_first), steps + 1
+        if steps == 0:                  # the first token came out of the prefill
+            t_first = t_last
+        steps += 1
         token = token.item()
         if token == eos:
             break
@@ -241,10 +243,10 @@ def main(argv=None):
     generator = torch.Generator(args.device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
-    if args.benchmark or tokenizer is None:
-        if not args.benchmark:
-            p.error(f"{without_tokenizer(args.init_from)}: use it with --benchmark")
+    if args.benchmark:
         return benchmark(model, args, generator)
+    if tokenizer is None:
+        p.error(f"{without_tokenizer(args.init_from)}: use it with --benchmark")
     if args.chat:
         require_chat_template(tokenizer, args.init_from)
     if args.compile:

@@ -420,7 +420,7 @@ def run(cfg, set_keys, rank, world, device, stop):
     least_s = flops_per_iter / (world * peak_flops) if peak_flops else 0.0
     if least_s > 10:                                                    # a GPU recipe on a CPU, say
         say(f"each iteration is {flops_per_iter / 1e12:.1f} TFLOP: at least {least_s:,.0f} s at this device's "
-            f"measured peak, and each eval {2 * cfg.eval_iters} forward batches")
+            f"peak FLOP/s, and each eval {2 * cfg.eval_iters} forward batches")
     # a new run in the folder of an earlier one leaves its checkpoint and log as they are until its first save
     earlier_run_kept = master and cfg.init_from != "resume" and (out_dir / CKPT_NAME).is_file()
     if earlier_run_kept:
@@ -499,7 +499,7 @@ def run(cfg, set_keys, rank, world, device, stop):
         iter_num += 1
         window_iters += 1
         bar.update(1)
-        if window_iters % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+        if window_iters == cfg.log_interval or iter_num == cfg.max_iters:       # a full window (it restarts at evals)
             synchronize(device)
             seconds = time.perf_counter() - window_t
             postfix = {"loss": f"{train_loss:.4f}", "tok/s": f"{window_iters * tokens_per_iter / seconds:,.0f}"}

@@ -75,7 +75,7 @@ def test_training_says_it_replaces_an_earlier_run_and_ends_with_the_command_to_s
     said = capsys.readouterr().out
     assert said.splitlines()[-1] == f"sample from it: python sample.py --init_from={tmp_path}"
     assert "an earlier run's" not in said
-    assert re.search(r"each iteration is 0.0 TFLOP: at least [\d,]+ s at this device's measured peak", said)
+    assert re.search(r"each iteration is 0.0 TFLOP: at least [\d,]+ s at this device's peak FLOP/s", said)
     train(tiny(data_dir, tmp_path, max_iters=10, quiet=False, peak_flops=1.0))      # the same out_dir again
     assert f"{tmp_path / 'ckpt.pt'} is an earlier run's, which this run replaces at its first save, a Ctrl-C's " \
            "after its first step included (to continue that run instead: --init_from=resume)" in capsys.readouterr().out
