@@ -381,7 +381,9 @@ def run(cfg, set_keys, rank, world, device, stop):
     if cfg.init_from == "resume" and not checkpoint_file(cfg.out_dir).is_file():
         raise ConfigError(f"init_from=resume continues the run in out_dir, and {cfg.out_dir} holds no {CKPT_NAME}: "
                           "pass the run's folder as --out_dir")
-    ckpt = load_checkpoint(cfg.out_dir, map_location=device) if cfg.init_from == "resume" else None
+    # onto the CPU: its RNG states must be CPU tensors (torch.set_rng_state refuses CUDA ones), and the model and
+    # optimizer copy their tensors to the device (no second copy of the run held on the GPU)
+    ckpt = load_checkpoint(cfg.out_dir, map_location="cpu") if cfg.init_from == "resume" else None
     if ckpt is not None:
         cfg = resumed_settings(cfg, set_keys, ckpt, device, say)
         check_config(cfg)

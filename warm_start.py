@@ -140,9 +140,11 @@ def rng_state(device):
 
 
 def restore_rng_state(state, device):
+    """The saved states (CPU tensors: train.py reads a checkpoint onto the CPU); of a run saved on more GPUs
+    than this machine has, the first GPUs' (torch.cuda.set_rng_state_all would index past the last)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def read_log(out_dir, say):

@@ -454,3 +454,13 @@ def test_a_run_records_the_dtype_auto_chose_for_its_model(tmp_path, monkeypatch)
     assert saved["dtype"] == "fp32"                                        # dim 128: below CPU_BF16_MIN_DIM
 
 
+def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_device(data_dir, tmp_path, monkeypatch):
+    """The RNG states must be CPU tensors (torch.set_rng_state refuses a CUDA one: every resume on a GPU
+    failed), so the checkpoint is read with map_location="cpu"; a device other than the CPU is mocked by
+    reading onto the meta device whenever another map_location is asked for."""
+    cfg = tiny(data_dir, tmp_path, max_iters=4, eval_interval=4)
+    train(cfg)
+    load = checkpoint.load_checkpoint
+    monkeypatch.setattr(train_module, "load_checkpoint",
+                        lambda path, map_location="cpu", **kw: load(path, "cpu" if map_location == "cpu" else "meta", **kw))
+    assert train(replace(cfg, init_from="resume", max_iters=6, eval_interval=6, device="cpu:0"))[-1]["iter"] == 6

@@ -30,3 +30,18 @@ def test_changed_settings_are_those_off_the_defaults_and_model_fields_are_the_sh
     assert changed_settings(TrainConfig(max_iters=7, dim=TrainConfig.dim)) == {"max_iters"}
     assert {"n_layers", "dim", "share", "block_size"} <= set(model_fields(TrainConfig()))
     assert not {"max_iters", "vocab_size", "meta_ls_cache"} & set(model_fields(TrainConfig()))
+
+
+def test_a_run_saved_on_more_gpus_than_this_machine_has_restores_its_rng_states(monkeypatch):
+    """torch.cuda.set_rng_state_all indexes one generator per saved state: an 8-GPU run resumed on fewer GPUs
+    must not ask for generators this machine lacks (mocked: one GPU, two states)."""
+    import torch
+    from warm_start import restore_rng_state
+    generators = (torch.Generator(),)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda.random, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "default_generators", generators, raising=False)
+    saved = torch.Generator().manual_seed(7).get_state()
+    restore_rng_state({"torch": torch.get_rng_state(), "cuda": [saved, torch.Generator().get_state()]}, "cuda:0")
+    assert torch.equal(generators[0].get_state(), saved)
