@@ -506,7 +506,7 @@ def run(cfg, set_keys, rank, world, device, stop):
             seconds = time.perf_counter() - window_t
             postfix = {"loss": f"{train_loss:.4f}", "tok/s": f"{window_iters * tokens_per_iter / seconds:,.0f}"}
             if peak_flops:
-                postfix["MFU"] = f"{100 * window_iters * flops_per_iter / seconds / peak_flops:.1f}%"
+                postfix["MFU"] = f"{100 * window_iters * flops_per_iter / seconds / (world * peak_flops):.1f}%"
             bar.set_postfix(postfix)
             window_t, window_iters = time.perf_counter(), 0
         if stop_requested:
