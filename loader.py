@@ -56,7 +56,7 @@ CPU_BF16_MIN_DIM = 256
 def native_bf16(device):
     """Whether device computes bf16 in hardware: CUDA with bf16 support, or a CPU with AVX-512 BF16/AMX."""
     if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)   # not sm70/sm75's emulated bf16
     return cpu_has_native_bf16()
 
 

@@ -88,3 +88,16 @@ def test_a_device_torch_does_not_know_or_we_do_not_run_on_is_a_clear_error(name)
     if not torch.backends.mps.is_available():
         with pytest.raises(ConfigError, match="device='mps' but MPS .* is not available here"):
             loader.resolve_device("mps")
+
+
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
+def test_auto_dtype_on_a_gpu_is_bf16_only_where_its_tensor_cores_have_it(monkeypatch, major, native):
+    """A V100 or T4 (sm70/75) creates bf16 tensors (torch.cuda.is_bf16_supported() says True: emulation) but
+    computes them no faster than fp32: auto must choose fp32 there."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major, minor=0))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    assert loader.native_bf16("cuda") is native
+    assert loader.resolve_dtype("auto", "cuda", 576) == ("bf16" if native else "fp32")
