@@ -2,6 +2,7 @@
 Model FLOPs utilization for train.py and bench_train.py: the training FLOPs of a token, and the peak FLOP/s
 to divide by (a GPU's datasheet number, or a matmul measured on this device).
 """
+import re
 import time
 
 import torch
@@ -30,7 +31,19 @@ def flops_per_token(config, seq_len, frozen_blocks=(), frozen_embedding=False):
     return flops + 2 * head + (2 * head if below else 0) + (0 if frozen_embedding else 2 * head)
 
 
-GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# dense bf16 FLOP/s of the datasheets, by model name as a whole word of torch.cuda.get_device_name (so that L4 is
+# not L40S, A10 not A10G, A100 not RTX A1000), the more specific variant first
+GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                 "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
+                 "4090": 165e12}
+
+
+def datasheet_peak(name):
+    """The dense bf16 peak of a GPU torch.cuda.get_device_name calls name, or None for one not listed."""
+    for key, flops in GPU_BF16_PEAK.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name):
+            return flops
+    return None
 
 
 def measure_peak_flops(device, dtype, n=1024, reps=8):
@@ -38,10 +51,9 @@ def measure_peak_flops(device, dtype, n=1024, reps=8):
     here: the fastest of reps timings (the best this device does in the dtype the run trains in; on a shared
     machine the mean of the timings undercounts it, and MFU then passes 100%)."""
     if torch.device(device).type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_BF16_PEAK.items():
-            if key in name:
-                return flops
+        flops = datasheet_peak(torch.cuda.get_device_name(device))
+        if flops:
+            return flops
     a = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
     b = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
     for _ in range(2):

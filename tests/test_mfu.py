@@ -32,3 +32,14 @@ def test_peak_flops_is_the_fastest_matmul_not_the_mean(monkeypatch):
     clock = iter([0.0, 0.5, 1.0, 1.1, 2.0, 2.3])                 # reps of 0.5 s, 0.1 s and 0.3 s
     monkeypatch.setattr(mfu.time, "perf_counter", lambda: next(clock))
     assert mfu.measure_peak_flops("cpu", "fp32", n=8, reps=3) == pytest.approx(2 * 8 ** 3 / 0.1)
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-PCIE-40GB", 312), ("NVIDIA L4", 121), ("NVIDIA L40S", 362),
+    ("NVIDIA L40", 181), ("NVIDIA A10", 125), ("NVIDIA GeForce RTX 4090", 165),
+    ("NVIDIA A10G", None), ("NVIDIA RTX A1000", None), ("Tesla T4", None)])
+def test_a_gpus_datasheet_peak_is_its_own_not_a_namesakes(name, tflops):
+    """Matched as whole words: an L40S is not an L4 (3x its peak), an RTX A1000 not an A100."""
+    peak = mfu.datasheet_peak(name)
+    assert (peak if peak is None else peak / 1e12) == tflops
