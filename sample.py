@@ -110,11 +110,11 @@ def generate_one(model, ids, args, generator, tokenizer=None, out=None, echo=Tru
     stream = model.generate_tokens(idx, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
                                    generator)
     for token in stream:
+        token = token.item()                        # waits for a GPU to finish it: timed when it exists
         t_last = time.perf_counter()
-        if steps == 0:                  # the first token came out of the prefill
+        if steps == 0:                              # the first token came out of the prefill
             t_first = t_last
         steps += 1
-        token = token.item()
         if token == eos:
             break
         new.append(token)

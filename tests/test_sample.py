@@ -426,3 +426,35 @@ def test_ctrl_c_ends_a_sample_or_a_conversation_without_a_traceback(monkeypatch)
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(Path(sample.__file__)), run_name="__main__")
     assert stop.value.code == 130                                   # the shell's code for Ctrl-C, and no traceback
+
+
+def test_decode_timings_wait_for_each_token_as_a_gpu_computes_it_asynchronously(monkeypatch):
+    """On CUDA a token is ready only when .item() returns: the prefill's device time is prefill time, not
+    the first decode step's (mocked: tokens whose .item() waits for their device work)."""
+    import time
+    from types import SimpleNamespace
+    clock = [0.0]
+    monkeypatch.setattr(sample.time, "perf_counter", lambda: clock[0])
+
+    class Token:
+        def __init__(self, work):
+            self.work = work
+
+        def item(self):
+            clock[0] += self.work
+            return 1
+
+    class Model:
+        norm = SimpleNamespace(weight=torch.zeros(1))
+
+        def generate_tokens(self, idx, n, *args):
+            yield Token(5.0)                            # the prefill: 5 s on the device
+            for _ in range(n - 1):
+                yield Token(1.0)                        # each decode step: 1 s
+
+        def clear_cache(self):
+            pass
+
+    args = argparse.Namespace(max_new_tokens=4, temperature=0, top_k=0, top_p=None)
+    new, steps, prefill_s, decode_s = sample.generate_one(Model(), [0], args, None)
+    assert (steps, prefill_s, decode_s) == (3, 5.0, 3.0)
