@@ -46,14 +46,15 @@ def datasheet_peak(name):
     return None
 
 
-def measure_peak_flops(device, dtype, n=1024, reps=8):
+def measure_peak_flops(device, dtype, n=None, reps=8):
     """Peak FLOP/s for MFU: the datasheet bf16 number on known GPUs, else a large matmul in dtype measured
     here: the fastest of reps timings (the best this device does in the dtype the run trains in; on a shared
-    machine the mean of the timings undercounts it, and MFU then passes 100%)."""
-    if torch.device(device).type == "cuda":
-        flops = datasheet_peak(torch.cuda.get_device_name(device))
-        if flops:
-            return flops
+    machine the mean of the timings undercounts it, and MFU then passes 100%). n x n: 1024 on a CPU, 8192 on a
+    GPU (a smaller product is mostly kernel launch there, and MFU would be overstated)."""
+    gpu = torch.device(device).type == "cuda"
+    if gpu and (flops := datasheet_peak(torch.cuda.get_device_name(device))):
+        return flops
+    n = n or (8192 if gpu else 1024)
     a = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
     b = torch.randn(n, n, device=device, dtype=torch_dtype(dtype))
     for _ in range(2):
