@@ -318,10 +318,6 @@ def train(cfg: TrainConfig, set_keys=None) -> list:
     check_config(cfg)
     rank, world, device, owned_group = setup_distributed(resolve_device(cfg.device))
     try:
-        if rank == 0:
-            prepare_if_missing(cfg)
-        if world > 1:
-            dist.barrier()
         with StopRequest(quiet=cfg.quiet or rank != 0) as stop:
             return run(cfg, changed_settings(cfg) if set_keys is None else set_keys, rank, world, device, stop)
     finally:
@@ -387,6 +383,10 @@ def run(cfg, set_keys, rank, world, device, stop):
     if ckpt is not None:
         cfg = resumed_settings(cfg, set_keys, ckpt, device, say)
         check_config(cfg)
+    if master:                                      # the built-in default dataset, the first time (a resumed
+        prepare_if_missing(cfg)                     # run's own: its settings are known only here)
+    if world > 1:
+        dist.barrier()
     if cfg.gradient_accumulation_steps % world:
         fits = world * -(-cfg.gradient_accumulation_steps // world)
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible "

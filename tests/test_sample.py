@@ -320,6 +320,28 @@ def test_a_long_conversation_drops_its_oldest_exchange_and_keeps_the_system_mess
         sample.encode_chat(chat_tokenizer, messages, block_size=10)
 
 
+def test_system_message_opens_the_chat_prompt(chat_ckpt, capsys, monkeypatch):
+    prompts, real_generate_one = [], sample.generate_one
+    monkeypatch.setattr(sample, "generate_one", lambda model, ids, *a, **kw: prompts.append(ids) or
+                        real_generate_one(model, ids, *a, **kw))
+    run(["--init_from", str(chat_ckpt), "--chat", "--system", "be brief", "--start", "hi", "--temperature", "0",
+         "--max_new_tokens", "2"], capsys)
+    _, tokenizer = loader.load_model_and_tokenizer(str(chat_ckpt))
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert [tokenizer.decode(ids) for ids in prompts] == [render_chat(tokenizer.chat_template, messages, tokenizer)]
+
+
+@pytest.mark.parametrize("flags, says", [(["--system", "be brief"], "--system needs --chat or --interactive"),
+                                         (["--temperature=-0.5"], "--temperature must be >= 0"),
+                                         (["--top_p=0"], "--top_p must be in (0, 1]"),
+                                         (["--top_p=1.5"], "--top_p must be in (0, 1]")])
+def test_sampling_settings_that_cannot_work_are_usage_errors(flags, says, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded before checking"))
+    with pytest.raises(SystemExit):
+        sample.main(["--init_from", "mobilellm-micro", "--benchmark"] + flags)
+    assert f"error: {says}" in capsys.readouterr().err
+
+
 def test_chat_without_a_template_is_one_clear_error(trained_ckpt, chat_tokenizer, tmp_path):
     with pytest.raises(SystemExit, match="error: .* has no chat template") as e:
         sample.main(["--init_from", str(trained_ckpt), "--chat", "--start", "abc"])
@@ -401,6 +423,22 @@ def test_meta_ls_cache_reproduces_metas_cached_decoding_and_the_default_does_not
     torch.testing.assert_close(meta(idx)[0], ours(idx)[0])   # without a cache both are the trained model
 
 
+def test_meta_ls_cache_flag_decodes_as_metas_code_and_needs_a_layer_shared_model(tmp_path, capsys):
+    """README: sample.py --meta_ls_cache decodes Meta's layer-shared models as Meta's own code does."""
+    tok = char_tokenizer(CHARS)
+    model = tiny_model(seed=1, share="immediate", dim=64, n_heads=4, n_kv_heads=2, init_std=0.3)   # not uniform
+    save_checkpoint(model_checkpoint(model, tok.spec), tmp_path / "ls")
+    with torch.no_grad():
+        reference = "abcdefgh" + tok.decode(metas_cached_greedy(model, tok.encode("abcdefgh"), 12))
+    argv = ["--init_from", str(tmp_path / "ls"), "--start", "abcdefgh", "--temperature", "0", "--max_new_tokens", "12"]
+    meta, ours = (run(argv + flag, capsys)[0].split("\n---------------\n")[0] for flag in (["--meta_ls_cache"], []))
+    assert meta == reference != ours                                  # the flag reaches the model's cache
+    save_checkpoint(model_checkpoint(tiny_model(), tok.spec), tmp_path / "plain")
+    with pytest.raises(SystemExit, match="^error: meta_ls_cache reproduces Meta's immediate layer sharing; it needs "
+                                         "share='immediate'"):
+        sample.main(["--init_from", str(tmp_path / "plain"), "--meta_ls_cache", "--start", "ab"])
+
+
 def test_meta_ls_cache_needs_immediate_sharing():
     with pytest.raises(ValueError, match="meta_ls_cache"):
         tiny_model(meta_ls_cache=True)
@@ -411,10 +449,14 @@ def test_a_reader_that_goes_away_ends_the_sample_quietly(trained_ckpt):
     run = subprocess.Popen([sys.executable, str(Path(sample.__file__)), "--init_from", str(trained_ckpt),
                             "--start", "abc", "--max_new_tokens", "100000", "--temperature", "0"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert run.stdout.read(10)                                      # the sample has started streaming ...
-    run.stdout.close()                                              # ... and the reader leaves
+    try:
+        assert run.stdout.read(10)                                  # the sample has started streaming ...
+        run.stdout.close()                                          # ... and the reader leaves
+        code = run.wait(timeout=60)                 # before reading stderr: one that goes on fails, not hangs
+    finally:
+        run.kill()
     err = run.stderr.read().decode()
-    assert run.wait(timeout=60) == 141 and "Traceback" not in err, err
+    assert code == 141 and "Traceback" not in err, err
 
 
 def test_ctrl_c_ends_a_sample_or_a_conversation_without_a_traceback(monkeypatch):

@@ -2,6 +2,7 @@
 crash-safe checkpoints, Ctrl-C, NaN stops, clear errors, the shipped configs."""
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -427,8 +428,16 @@ def test_command_line_ctrl_c_saves_says_how_to_resume_and_exits_130(data_dir, tm
                 "peak_flops": 1e12}
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py")] + [f"--{k}={v}" for k, v in settings.items()],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while "parameters" not in proc.stdout.readline():        # the header: the run and its signal handlers are set
-        pass
+    try:
+        for line in proc.stdout:                  # the header: the run and its signal handlers are set
+            if "parameters" in line:
+                break
+        else:                                     # it ended before its header (readline would spin forever on EOF)
+            pytest.fail(f"train.py ended before its header: {proc.communicate(timeout=60)[1][-2000:]}")
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
@@ -445,11 +454,11 @@ def test_resuming_a_bf16_run_where_bf16_is_emulated_says_how_to_continue_in_fp32
     assert "which this device emulates far slower than fp32: --dtype=fp32 continues" in capsys.readouterr().out
 
 
-def test_a_run_records_the_dtype_auto_chose_for_its_model(tmp_path, monkeypatch):
+def test_a_run_records_the_dtype_auto_chose_for_its_model(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
     out = tmp_path / "run"
     train_module.train(TrainConfig(max_iters=1, eval_iters=1, eval_interval=1, batch_size=2, block_size=16,
-                                   quiet=True, out_dir=str(out)))
+                                   quiet=True, out_dir=str(out), data_dir=str(data_dir)))   # not the repo's data/
     saved = torch.load(out / "ckpt.pt", weights_only=True)["train_config"]
     assert saved["dtype"] == "fp32"                                        # dim 128: below CPU_BF16_MIN_DIM
 
@@ -464,3 +473,65 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_device(data_dir, 
     monkeypatch.setattr(train_module, "load_checkpoint",
                         lambda path, map_location="cpu", **kw: load(path, "cpu" if map_location == "cpu" else "meta", **kw))
     assert train(replace(cfg, init_from="resume", max_iters=6, eval_interval=6, device="cpu:0"))[-1]["iter"] == 6
+
+
+def test_a_missing_built_in_dataset_is_prepared_on_first_use_and_a_failed_preparation_is_one_error(
+        data_dir, tmp_path, monkeypatch):
+    """`python train.py` on a fresh checkout: data/shakespeare_char/ holds only its prepare.py, which train.py
+    runs first; a resume prepares the run's own dataset, not the default one. Here in a stand-in repository,
+    with a prepare.py that copies the tiny dataset."""
+    import dataset
+    folder = tmp_path / "repo" / "data" / "shakespeare_char"
+    folder.mkdir(parents=True)
+    copy = "import shutil\n" + "".join(f"shutil.copy({str(data_dir / name)!r}, {str(folder)!r})\n"
+                                        for name in ("train.bin", "val.bin", "meta.json"))
+    fail = "import sys\nsys.exit('no space left on device')\n"
+    monkeypatch.setattr(dataset, "REPO_DIR", tmp_path / "repo")
+
+    def unprepare(script):
+        for path in folder.iterdir():
+            path.unlink()
+        (folder / "prepare.py").write_text(script)
+
+    unprepare(copy)
+    cfg = replace(tiny(data_dir, tmp_path / "a", max_iters=2, eval_interval=2), data_dir="", dataset="shakespeare_char")
+    assert [r["iter"] for r in train(cfg)] == [0, 2]
+    assert (folder / "train.bin").read_bytes() == (data_dir / "train.bin").read_bytes()
+    unprepare(copy)                                          # its data gone: a resume prepares it again
+    assert [r["iter"] for r in train(TrainConfig(init_from="resume", out_dir=str(tmp_path / "a"), max_iters=4,
+                                                 quiet=True))] == [4] and (folder / "train.bin").is_file()
+    unprepare(fail)
+    with pytest.raises(DataError, match=r"preparing dataset 'shakespeare_char' failed \(the line above says why\); "
+                                        r"then run `python data/shakespeare_char/prepare.py` again"):
+        train(replace(cfg, out_dir=str(tmp_path / "b")))
+    train(tiny(data_dir, tmp_path / "c", max_iters=2, eval_interval=2))      # a run on a data_dir of its own ...
+    assert [r["iter"] for r in train(TrainConfig(init_from="resume", out_dir=str(tmp_path / "c"), max_iters=4,
+                                                 quiet=True))] == [4]        # ... resumes without the default's
+
+
+def test_gradients_are_clipped_to_grad_clip_and_a_non_finite_gradient_skips_the_update(data_dir):
+    from types import SimpleNamespace
+    from dataset import load_dataset
+    cfg = tiny(data_dir, "unused", optimizer="adamw")
+    meta, splits = load_dataset(cfg)
+    torch.manual_seed(0)
+    model = MobileLLM(model_config(cfg, meta["vocab_size"]))
+    optimizer = build_optimizer(model, cfg, "cpu")
+    seen, step = [], optimizer.step
+
+    def spy():                                      # the gradient norm the update is made with
+        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+        step()
+
+    optimizer.step = spy
+    no_stop = SimpleNamespace(requested=False)
+    for clip in (1e-3, 0.0):                        # 0 disables clipping
+        loss, _ = train_module.train_step(model, model, optimizer, splits["train"], replace(cfg, grad_clip=clip),
+                                          1e-3, 0, 0, 1, "cpu", no_stop)
+        assert math.isfinite(loss)
+    assert seen[0] == pytest.approx(1e-3, rel=1e-3) and seen[1] > 0.1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.norm.weight.register_hook(lambda grad: grad * float("inf"))     # a finite loss, an infinite gradient
+    loss, _ = train_module.train_step(model, model, optimizer, splits["train"], cfg, 1e-3, 2, 0, 1, "cpu", no_stop)
+    assert math.isnan(loss) and len(seen) == 2                              # no update made ...
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # ... the weights as they were
