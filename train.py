@@ -408,9 +408,10 @@ def run(cfg, set_keys, rank, world, device, stop):
     elif cfg.init_from != "scratch":
         say(f"fine-tuning {cfg.init_from}")
     start_iter = iter_num
-    eval_model = torch.compile(model) if cfg.compile else model         # evaluated without DDP's buffer sync
+    eval_model = torch.compile(model) if cfg.compile else model         # evaluated without DDP
     device_ids = [device] if device.startswith("cuda") else None
-    train_model = DDP(eval_model, device_ids=device_ids) if world > 1 else eval_model
+    # the model's only buffers are RoPE's tables, the same on every process: no broadcast before each forward
+    train_model = DDP(eval_model, device_ids=device_ids, broadcast_buffers=False) if world > 1 else eval_model
 
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     flops_per_iter = tokens_per_iter * flops_per_token(config, cfg.block_size, frozen_blocks(config, cfg),
