@@ -300,8 +300,8 @@ def benchmark_transformers(model, ids, args):
     import hf
     with tempfile.TemporaryDirectory() as tmp:
         llama = transformers.LlamaForCausalLM.from_pretrained(hf.export_hf(model, tmp)).eval()
-    llama.to(torch_dtype(args.dtype))
-    idx = torch.tensor([ids])
+    llama.to(args.device, torch_dtype(args.dtype))                                  # where ours decodes
+    idx = torch.tensor([ids], device=args.device)
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         llama.generate(idx, max_new_tokens=4, min_new_tokens=4, **greedy)            # warm up

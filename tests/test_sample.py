@@ -188,6 +188,48 @@ def test_benchmark_runs_on_a_preset(capsys):
     assert "4-token prompt" in out                                      # the flag's old spelling still works
 
 
+def test_transformers_reference_decodes_the_same_weights_and_prompt_greedily_and_prints_its_row(capsys, monkeypatch):
+    """--benchmark --transformers_reference: transformers' LlamaForCausalLM, built from our HF export of the same
+    (layer-shared) weights, greedily decodes the same tokens after the same prompt, in --dtype, and gets its row."""
+    transformers = pytest.importorskip("transformers")
+    ours, theirs, loaded = [], [], {}
+    real_generate_one, real_load = sample.generate_one, sample.load_model_and_tokenizer
+    real_from_pretrained, real_generate = transformers.LlamaForCausalLM.from_pretrained, \
+        transformers.LlamaForCausalLM.generate
+
+    def from_pretrained(*args, **kwargs):
+        loaded["llama"] = real_from_pretrained(*args, **kwargs)
+        return loaded["llama"]
+
+    def generate_one(model, ids, *args, **kwargs):
+        result = real_generate_one(model, ids, *args, **kwargs)
+        ours.append((ids, result[0]))
+        return result
+
+    monkeypatch.setattr(sample, "generate_one", generate_one)
+    monkeypatch.setattr(sample, "load_model_and_tokenizer", lambda *a: loaded.setdefault("ours", real_load(*a)))
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "generate",
+                        lambda self, *a, **kw: theirs.append(real_generate(self, *a, **kw)) or theirs[-1])
+    out, err = run(["--init_from", "mobilellm-micro-ls", "--benchmark", "--prompt_len", "8", "--max_new_tokens", "6",
+                    "--transformers_reference"], capsys)
+    prompt, tokens = ours[-1]                               # the timed sample (after the warm-up one)
+    assert len(tokens) == 6 and theirs[-1][0, :8].tolist() == prompt
+    assert theirs[-1][0, 8:].tolist() == tokens             # the same weights, prompt and greedy decoding
+    assert len(loaded["llama"].model.layers) == len(loaded["ours"][0].schedule)     # every block application
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["llama"](idx).logits, loaded["ours"][0](idx)[0], atol=1e-4, rtol=1e-4)
+    row = f"transformers {transformers.__version__} LlamaForCausalLM, same weights, dtype fp32, eager"
+    assert out.splitlines()[-1] == row
+    assert err.count("(5 tokens)") == 2 and err.count("prefill:") == 2    # our report, then the reference's
+    loaded.clear()
+    out, _ = run(["--init_from", "mobilellm-micro-ls", "--benchmark", "--prompt_len", "4", "--max_new_tokens", "2",
+                  "--transformers_reference", "--dtype", "bf16"], capsys)
+    assert out.splitlines()[-1].endswith("dtype bf16, eager")
+    assert {p.dtype for p in loaded["llama"].parameters()} == {torch.bfloat16}
+
+
 def test_compiled_decode_step_decodes_like_eager():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -500,3 +542,32 @@ def test_decode_timings_wait_for_each_token_as_a_gpu_computes_it_asynchronously(
     args = argparse.Namespace(max_new_tokens=4, temperature=0, top_k=0, top_p=None)
     new, steps, prefill_s, decode_s = sample.generate_one(Model(), [0], args, None)
     assert (steps, prefill_s, decode_s) == (3, 5.0, 3.0)
+
+
+def test_a_character_split_across_tokens_streams_whole(chat_tokenizer):
+    """Byte-level BPE spells é and 🦙 in 2 and 4 byte tokens: each is written once all its bytes are out, never
+    as U+FFFD, and the streamed text is the sample's text."""
+    from types import SimpleNamespace
+    text = " é and 🦙!"
+    new = chat_tokenizer.encode(text)
+    assert any(chat_tokenizer.decode(new[:i]).endswith("\ufffd") for i in range(len(new)))   # split mid-character
+
+    class Model:
+        norm = SimpleNamespace(weight=torch.zeros(1))
+
+        def generate_tokens(self, idx, n, *args):
+            yield from (torch.tensor(t) for t in new[:n])
+
+        def clear_cache(self):
+            pass
+
+    class Stream(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+    writes, out = [], Stream()
+    prompt = chat_tokenizer.encode("hi")
+    args = argparse.Namespace(max_new_tokens=len(new), temperature=0, top_k=0, top_p=None)
+    assert sample.generate_one(Model(), prompt, args, None, chat_tokenizer, out=out)[0] == new
+    assert out.getvalue() == "hi" + text and not any("\ufffd" in s for s in writes)
