@@ -77,6 +77,17 @@ def test_long_context_is_cut_from_the_left_and_the_continuation_kept_whole():
     assert ll == pytest.approx(hand_loglikelihood(model, kept[:-len(cont)], cont), abs=1e-4)
 
 
+def test_a_continuation_longer_than_the_window_is_scored_on_its_last_block_size_tokens_and_counted():
+    tok, model = char_tokenizer(CHARS), tiny_model(len(CHARS), block_size=8)
+    ctx, cont = ev.encode_pair(tok, "Q:", " a long answer")                 # 14 continuation tokens > 8
+    [ll] = ev.score(model, [(ctx, cont)])
+    kept = (ctx + cont)[-9:]                 # 8 inputs, all inside the continuation, predicting its last 8 tokens
+    assert ll == pytest.approx(hand_loglikelihood(model, kept[:1], kept[1:]), abs=1e-4)
+    docs = [dict(goal="g", sol1="a long answer", sol2="no", label=0), dict(goal="g", sol1="ab", sol2="ba", label=1)]
+    result = ev.evaluate(model, tok, "piqa", ev.build_examples("piqa", docs))
+    assert (result["truncated_continuations"], result["truncated_contexts"]) == (1, 4)   # every context is cut
+
+
 def biased_model(vocab_size, favourite):
     """A model whose output ignores its input: logits are a hand-set bias favouring one token."""
     model = tiny_model(vocab_size)

@@ -162,6 +162,29 @@ def test_cached_pte_reuses_the_program_and_says_where_its_time_went(tiny, tmp_pa
     assert capsys.readouterr().out.count("exported in 7.0 s (lower_pieces 2.5 s, to_edge 4.0 s)") == 2
 
 
+def test_the_export_cache_never_hands_out_a_program_made_for_other_weights_settings_or_options(tmp_path,
+                                                                                               monkeypatch):
+    """A retrained checkpoint (same shape, new weights) or another norm_eps must get a new program, not the
+    stale one; the same model and options get the one already made (0 names the model's context, 64 here)."""
+    made = []
+    monkeypatch.setattr(ex, "export_pte", lambda *a: made.append(a) or (f"program {len(made)}".encode(),
+                                                                         {"export_s": 0}))
+    model = preset_model(TINY_LS, seed=0)
+    retrained = preset_model(TINY_LS, seed=0)
+    with torch.no_grad():
+        retrained.layers[0].feed_forward.w2.weight[0, 0] += 1e-3          # one weight of one block
+    other_eps = preset_model(TINY_LS + "+norm_eps=1e-6", seed=0)          # the same weights, another computation
+    assert all(torch.equal(w, other_eps.state_dict()[k]) for k, w in model.state_dict().items())
+    cached = lambda m, seq=MAX_SEQ_LEN, **kw: ex.cached_pte(m, "fp32", seq, cache_dir=tmp_path, **kw)
+    first = cached(model)
+    assert cached(preset_model(TINY_LS, seed=0)) == first and len(made) == 1      # equal weights: the same program
+    others = [cached(retrained), cached(other_eps), cached(model, 16), cached(model, share_blocks=False),
+              cached(model, static_len=8)]
+    assert len({first, *others}) == 6 and len(made) == 6
+    assert [p.read_bytes() for p in (first, *others)] == [f"program {n}".encode() for n in range(1, 7)]
+    assert cached(model, 0) == cached(model, 64) != first and len(made) == 7        # block_size 64
+
+
 def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
     from torch.jit.mobile import _load_for_lite_interpreter
     with warnings.catch_warnings(record=True) as caught:

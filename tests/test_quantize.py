@@ -76,3 +76,16 @@ def test_the_int8_checkpoint_goes_beside_our_run_and_here_for_a_gguf_or_a_hub_id
     assert int8_path("models/SmolLM2.Q4_1.gguf", "", "w8") == Path("out-SmolLM2.Q4_1-w8/ckpt.pt")  # not in models/
     assert int8_path("facebook/MobileLLM-1.5B", "", "w8a8") == Path("out-MobileLLM-1.5B-w8a8/ckpt.pt")
     assert int8_path("run", "elsewhere", "w8a8") == Path("elsewhere/ckpt.pt")
+
+
+def test_an_out_dir_that_is_the_float_checkpoints_own_folder_is_refused_before_anything_is_written(tmp_path,
+                                                                                                   monkeypatch):
+    (tmp_path / "src").mkdir()
+    src = float_checkpoint(tmp_path, tiny_model())                    # src/ckpt.pt: a training run's folder
+    before = (src / "ckpt.pt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for init_from, out_dir in ((src, src), (src / "ckpt.pt", src), (src, "src"), ("src", f"../{tmp_path.name}/src")):
+        with pytest.raises(SystemExit, match="^--out_dir would overwrite the float checkpoint: choose another folder$"):
+            main(["--init_from", str(init_from), "--out_dir", str(out_dir)])
+    assert (src / "ckpt.pt").read_bytes() == before                   # the trained weights, optimizer and all
+    assert sorted(p.name for p in src.iterdir()) == ["ckpt.pt"]

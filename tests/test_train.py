@@ -139,6 +139,22 @@ def test_resume_drops_evals_logged_past_the_checkpoint(data_dir, tmp_path):
     assert [r["iter"] for r in log] == [0, 5, 10, 15, 20] and log[3]["val_loss"] < 9
 
 
+def test_a_resumed_run_whose_evals_are_worse_than_the_runs_best_keeps_the_best_checkpoint(data_dir, tmp_path,
+                                                                                            monkeypatch):
+    """always_save_checkpoint=False saves only when val loss improves on the best of the whole run, its part
+    before the resume included: a resumed run that only gets worse must not replace the best model."""
+    train(tiny(data_dir, tmp_path, max_iters=4, eval_interval=2))
+    best = (tmp_path / "ckpt.pt").read_bytes()
+    ckpt = checkpoint.load_checkpoint(tmp_path)
+    assert ckpt["iter_num"] == 4 and math.isfinite(ckpt["best_val_loss"])
+    evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: {**evaluate(*args), "val_loss": 9.0 + args[6]})
+    records = train(TrainConfig(init_from="resume", out_dir=str(tmp_path), max_iters=8, quiet=True))
+    assert [r["iter"] for r in records] == [6, 8]
+    assert (tmp_path / "ckpt.pt").read_bytes() == best
+    assert [json.loads(line)["val_loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()][-2:] == [15, 17]
+
+
 def test_resume_leaves_out_a_torn_log_line(data_dir, tmp_path, capsys):
     train(tiny(data_dir, tmp_path, max_iters=10, always_save_checkpoint=True))
     with open(tmp_path / "log.jsonl", "a") as log:
@@ -260,6 +276,26 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(data_
     with pytest.raises(TrainError, match="became nan/inf at iteration 10.*last good checkpoint"):
         train(replace(cfg, max_iters=20, init_from="resume"))
     assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 10
+
+
+def test_a_non_finite_eval_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    """Training steps stay finite, but the eval at iteration 20 gives nan: the run stops there, its checkpoint
+    (saved at every eval here) stays the one of iteration 10, and the log gets no nan record."""
+    cfg = tiny(data_dir, tmp_path, max_iters=10, always_save_checkpoint=True)
+    train(cfg)
+    log = (tmp_path / "log.jsonl").read_text()
+    forward = MobileLLM.forward
+
+    def nan_in_eval(self, idx, targets=None, input_pos=None):
+        logits, loss = forward(self, idx, targets, input_pos)
+        return logits, loss if self.training or loss is None else loss * float("nan")
+
+    monkeypatch.setattr(MobileLLM, "forward", nan_in_eval)
+    with pytest.raises(TrainError, match=r"non-finite eval loss .*nan.* at iteration 20; stopped, keeping the last "
+                                         f"good checkpoint in {re.escape(str(tmp_path))}"):
+        train(replace(cfg, max_iters=20, init_from="resume"))
+    assert checkpoint.load_checkpoint(tmp_path)["iter_num"] == 10
+    assert (tmp_path / "log.jsonl").read_text() == log
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])       # Ctrl-C, or kill / a scheduler
