@@ -362,7 +362,9 @@ def start_model(cfg, set_keys, device, ckpt=None):
     else:
         model, tokenizer_spec = load_source_model(cfg, ckpt)
         source = cfg.out_dir if ckpt else cfg.init_from
-        cfg = adopt_model_settings(cfg, set_keys, model.config, source)
+        # a resumed run keeps its own settings (a fine-tune's shorter block_size): they count as set
+        kept = set(ckpt.get("train_config", {})) if ckpt else set()
+        cfg = adopt_model_settings(cfg, set(set_keys) | kept, model.config, source)
         meta, splits = load_dataset(cfg, source)
         check_data_tokenizer(cfg, meta, tokenizer_spec, model.config, source)
     model.to(device).train()

@@ -153,6 +153,13 @@ def test_resume_of_a_fine_tune_continues_exactly(source, data_dir, tmp_path):
         train(changed, set_keys=changed_settings(changed) | {"freeze_embedding"})   # set on purpose
 
 
+def test_resume_keeps_a_fine_tunes_shorter_block_size(source, data_dir, tmp_path):
+    train(finetune(source, data_dir, tmp_path, max_iters=4, block_size=16))     # the model's context is 32
+    resume = TrainConfig(init_from="resume", out_dir=str(tmp_path), max_iters=6, quiet=True)
+    train(resume, set_keys={"init_from", "out_dir", "max_iters", "quiet"})       # as the command line sets them
+    assert checkpoint.load_checkpoint(tmp_path)["train_config"]["block_size"] == 16
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(source, data_dir, tmp_path, monkeypatch):
     model = tiny_model(30).train()
     x, y = torch.randint(30, (3, 32)), torch.randint(30, (3, 32))
