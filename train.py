@@ -304,7 +304,8 @@ def train_step(train_model, model, optimizer, shards, cfg, lr, iter_num, rank, w
     else:
         train_loss = math.nan
     optimizer.zero_grad(set_to_none=True)
-    return train_loss, stop_requested
+    # one process: also a Ctrl-C that came after the all-reduce (DDP processes must agree, so they wait a step)
+    return train_loss, stop_requested or (world == 1 and stop.requested)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -314,6 +314,20 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path, m
     assert train(TrainConfig(init_from="resume", out_dir=str(tmp_path), quiet=True))[-1]["iter"] == 20
 
 
+def test_ctrl_c_after_the_steps_forward_and_backward_still_stops_after_that_step(data_dir, tmp_path, monkeypatch):
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupting(*args, **kwargs):                   # the optimizer phase of step 7, after the stop all-reduce
+        calls.append(1)
+        if len(calls) == 7:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupting)
+    with pytest.raises(KeyboardInterrupt, match="stopped at iteration 7"):
+        train(tiny(data_dir, tmp_path, max_iters=20))
+
+
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(data_dir, tmp_path):
     model = MobileLLM(model_config(TrainConfig(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64), 65))
     optimizer = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02), "cpu")
