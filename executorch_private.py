@@ -47,11 +47,21 @@ def reset_threadpool(threads):
     threadpool to N threads." at every call, which no Python setting silences: stderr (fd 2) goes to
     /dev/null for the call."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    with native_logs_silenced():
+        _unsafe_reset_threadpool(threads)
+
+
+@contextlib.contextmanager
+def native_logs_silenced():
+    """stderr (fd 2) to /dev/null while ExecuTorch's C++ runs in this process: its log lines (the threadpool
+    reset above; "No temp allocator provided" twice per llama::sdpa_with_kv_cache call and cpuinfo's
+    probes when a w8a8 graph is run eagerly to be quantized) are no setting's to silence. Python
+    exceptions pass through, and are printed after stderr is back."""
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        _unsafe_reset_threadpool(threads)
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)

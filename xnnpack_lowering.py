@@ -22,8 +22,9 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from executorch_private import (cia_ops_collected_once, delegates_traced_by_shape, emitted_program, reserialize,
-                                restamped, tensor_bytes, xnnpack_skip_idle_passes)
+from executorch_private import (cia_ops_collected_once, delegates_traced_by_shape, emitted_program,
+                                native_logs_silenced, reserialize, restamped, tensor_bytes,
+                                xnnpack_skip_idle_passes)
 
 GROUP_SIZE = 32      # 8da4w: one weight scale per 32 input channels (ExecuTorch's llama default)
 
@@ -122,7 +123,8 @@ def quantize_w8a8(module, example, dynamic_shapes):
                                                                                 is_dynamic=True))
     graph = torch.export.export(module, example, dynamic_shapes=dynamic_shapes, strict=False).module()
     graph = prepare_pt2e(graph, quantizer)
-    graph(*example)                                            # dynamic quantization needs no calibration
+    with native_logs_silenced():                               # the KV cache op's C++ logs (executorch_private)
+        graph(*example)                                        # dynamic quantization needs no calibration
     return convert_pt2e(graph)
 
 
