@@ -281,11 +281,12 @@ def benchmark(model, args, generator):
     """Greedy decoding from a random prompt; the first sample warms up (and compiles), the rest are timed."""
     args.temperature = 0
     ids = torch.randint(model.config.vocab_size, (args.prompt_len,), generator=generator, device=args.device).tolist()
-    generate_one(model, ids, args, generator)
-    timings = timed_samples(model, ids, args, generator)
     print(f"{args.init_from}: {model.num_params() / 1e6:.1f}M params, dtype {args.dtype}, "
           f"compile {args.compile}, {args.prompt_len}-token prompt, {args.max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads" + (", compiling first (tens of seconds on a CPU)" if args.compile
+                                                  else ""), flush=True)
+    generate_one(model, ids, args, generator)
+    timings = timed_samples(model, ids, args, generator)
     report(args.prompt_len * args.num_samples, *timings)
     if args.transformers_reference:
         benchmark_transformers(model, ids, args)
