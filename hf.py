@@ -22,6 +22,7 @@ beside it gives the BOS/EOS tokens, add_bos_token and the chat template (chat_te
 as in transformers). Without tokenizer.json, tokenizer.model is Meta's LLaMA-2 SentencePiece model.
 """
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -182,7 +183,8 @@ def download(repo_id, revision=None):
             return None
         except Exception as e:  # offline, unknown repo, gated repo: huggingface_hub raises many types
             raise RuntimeError(f"could not download {name} from the Hugging Face hub repo {repo_id!r} "
-                               f"({type(e).__name__}: {e}). Offline? Give a local HF-format dir instead") from e
+                               f"({type(e).__name__}: {e}). Offline? Give a local HF-format dir instead, or set "
+                               "HF_HUB_OFFLINE=1 to use the hub's local cache without its retries") from e
 
     config_path = fetch("config.json")
     if fetch("tokenizer.json", required=False):
@@ -235,8 +237,15 @@ def export_hf(model, out_dir, tokenizer=None):
         write_tokenizer(tokenizer, out_dir)
         hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     weights = unrolled_state_dict(model)
+
+    def write_weights(tmp):             # with the mode any new file gets (safetensors makes it owner-only)
+        st.save_file(weights, str(tmp), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+
     # each file whole or not at all, and config.json (what marks the directory as a model) last
-    atomic_write(out_dir / "model.safetensors", lambda tmp: st.save_file(weights, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out_dir / "model.safetensors", write_weights)
     atomic_write(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2) + "\n"))
     return out_dir
 

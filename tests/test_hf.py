@@ -79,6 +79,8 @@ def test_our_model_to_hf_and_back_gives_identical_logits(tmp_path, share):
     idx = torch.randint(97, (2, 12))
     assert torch.equal(model(idx)[0], back(idx)[0]) and tokenizer is None
     assert back.config.depth == model.config.depth and back.config.tie_embeddings == model.config.tie_embeddings
+    modes = {f.name: f.stat().st_mode & 0o777 for f in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]      # not owner-only, as safetensors writes it
 
 
 def test_ls_export_is_unrolled_and_transformers_llama_loads_it_unchanged(tmp_path):
