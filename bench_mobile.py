@@ -1,4 +1,4 @@
-"""
+r"""
 On-device speed: time the phone programs export.py makes (ExecuTorch .pte with the XNNPACK delegate) on
 this host or on an Android phone, as the paper's Table 7 does on an iPhone (load, init, execution time of
 125M, LS-125M and a 60-layer model), beside eager PyTorch and the bounds that memory and kernels set.

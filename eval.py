@@ -11,7 +11,8 @@ The contexts, choices and splits are the harness's (v0.4 task configs), e.g. PIQ
 "Question: {goal}\\nAnswer:", and WinoGrande scores the same sentence ending after each option filled in
 ("partial scoring"). Scoring is batched and KV-free: one forward per right-padded batch (a causal model
 never looks right, so padding changes no score). A context longer than the model's block_size is cut from
-the left; the continuation is kept whole.
+the left; the continuation is kept whole, unless it alone is longer than block_size (its last block_size
+tokens are scored). Both cuts are counted and printed.
 
 Usage:
   python eval.py --init_from=facebook/MobileLLM-125M --tasks=piqa,hellaswag,arc_easy   # downloads the data
@@ -434,7 +435,8 @@ def main(argv=None):
         results[name] = r
         print(f"{name}: {r['n']} examples ({r['skipped']} skipped: not encodable) in {r['seconds']:.1f} s, "
               f"{r['examples_per_s']:.2f} examples/s, {r['tokens_per_s']:.0f} tokens/s; "
-              f"{r['truncated_contexts']} contexts and {r['truncated_continuations']} choices cut to block_size")
+              f"{r['truncated_contexts']} contexts and {r['truncated_continuations']} choices cut to block_size "
+              "(counted per choice)")
         report = dict(init_from=str(args.init_from), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                       limit=args.limit, simulate_int8=args.simulate_int8, torch=torch.__version__, results=results,
                       paper={paper_name: paper} if paper else None)

@@ -395,7 +395,7 @@ def export_ptl(model, path, max_seq_len=0):
         if "XNNPACK" not in str(e):
             raise
         warnings.warn("optimize_for_mobile needs XNNPACK for TorchScript, which this torch build lacks: "
-                      "the .ptl is saved unoptimized", stacklevel=2)
+                      "the .ptl is saved unoptimized", stacklevel=3)   # 2: torch.no_grad's wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                      # "Lite Interpreter is deprecated" (docs/on-device.md)
         return atomic_write(path, lambda tmp: scripted._save_for_lite_interpreter(str(tmp)))

@@ -1,4 +1,4 @@
-"""
+r"""
 lm-evaluation-harness (lm-eval) backend for our models: anything loader.py loads (our checkpoints, int8
 checkpoints, Hugging Face dirs and repo ids) evaluated on the harness's own tasks, prompts and metrics.
 
@@ -188,7 +188,10 @@ class NanoMobileLLM(TemplateLM):
 def main(argv=None):
     """lm-eval's CLI (`lm-eval run`) with this backend as --model (a later --model in argv still wins)."""
     from lm_eval.__main__ import cli_evaluate
-    sys.argv = ["lm-eval", "run", "--model", "nanomobilellm", *(sys.argv[1:] if argv is None else argv)]
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):                   # ours first: lm-eval's own says nothing of init_from
+        print(__doc__.split("\nHow requests")[0].strip(), "lm-eval's options (--model: nanomobilellm):", sep="\n\n")
+    sys.argv = ["lm-eval", "run", "--model", "nanomobilellm", *argv]
     try:
         cli_evaluate()
     except (CheckpointError, ValueError) as e:         # a model that does not load: one line, not lm-eval's traceback

@@ -159,7 +159,7 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS), type=variant_names,
                         help=f"--report: which of {', '.join(VARIANTS)} (fp32 always). On CPUs without AVX-512, bf16 "
                              "is emulated and the int8 kernels are slow on long inputs: the -fake variants give the "
-                             "same losses (float error aside) at fp32 speed")
+                             "same losses (float error aside), scored at fp32 speed")
     parser.add_argument("--eval_tokens", type=at_least(0), default=32768,
                         help="--report: validation tokens to score (0: skip)")
     parser.add_argument("--block_size", type=at_least(0), default=0,

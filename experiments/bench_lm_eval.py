@@ -1,4 +1,4 @@
-"""
+r"""
 PIQA through eval.py and lm-evaluation-harness on the same model and examples, compared example by example,
 with the throughput (examples/s) of each: lm-eval's own `hf` backend (transformers) and ours (`nanomobilellm`,
 lm_eval_adapter.py). For all three runners the model must be a Hugging Face dir or repo id, the one format both

@@ -1,4 +1,4 @@
-"""
+r"""
 The peer a user would pick instead of ExecuTorch for CPU decoding, llama.cpp, timed on the same model on
 this host, so that bench_mobile.py's tables have a reference measured on the same machine.
 

@@ -1,4 +1,4 @@
-"""
+r"""
 Tiny shakespeare with OpenAI's GPT-2 BPE (tiktoken): 50257 tokens in the vocabulary, ~300k training tokens.
 Or with the tokenizer of a model to fine-tune, into a folder of its own (--out_dir is then required).
 
