@@ -515,7 +515,6 @@ def test_ctrl_c_ends_a_sample_or_a_conversation_without_a_traceback(monkeypatch)
 def test_decode_timings_wait_for_each_token_as_a_gpu_computes_it_asynchronously(monkeypatch):
     """On CUDA a token is ready only when .item() returns: the prefill's device time is prefill time, not
     the first decode step's (mocked: tokens whose .item() waits for their device work)."""
-    import time
     from types import SimpleNamespace
     clock = [0.0]
     monkeypatch.setattr(sample.time, "perf_counter", lambda: clock[0])

@@ -520,8 +520,8 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_device(data_dir, 
     cfg = tiny(data_dir, tmp_path, max_iters=4, eval_interval=4)
     train(cfg)
     load = checkpoint.load_checkpoint
-    monkeypatch.setattr(train_module, "load_checkpoint",
-                        lambda path, map_location="cpu", **kw: load(path, "cpu" if map_location == "cpu" else "meta", **kw))
+    monkeypatch.setattr(train_module, "load_checkpoint", lambda path, map_location="cpu", **kw:
+                        load(path, "cpu" if map_location == "cpu" else "meta", **kw))
     assert train(replace(cfg, init_from="resume", max_iters=6, eval_interval=6, device="cpu:0"))[-1]["iter"] == 6
 
 
