@@ -46,11 +46,12 @@ def datasheet_peak(name):
     return None
 
 
-def measure_peak_flops(device, dtype, n=None, reps=8):
+def measure_peak_flops(device, dtype, n=None, reps=8, min_seconds=0.25):
     """Peak FLOP/s for MFU: the datasheet bf16 number on known GPUs, else a large matmul in dtype measured
     here: the fastest of reps timings (the best this device does in the dtype the run trains in; on a shared
-    machine the mean of the timings undercounts it, and MFU then passes 100%). n x n: 1024 on a CPU, 8192 on a
-    GPU (a smaller product is mostly kernel launch there, and MFU would be overstated)."""
+    machine the mean of the timings undercounts it, and MFU then passes 100%), timed for at least min_seconds
+    so that another process's burst does not cover them all. n x n: 1024 on a CPU, 8192 on a GPU (a smaller
+    product is mostly kernel launch there, and MFU would be overstated)."""
     gpu = torch.device(device).type == "cuda"
     if gpu and (flops := datasheet_peak(torch.cuda.get_device_name(device))):
         return flops
@@ -60,7 +61,7 @@ def measure_peak_flops(device, dtype, n=None, reps=8):
     for _ in range(2):
         a @ b
     seconds = []
-    for _ in range(reps):
+    while len(seconds) < reps or sum(seconds) < min_seconds:
         synchronize(device)
         t0 = time.perf_counter()
         a @ b

@@ -43,3 +43,17 @@ def test_a_gpus_datasheet_peak_is_its_own_not_a_namesakes(name, tflops):
     """Matched as whole words: an L40S is not an L4 (3x its peak), an RTX A1000 not an A100."""
     peak = mfu.datasheet_peak(name)
     assert (peak if peak is None else peak / 1e12) == tflops
+
+
+def test_peak_flops_keeps_timing_until_min_seconds_have_passed(monkeypatch):
+    """Eight quick reps inside another process's burst would all be slow: timing goes on for min_seconds."""
+    reps = iter([0.05] * 8 + [0.01] * 20)                       # a burst over the first eight, then the real speed
+    now = [0.0]
+
+    def clock():                                                # each rep's start and end
+        now[0] += next(reps) if clock.ended else 0.0
+        clock.ended = not clock.ended
+        return now[0]
+    clock.ended = False
+    monkeypatch.setattr(mfu.time, "perf_counter", clock)
+    assert mfu.measure_peak_flops("cpu", "fp32", n=8, reps=8, min_seconds=0.5) == pytest.approx(2 * 8 ** 3 / 0.01)
