@@ -71,11 +71,12 @@ def logits_per_position(step, tokens):
     return torch.cat([step(tokens[i:i + 1][None], torch.tensor([i])) for i in range(len(tokens))])
 
 
-def val_windows(data_dir, n_tokens, window, vocab_size):
+def val_windows(data_dir, n_tokens, window, vocab_size, tokenizer_spec=None):
     """The first n_tokens (+1) of data_dir's validation split as (W, window + 1) windows, each overlapping the
-    next by one token: inputs w[:-1], targets w[1:] (quantize.evaluate's windows)."""
+    next by one token: inputs w[:-1], targets w[1:] (quantize.evaluate's windows). tokenizer_spec: the model's
+    (None for a preset's random weights), which the data must be tokenized with."""
     try:
-        tokens = validation_tokens(None, vocab_size, n_tokens + 1, data_dir)
+        tokens = validation_tokens(None, vocab_size, n_tokens + 1, data_dir, tokenizer_spec)
     except DataError as e:
         raise BenchError(f"--data_dir: {e}") from e
     n_windows = (len(tokens) - 1) // window
@@ -241,13 +242,14 @@ def with_logit_agreement(row, reference):
 
 
 def checked_source(args, source):
-    """(model, its programs' KV cache length: export.program_seq_len), checked against the tokens to time."""
-    model = load_source(source, args.seed)[0]
+    """(model, its programs' KV cache length: export.program_seq_len, its tokenizer's spec or None), checked
+    against the tokens to time."""
+    model, tokenizer = load_source(source, args.seed)
     seq_len = program_seq_len(model, args.max_seq_len)
     if args.prompt_len + args.new_tokens > seq_len:
         raise BenchError(f"--prompt_len + --new_tokens ({args.prompt_len + args.new_tokens}) must fit in "
                          f"--max_seq_len ({seq_len})")
-    return model, seq_len
+    return model, seq_len, tokenizer.spec if tokenizer is not None else None
 
 
 def check_args(args):
@@ -309,7 +311,7 @@ def eager_rows(args, model, seq_len, source, name, tokens, windows):
 def run(args):
     sources, dtypes = check_args(args)
     if args.format == "ptl":
-        model, seq_len = checked_source(args, sources[0])
+        model, seq_len, _ = checked_source(args, sources[0])
         out = write_program(model, "ptl", "fp32", args.out, seq_len)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB)")
         return
@@ -318,13 +320,13 @@ def run(args):
         android_target(args.runner, args.serial)        # before any export: fail in seconds, not after minutes
     rows, programs = [], {}
     for source in tqdm(sources, desc="export", disable=len(sources) < 2):
-        model, seq_len = checked_source(args, source)
+        model, seq_len, tokenizer_spec = checked_source(args, source)
         name = Path(source).name
         tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed) if args.check_logits else None
         with torch.no_grad():
             reference = model.eval()(tokens[None])[0][0] if args.check_logits else None       # (T, V)
-        windows = val_windows(args.data_dir, args.eval_tokens, seq_len, model.config.vocab_size) \
-            if args.data_dir else None
+        windows = val_windows(args.data_dir, args.eval_tokens, seq_len, model.config.vocab_size,
+                              tokenizer_spec) if args.data_dir else None
         if windows is not None:
             with torch.no_grad():
                 loss = sum(model(w[None, :-1], w[None, 1:])[1].item() for w in windows) / len(windows)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenizer import same_tokenizer
+
 REPO_DIR = Path(__file__).resolve().parent
 AUTO_PREPARED = ("shakespeare_char", "shakespeare")   # small enough to prepare on the fly when missing
 
@@ -35,13 +37,21 @@ def prepare_script(dataset):
 
 
 def prepare_if_missing(cfg):
+    """Prepare a built-in small dataset that has no meta.json: never prepared, or stopped part-way."""
     data_dir = dataset_dir(cfg)
-    if split_files(data_dir, "train") or cfg.data_dir or cfg.dataset not in AUTO_PREPARED:
+    if (data_dir / "meta.json").is_file() or cfg.data_dir or cfg.dataset not in AUTO_PREPARED:
         return
     script = prepare_script(cfg.dataset)
     if subprocess.run([sys.executable, str(script)]).returncode != 0:
         raise DataError(f"preparing dataset {cfg.dataset!r} failed (the line above says why); then run "
                         f"`python {script.relative_to(REPO_DIR)}` again, or set data_dir to a prepared folder")
+
+
+def token_file(path):
+    """A uint16 token file as a read-only array (a memmap; np.memmap cannot map an empty file)."""
+    if Path(path).stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def prepare_hint(cfg, source=None):
@@ -76,17 +86,18 @@ def load_dataset(cfg, source=None):
         if not files:
             raise DataError(f"dataset {cfg.dataset!r} has no {split}.bin (or {split}_*.bin shards) in "
                              f"{data_dir}; {hint}")
-        splits[split] = [np.memmap(f, dtype=np.uint16, mode="r") for f in files]
+        splits[split] = [token_file(f) for f in files]
         short = [str(f) for f, m in zip(files, splits[split]) if len(m) <= cfg.block_size]
         if short:
             raise DataError(f"{', '.join(short)} holds no more than block_size={cfg.block_size} tokens")
     return meta, splits
 
 
-def validation_tokens(train_config, vocab_size, n_tokens, data_dir=""):
+def validation_tokens(train_config, vocab_size, n_tokens, data_dir="", tokenizer_spec=None):
     """The first n_tokens of the validation split the model trained with (train_config: the checkpoint's;
     data/<dataset>/val.bin or val_*.bin shards, uint16, as train.py reads them), or of data_dir, as a
-    (n,) int64 tensor."""
+    (n,) int64 tensor. The folder must be prepared (its meta.json written) and, when tokenizer_spec (the
+    model's) is given, tokenized with that tokenizer."""
     train_config = train_config or {}
     if not (data_dir or train_config.get("data_dir") or train_config.get("dataset")):
         raise DataError("the checkpoint does not say which dataset it was trained on: pass --data_dir")
@@ -95,11 +106,24 @@ def validation_tokens(train_config, vocab_size, n_tokens, data_dir=""):
     if not files:
         raise DataError(f"no val.bin (or val_*.bin shards) in {data_dir}: prepare the dataset "
                         f"(python data/<dataset>/prepare.py) or pass --data_dir")
+    meta_file = data_dir / "meta.json"
+    if not meta_file.is_file():
+        raise DataError(f"{data_dir} is not prepared: no meta.json (a preparation stopped part-way?); prepare it "
+                        "again (python data/<dataset>/prepare.py)")
+    meta = json.loads(meta_file.read_text())
+    if tokenizer_spec is not None:
+        if not same_tokenizer(meta["tokenizer"], tokenizer_spec):
+            raise DataError(f"{data_dir} holds tokens of a {meta['tokenizer'].get('kind')} tokenizer (vocabulary "
+                            f"{meta['vocab_size']}), not of the model's {tokenizer_spec.get('kind')} tokenizer: "
+                            "score the model on data prepared with its tokenizer (prepare.py --tokenizer=<model>)")
+    available = sum(f.stat().st_size for f in files) // 2
+    if available < 2:
+        raise DataError(f"{data_dir} holds {available} validation token(s): scoring needs at least 2")
     parts, have = [], 0
     for f in files:
         if have >= n_tokens:
             break
-        part = np.memmap(f, dtype=np.uint16, mode="r")[: n_tokens - have]
+        part = token_file(f)[: n_tokens - have]
         parts.append(torch.from_numpy(part.astype(np.int64)))
         have += len(part)
     tokens = torch.cat(parts)
@@ -115,8 +139,11 @@ def seeded_generator(*keys):
 
 
 def get_batch(shards, batch_size, block_size, generator, device):
-    """x, y: (B, T) int64 random windows of the token files; y is x shifted by one token."""
-    shard = shards[int(torch.randint(len(shards), (1,), generator=generator))]
+    """x, y: (B, T) int64 random windows of the token files; y is x shifted by one token. The file is drawn
+    with odds in proportion to the windows it holds (a short last shard is not drawn as often as a full one)."""
+    windows = np.cumsum([len(s) - block_size for s in shards])
+    pick = int(torch.randint(int(windows[-1]), (1,), generator=generator))
+    shard = shards[int(np.searchsorted(windows, pick, side="right"))]
     starts = torch.randint(len(shard) - block_size, (batch_size,), generator=generator).tolist()
     x = torch.from_numpy(np.stack([shard[i:i + block_size] for i in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([shard[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))

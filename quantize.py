@@ -101,7 +101,7 @@ def report(model, source, args):
     sizes, losses, speeds = sizes_on_disk(models, source), {}, {}
     if args.eval_tokens:
         tokens = validation_tokens(source.get("train_config"), model.config.vocab_size, args.eval_tokens + 1,
-                                   args.data_dir)
+                                   args.data_dir, source["tokenizer"])
         block_size = min(args.block_size or min(model.config.block_size, 512), len(tokens) - 1)
         print(f"scoring {(len(tokens) - 1) // block_size * block_size} validation tokens in windows of {block_size}")
         losses = {name: evaluate(m, tokens, block_size, args.batch_size, desc=name) for name, m in models.items()}
@@ -186,7 +186,7 @@ def main(argv=None):
     if int8_file.parent.exists() and not int8_file.parent.is_dir():
         raise SystemExit(f"--out_dir {int8_file.parent} is a file: give a folder")
     if args.report and args.eval_tokens:                # a missing dataset is said before anything is written
-        validation_tokens(source.get("train_config"), model.config.vocab_size, 1, args.data_dir)
+        validation_tokens(source.get("train_config"), model.config.vocab_size, 1, args.data_dir, source["tokenizer"])
     qmodel = quantize_model(copy.deepcopy(model) if args.report else model, args.mode)
     save_checkpoint(quantized_checkpoint(qmodel, source, args.mode), int8_file)
     print(f"wrote {int8_file} ({args.mode})")

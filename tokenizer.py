@@ -15,6 +15,7 @@ render_chat turns a conversation into an instruct model's prompt with its chat t
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Callable, Optional
 
 
@@ -101,6 +102,21 @@ def load_tokenizer(spec):
         return tokenizers_tokenizer(spec["json"], spec.get("bos"), spec.get("eos"), spec.get("add_bos", False),
                                     spec.get("chat_template"))
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected char, tiktoken, sentencepiece or tokenizers)")
+
+
+def tokenizer_identity(spec):
+    """What decides how a tokenizer spec encodes: a tokenizer.json's content (not its chat template or
+    special-token settings), a SentencePiece model file's bytes (not its path), else the whole spec."""
+    if spec.get("kind") == "tokenizers":
+        return json.loads(spec["json"])
+    if spec.get("kind") == "sentencepiece" and Path(spec["model_file"]).is_file():
+        return Path(spec["model_file"]).read_bytes()
+    return spec
+
+
+def same_tokenizer(spec, other):
+    """Whether two tokenizer specs encode text into the same ids (data of one fits a model of the other)."""
+    return tokenizer_identity(spec) == tokenizer_identity(other)
 
 
 def render_chat(template, messages, tokenizer, add_generation_prompt=True):

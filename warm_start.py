@@ -20,6 +20,7 @@ from dataset import DataError, dataset_dir, prepare_hint
 from loader import load_model_and_tokenizer, native_bf16
 from model import ModelConfig
 from int8 import is_quantized
+from tokenizer import same_tokenizer
 
 
 def model_fields(cfg):
@@ -97,19 +98,9 @@ def adopt_model_settings(cfg, set_keys, config, source):
     return replace(cfg, **{k: getattr(config, k) for k in model_fields(cfg) if k not in set_keys})
 
 
-def tokenizer_identity(spec):
-    """What decides how a tokenizer spec encodes: a tokenizer.json's content (not its chat template or
-    special-token settings), a SentencePiece model file's bytes (not its path), else the whole spec."""
-    if spec.get("kind") == "tokenizers":
-        return json.loads(spec["json"])
-    if spec.get("kind") == "sentencepiece" and Path(spec["model_file"]).is_file():
-        return Path(spec["model_file"]).read_bytes()
-    return spec
-
-
 def check_data_tokenizer(cfg, meta, tokenizer_spec, config, source):
     """The data must be token ids of the model's own tokenizer."""
-    if tokenizer_identity(meta["tokenizer"]) != tokenizer_identity(tokenizer_spec):
+    if not same_tokenizer(meta["tokenizer"], tokenizer_spec):
         raise DataError(f"{dataset_dir(cfg)} holds tokens of a {meta['tokenizer'].get('kind')} tokenizer "
                         f"(vocabulary {meta['vocab_size']}), not of the {tokenizer_spec.get('kind')} tokenizer of "
                         f"the model {source} (vocabulary {config.vocab_size}); {prepare_hint(cfg, source)}")

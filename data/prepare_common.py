@@ -95,15 +95,24 @@ def output_dir(out_dir, tokenizer, default_dir, default_tokenizers=("gpt2",)):
 def encode(tokenizer, text, desc, chunk_chars=1 << 20):
     """Token ids of text as uint16, encoded in ~1 MB pieces cut at newlines so tqdm can show progress."""
     if tokenizer.vocab_size > 1 << 16:
-        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit in uint16 token files")
+        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size:,} tokens: its ids do not fit in the uint16 token "
+                         "files train.py reads (at most 65,536 tokens)")
     pieces, start = [], 0
     while start < len(text):
         end = text.find("\n", start + chunk_chars)
         end = len(text) if end < 0 else end + 1
         pieces.append(text[start:end])
         start = end
-    ids = [tokenizer.encode(piece) for piece in tqdm(pieces, desc=desc, unit="MB")]
-    return np.array([i for chunk in ids for i in chunk], dtype=np.uint16)
+    ids = [uint16_ids(tokenizer.encode(piece)) for piece in tqdm(pieces, desc=desc, unit="MB")]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint16)
+
+
+def uint16_ids(ids):
+    """ids as uint16, refusing (not wrapping, as older NumPy does) any id over 65,535."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) and ids.max() > 0xFFFF:
+        raise SystemExit(f"token id {ids.max():,} does not fit in the uint16 token files train.py reads")
+    return ids.astype(np.uint16)
 
 
 def start_dataset(out_dir):
@@ -135,6 +144,9 @@ def write_dataset(out_dir, tokenizer, train_text, val_text):
     preparation there stays whole until the encoding, the slow part, is done."""
     encoded = {split: encode(tokenizer, text, desc=f"encoding {split}")
                for split, text in (("train", train_text), ("val", val_text))}
+    if not all(len(ids) for ids in encoded.values()):
+        raise SystemExit(f"the text is too short: {len(encoded['train']):,} train and {len(encoded['val']):,} val "
+                         "tokens (both splits need tokens); nothing written")
     out_dir = start_dataset(out_dir)
     for split, ids in encoded.items():
         write_tokens(ids, out_dir / f"{split}.bin")

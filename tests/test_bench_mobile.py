@@ -107,6 +107,7 @@ def test_host_table_end_to_end(pte_fp32, tmp_path, capsys, monkeypatch):
     data.mkdir()
     torch.randint(64, (2 * MAX_SEQ_LEN + 1,), generator=torch.Generator().manual_seed(0)).numpy().astype(
         np.uint16).tofile(data / "val.bin")
+    (data / "meta.json").write_text('{"tokenizer": {"kind": "char", "chars": "x"}, "vocab_size": 64}')
     bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--eager", "fp32", "--device", "host", "--threads", "1",
              "--prompt_len", "4", "--new_tokens", "2", "--runs", "1", "--max_seq_len", str(MAX_SEQ_LEN),
              "--cache_dir", str(tmp_path), "--kernel_bound", "--check_logits",

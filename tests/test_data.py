@@ -205,3 +205,40 @@ def test_missing_local_file_is_a_clear_error(tmp_path):
                        (tmp_path / "empty.txt", "the file holds no text"), (tmp_path, "a folder, not a text file")):
         with pytest.raises(SystemExit, match=f"--input .*: {says}"):
             load_prepare("shakespeare_char").prepare(path, tmp_path / "out")
+
+
+def test_fineweb_refuses_a_slice_that_leaves_nothing_to_train_on(shared_dir, tmp_path):
+    docs = [d for d in (shared_dir / "data/tinyshakespeare/input.txt").read_text()[:30_000].split("\n\n") if d.strip()]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    prepare = load_prepare("fineweb_edu")
+    with pytest.raises(SystemExit, match="--max_tokens=1,000 fills no more than the first shard, which validates"):
+        prepare.tokenize_and_shard(prepare.local_documents([tmp_path / "docs.jsonl"]), tmp_path / "out",
+                                   shard_tokens=1000, workers=1, max_tokens=1000)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="no more than the first shard.*nothing kept. Lower --shard_tokens"):
+        prepare.tokenize_and_shard(prepare.local_documents([tmp_path / "docs.jsonl"]), tmp_path / "out",
+                                   shard_tokens=100_000, workers=1)      # fewer tokens than one shard
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_bad_jsonl_line_is_one_clear_line(tmp_path):
+    prepare = load_prepare("fineweb_edu")
+    for line, says in (('{"content": "x"}', "KeyError"), ('{"text": "x"', "JSONDecodeError"), ('{"text": 3}', "int")):
+        (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n\n' + line + "\n")
+        with pytest.raises(SystemExit, match=f"docs.jsonl, line 3: .*{says}"):
+            list(prepare.local_documents([tmp_path / "docs.jsonl"]))
+
+
+def test_a_text_too_short_for_both_splits_or_a_vocabulary_over_uint16_writes_nothing(tmp_path):
+    load_prepare("shakespeare_char")                          # puts data/ on the path, for prepare_common
+    import prepare_common
+    (tmp_path / "one.txt").write_text("a")                    # 90% of one character: an empty train split
+    with pytest.raises(SystemExit, match="the text is too short: 0 train and 1 val tokens"):
+        load_prepare("shakespeare_char").prepare(tmp_path / "one.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    big = load_tokenizer({"kind": "char", "chars": "".join(map(chr, range(0x4E00, 0x4E00 + 70_000)))})
+    with pytest.raises(SystemExit, match="70,000 tokens: its ids do not fit in the uint16 token files"):
+        prepare_common.write_dataset(tmp_path / "out", big, "\u4e00" * 10, "\u4e01")
+    with pytest.raises(SystemExit, match="token id 70,000 does not fit"):   # an id past a vocab_size that fits
+        prepare_common.uint16_ids([1, 70_000])
+    assert not (tmp_path / "out").exists()

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ def float_checkpoint(tmp_path, model):
     data = tmp_path / "data"
     data.mkdir()
     np.random.default_rng(0).integers(0, len(CHARS), 400).astype(np.uint16).tofile(data / "val.bin")
+    (data / "meta.json").write_text(json.dumps({"tokenizer": SPEC, "vocab_size": len(CHARS)}))
     save_checkpoint(model_checkpoint(model, SPEC, train_config={"dataset": "test", "data_dir": str(data)},
                                      optimizer={"state": {}}), tmp_path / "src")
     return tmp_path / "src"
@@ -54,6 +56,14 @@ def test_command_line_writes_the_checkpoint_and_reports_every_variant_when_asked
     with pytest.raises(DataError, match="no val.bin .* in .*nowhere"):
         main(["--init_from", str(src), "--report", "--data_dir", str(tmp_path / "nowhere")])
     assert (tmp_path / "src-w8a8" / "ckpt.pt").stat().st_mtime_ns == written     # checked before writing
+    other = tmp_path / "other"                                       # data of another tokenizer: refused
+    other.mkdir()
+    np.zeros(100, dtype=np.uint16).tofile(other / "val.bin")
+    (other / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "tiktoken", "encoding": "gpt2"},
+                                                 "vocab_size": 50257}))
+    with pytest.raises(DataError, match="holds tokens of a tiktoken tokenizer .*not of the model's char tokenizer"):
+        main(["--init_from", str(src), "--report", "--data_dir", str(other)])
+    assert (tmp_path / "src-w8a8" / "ckpt.pt").stat().st_mtime_ns == written
 
 
 def test_what_does_not_load_is_one_line_naming_it(tmp_path):

@@ -75,11 +75,23 @@ def local_documents(paths):
 def local_file_documents(paths):
     for path in paths:
         if str(path).endswith(".jsonl"):
-            for line in read_text(path).splitlines():
+            for number, line in enumerate(read_text(path).splitlines(), 1):
                 if line.strip():
-                    yield json.loads(line)["text"]
+                    yield jsonl_text(line, path, number)
         else:
             yield from (doc for doc in read_text(path).split("\n\n") if doc.strip())
+
+
+def jsonl_text(line, path, number):
+    """The "text" field of one .jsonl line; one clear line where it is not JSON or has no text."""
+    try:
+        text = json.loads(line)["text"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"--input {path}, line {number}: not a JSON object with a \"text\" field "
+                         f"({type(e).__name__}: {e})") from e
+    if not isinstance(text, str):
+        raise SystemExit(f"--input {path}, line {number}: its \"text\" is a {type(text).__name__}, not a string")
+    return text
 
 
 def batches(items, n):
@@ -93,6 +105,10 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
     """Tokenize documents in a process pool and write fixed-size uint16 shards into out_dir; the first
     shard is val, the rest train. A document that overflows a shard continues in the next one.
     Returns the shard paths."""
+    if max_tokens is not None and max_tokens <= shard_tokens:
+        raise SystemExit(f"--max_tokens={max_tokens:,} fills no more than the first shard, which validates "
+                         f"(--shard_tokens={shard_tokens:,}): nothing would be left to train on. Lower --shard_tokens "
+                         f"(e.g. --shard_tokens={max(1, max_tokens // 10):_}) or raise --max_tokens")
     tokenizer = source_tokenizer("gpt2")    # here first: a worker that fails to load it is restarted forever
     out_dir = Path(out_dir)
     buffer, filled, paths, total = np.empty(shard_tokens, dtype=np.uint16), 0, [], 0
@@ -129,6 +145,11 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
     bar.close()
     if not paths:
         raise SystemExit("the documents hold no text: nothing written")
+    if len(paths) == 1:         # the validation shard alone: not a dataset train.py can use
+        paths[0].unlink()
+        raise SystemExit(f"the documents hold {total:,} tokens, no more than the first shard, which validates "
+                         f"(--shard_tokens={shard_tokens:,}): nothing left to train on, nothing kept. Lower "
+                         f"--shard_tokens (e.g. --shard_tokens={max(1, total // 10):_})")
     write_meta(out_dir, tokenizer)
     return paths
 
