@@ -33,8 +33,13 @@ def android_device(serial):
     if shutil.which("adb") is None:
         raise AndroidError("adb is not on PATH: install Android platform-tools "
                          "(https://developer.android.com/tools/releases/platform-tools)")
-    lines = adb(None, "devices").splitlines()[1:]
-    devices = [line.split()[0] for line in lines if line.strip().endswith("device")]
+    listed = [line.split() for line in adb(None, "devices").splitlines()              # "SERIAL\tSTATE" lines
+              if len(line.split()) == 2 and not line.startswith(("*", "List of"))]
+    devices = [fields[0] for fields in listed if fields[-1] == "device"]
+    if not devices and listed:              # unauthorized (the phone's "Allow USB debugging?" prompt), offline
+        states = ", ".join(f"{fields[0]} is {fields[-1]}" for fields in listed)
+        raise AndroidError(f"no Android device ready: {states} (unauthorized: accept the phone's USB debugging "
+                           "prompt; offline: reconnect it)")
     if not devices:
         raise AndroidError("no Android device: connect one with USB debugging on (`adb devices` lists none)")
     if serial and serial not in devices:

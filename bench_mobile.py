@@ -50,7 +50,7 @@ from dataset import DataError, validation_tokens
 from decode_bounds import kernel_seconds, weight_reads_per_token
 from executorch_private import reset_threadpool
 from export import (CACHE_DIR, LOWERINGS, MAX_SEQ_LEN, PROGRAM_DTYPES, ExportError, cached_pte, check_source,
-                    load_source, program_dtype, program_seq_len, require_executorch, write_program)
+                    load_source, program_dtype, program_seq_len, require_executorch, require_writable, write_program)
 from loader import dtype_name, torch_dtype
 from measure import cached_forward, in_fresh_process, memory_bandwidth_gbs, peak_rss_mb, rss_mb, time_generation
 
@@ -228,6 +228,8 @@ def main(argv=None):
         run(args)
     except ExportError as e:
         sys.exit(f"bench_mobile.py: {e}")
+    except OSError as e:                                    # a file that cannot be written, a disk full
+        sys.exit(f"bench_mobile.py: {e}")
     except KeyboardInterrupt:
         print("bench_mobile.py: interrupted (the programs exported so far stay in --cache_dir)", file=sys.stderr)
         sys.exit(130)
@@ -279,7 +281,16 @@ def check_args(args):
     if args.out and (len(sources) > 1 or (args.format == "pte" and several)):
         raise BenchError(f"--out {args.out} is one program: give one --init_from, one --dtype (now {args.dtype}) and "
                          "one --lowering, and --device host or none")
+    if args.out:
+        require_writable(Path(args.out).parent, "--out's folder")
     return sources, dtypes
+
+
+def model_names(sources):
+    """The table's name of each source, one per source: its file or folder name (a ckpt.pt its folder's), or
+    the whole --init_from value where two would share a name (two runs' ckpt.pt)."""
+    names = [Path(s).parent.name if Path(s).name == "ckpt.pt" else Path(s).name for s in sources]
+    return [s if names.count(n) > 1 else n for s, n in zip(sources, names)]
 
 
 def pte_row(args, model, name, dtype, lowering, path, tokens, windows):
@@ -319,9 +330,8 @@ def run(args):
     if args.device == "android":
         android_target(args.runner, args.serial)        # before any export: fail in seconds, not after minutes
     rows, programs = [], {}
-    for source in tqdm(sources, desc="export", disable=len(sources) < 2):
+    for source, name in tqdm(list(zip(sources, model_names(sources))), desc="export", disable=len(sources) < 2):
         model, seq_len, tokenizer_spec = checked_source(args, source)
-        name = Path(source).name
         tokens = check_tokens(model.config.vocab_size, args.prompt_len, args.seed) if args.check_logits else None
         with torch.no_grad():
             reference = model.eval()(tokens[None])[0][0] if args.check_logits else None       # (T, V)

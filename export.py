@@ -41,6 +41,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -70,6 +71,7 @@ FORMAT_DTYPES = {"pte": PROGRAM_DTYPES, "ptl": ("fp32",), "gguf": tuple(GGUF_TYP
 LOWERINGS = ("shared", "naive")         # identical block delegates shared (MobileLLM-LS), or ExecuTorch's own
 SUFFIX_FORMATS = {".pte": "pte", ".ptl": "ptl", ".gguf": "gguf"}       # --out's suffix names its --format
 MAX_SEQ_LEN = 256                       # a program's KV cache length unless --max_seq_len says (or a shorter context)
+MIN_SEQ_LEN = 3                         # the dynamic token count 1..max_seq_len-1 must hold the 2-token example
 
 
 class ExportError(Exception):
@@ -129,9 +131,9 @@ def program_seq_len(model, requested=0):
     """The KV cache length of a program of `model`: `requested` (--max_seq_len), or for 0 the model's context
     up to MAX_SEQ_LEN. One clear error where it exceeds the model's context."""
     block_size = model.config.block_size
-    if not 0 <= requested <= block_size:
-        raise ExportError(f"--max_seq_len ({requested}) must be in 1..{block_size}, the model's block_size "
-                          f"(0: the model's context, at most {MAX_SEQ_LEN})")
+    if not (requested == 0 or MIN_SEQ_LEN <= requested <= block_size):
+        raise ExportError(f"--max_seq_len ({requested}) must be in {MIN_SEQ_LEN}..{block_size}, the model's "
+                          f"block_size (0: the model's context, at most {MAX_SEQ_LEN})")
     return requested or min(MAX_SEQ_LEN, block_size)
 
 
@@ -346,21 +348,49 @@ def lowered_pieces(model, dtype, T, seq):
 
 def cached_pte(model, dtype, max_seq_len, share_blocks=True, static_len=None, cache_dir=CACHE_DIR):
     """export_pte, cached on disk by (config + weights, dtype, options, EXPORT_VERSION): a 125M-class program
-    takes a minute or two to lower on 2 cores, the naive lowering far longer. Returns the .pte path."""
+    takes a minute or two to lower on 2 cores, the naive lowering far longer. A cached program is handed out
+    only when its size and sha256 are those its .json recorded (a truncated or altered file is exported
+    again). Returns the .pte path."""
     max_seq_len = program_seq_len(model, max_seq_len)                  # 0 and 256 name one program
     key = hashlib.sha256(json.dumps([source_hash(model), dtype, max_seq_len, share_blocks, static_len,
                                      EXPORT_VERSION[dtype], torch.__version__]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{key}.pte"
-    if not path.is_file():
-        takes = "a minute or two" if share_blocks else "4 to 20 minutes, lowered naively"
-        tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; a 125M "
-                   f"model takes {takes} on 2 cores: docs/on-device.md)")
-        data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
-        atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))  # what the program is ...
-        atomic_write(path, lambda tmp: tmp.write_bytes(data))     # ... then the program: never half of one
-        phases = ", ".join(f"{k[:-2]} {v} s" for k, v in info.items() if k.endswith("_s") and k != "export_s")
-        tqdm.write(f"exported in {info['export_s']} s" + (f" ({phases})" if phases else ""))
+    if path.is_file() and whole_program(path):
+        return path
+    if path.is_file():
+        tqdm.write(f"{path} is not the program this cache wrote (truncated or changed since): exporting it again")
+    require_writable(path.parent, "--cache_dir")
+    takes = "a minute or two" if share_blocks else "4 to 20 minutes, lowered naively"
+    tqdm.write(f"exporting {dtype}, {len(model.schedule)} block applications, to {path} (once; a 125M "
+               f"model takes {takes} on 2 cores: docs/on-device.md)")
+    data, info = export_pte(model, dtype, max_seq_len, share_blocks, static_len)
+    record = dict(info, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(record)))  # what the program is ...
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))     # ... then the program: never half of one
+    phases = ", ".join(f"{k[:-2]} {v} s" for k, v in info.items() if k.endswith("_s") and k != "export_s")
+    tqdm.write(f"exported in {info['export_s']} s" + (f" ({phases})" if phases else ""))
     return path
+
+
+def whole_program(path):
+    """Whether the cached program at path is the one its .json describes, byte for byte (size, sha256)."""
+    try:
+        info = json.loads(path.with_suffix(".json").read_text())
+        if info.get("size") != path.stat().st_size:
+            return False
+        with open(path, "rb") as f:
+            return info.get("sha256") == hashlib.file_digest(f, "sha256").hexdigest()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def require_writable(folder, flag):
+    """One clear error, before a long export, where folder cannot be written (or made: its nearest existing
+    folder is checked, and nothing is created)."""
+    folder = Path(folder).absolute()
+    existing = next(f for f in (folder, *folder.parents) if f.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"{flag} {folder} cannot be written ({existing} is not a writable folder): choose another")
 
 
 # --- TorchScript lite interpreter (.ptl) ------------------------------------------------------------
@@ -464,6 +494,8 @@ def main(argv=None):
     try:
         if args.format == "pte":
             require_executorch()
+        if args.out and args.format != "hf":
+            require_writable(Path(args.out).parent, "--out's folder")
         model, tokenizer = load_source(args.init_from, args.seed)
         if args.format in ("gguf", "hf"):
             print(f"wrote {write_model_files(model, tokenizer, args.format, args.dtype, args.out)}")
@@ -471,6 +503,8 @@ def main(argv=None):
         path = write_program(model, args.format, args.dtype, args.out, args.max_seq_len, args.lowering == "shared",
                              args.cache_dir)
     except ExportError as e:
+        sys.exit(f"export.py: {e}")
+    except OSError as e:                                    # a file that cannot be written, a disk full
         sys.exit(f"export.py: {e}")
     except KeyboardInterrupt:
         print("export.py: interrupted (nothing half-written: every file is written whole or not at all)",

@@ -40,6 +40,9 @@ def test_android_errors(fake_adb, tmp_path, monkeypatch):
     fake_adb(devices="")
     with pytest.raises(android.AndroidError, match="no Android device"):
         android.android_rows({}, runner, "", 1, 1)
+    fake_adb(devices="R58M123\tunauthorized")                  # listed, but not usable: not "lists none"
+    with pytest.raises(android.AndroidError, match=r"device ready: R58M123 is unauthorized \(unauthorized: accept"):
+        android.android_rows({}, runner, "", 1, 1)
     fake_adb(devices="A\tdevice\nB\tdevice")
     with pytest.raises(android.AndroidError, match="choose one with --serial"):
         android.android_rows({}, runner, "", 1, 1)

@@ -38,7 +38,7 @@ def test_cli_rejects_bad_input(capsys):
         bm.main(["--init_from", TINY_LS, "--dtype", "int8,fp16", "--device", "none"])
     with pytest.raises(SystemExit, match=r"must fit in --max_seq_len \(64\)"):    # by default the model's context
         bm.main(["--init_from", TINY_LS, "--prompt_len=300"])
-    with pytest.raises(SystemExit, match=r"--max_seq_len \(100\) must be in 1..64"):
+    with pytest.raises(SystemExit, match=r"--max_seq_len \(100\) must be in 3..64"):
         bm.main(["--init_from", TINY_LS, "--max_seq_len=100", "--device", "none"])
     with pytest.raises(SystemExit, match="no checkpoint at mobilellm-9t:n_layers=2"):
         bm.main(["--init_from", "mobilellm-9t:n_layers=2", "--device", "none"])
@@ -81,6 +81,30 @@ def test_out_is_one_program_or_an_error_before_any_export(monkeypatch, tmp_path,
     bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--max_seq_len", str(MAX_SEQ_LEN), "--device", "none",
              "--prompt_len=4", "--new_tokens=2", "--cache_dir", str(export_cache), "--out", str(out)])
     assert out.read_bytes() == pte_fp32[0].read_bytes() and [p.name for p in out.parent.iterdir()] == ["m.pte"]
+
+
+def test_compared_checkpoints_with_one_file_name_each_get_their_own_programs_and_rows(fake_adb, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """--compare runs/a/ckpt.pt,runs/b/ckpt.pt: both were named "ckpt.pt", so on a phone the second model's
+    programs replaced the first's (one row for two models), and on the host two rows read "ckpt.pt"."""
+    from checkpoint import model_checkpoint, save_checkpoint
+    from loader import preset_model
+    sources = []
+    for run, seed in (("a", 0), ("b", 1)):
+        (tmp_path / run).mkdir()
+        save_checkpoint(model_checkpoint(preset_model(TINY_LS, seed=seed), {"kind": "char", "chars": "ab"}),
+                        tmp_path / run / "ckpt.pt")
+        sources.append(str(tmp_path / run / "ckpt.pt"))
+    monkeypatch.setattr(export, "export_pte", lambda *a: (str(a).encode(), {"export_s": 0}))  # one per model
+    log = fake_adb()
+    runner = write_script(tmp_path / "executor_runner", FAKE_RUNNER)
+    bm.main(["--compare", ",".join(sources), "--dtype", "fp32", "--device", "android", "--runner", str(runner),
+             "--prompt_len=4", "--new_tokens=2", "--runs=1", "--cache_dir", str(tmp_path / "cache")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["a", "b"]            # each named by its folder
+    assert log.read_text().count("--model_path=") == 4                   # decode and prefill of each model
+    assert bm.model_names(["out-a/ckpt.pt", "out-b", "mobilellm-micro"]) == ["out-a", "out-b", "mobilellm-micro"]
+    assert bm.model_names(["x/out", "y/out/ckpt.pt"]) == ["x/out", "y/out/ckpt.pt"]    # alike: named in full
 
 
 def test_old_flag_spellings_still_work(capsys):

@@ -185,6 +185,36 @@ def test_the_export_cache_never_hands_out_a_program_made_for_other_weights_setti
     assert cached(model, 0) == cached(model, 64) != first and len(made) == 7        # block_size 64
 
 
+def test_a_truncated_or_altered_cached_program_is_exported_again(tmp_path, monkeypatch, capsys):
+    """A cached .pte cut short (a full disk, a copy that stopped) or changed since is not handed out: ExecuTorch
+    would fail to load it with 'error: 0x:23', or, altered in place, run other weights."""
+    made = []
+    monkeypatch.setattr(ex, "export_pte", lambda *a: made.append(a) or (b"program " * 100, {"export_s": 0}))
+    model = preset_model(TINY_LS, seed=0)
+    path = ex.cached_pte(model, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path)
+    assert ex.cached_pte(model, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path) == path and len(made) == 1
+    damages = [lambda: path.write_bytes(path.read_bytes()[:100]),                   # truncated
+               lambda: path.write_bytes(path.read_bytes().replace(b"program", b"PROGRAM", 1)),  # same size, altered
+               lambda: path.with_suffix(".json").unlink()]                             # nothing says what it is
+    for n, damage in enumerate(damages, start=2):
+        damage()
+        assert ex.cached_pte(model, "fp32", MAX_SEQ_LEN, cache_dir=tmp_path) == path and len(made) == n
+        assert path.read_bytes() == b"program " * 100
+    assert capsys.readouterr().out.count("is not the program this cache wrote") == 3
+
+
+def test_an_unwritable_cache_or_out_folder_is_one_error_before_any_export(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "export_pte", lambda *a: pytest.fail("exported though the program could not be kept"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ex.ExportError, match=f"--cache_dir {blocked / 'cache'} cannot be written"):
+        ex.cached_pte(preset_model(TINY_LS), "fp32", MAX_SEQ_LEN, cache_dir=blocked / "cache")
+    monkeypatch.setattr(ex.os, "access", lambda *a: False)                  # a read-only file system, for root too
+    with pytest.raises(SystemExit, match=r"export.py: --out's folder .*phone cannot be written"):
+        ex.main(["--init_from", TINY_LS, "--out", str(tmp_path / "phone" / "m.pte"), "--cache_dir", str(tmp_path)])
+    assert not (tmp_path / "phone").exists()
+
+
 def test_ptl_loads_in_lite_interpreter_and_matches(tiny, tmp_path):
     from torch.jit.mobile import _load_for_lite_interpreter
     with warnings.catch_warnings(record=True) as caught:
@@ -201,8 +231,8 @@ def test_the_kv_cache_length_defaults_to_the_models_context_up_to_256(tmp_path, 
     assert (ex.program_seq_len(short), ex.program_seq_len(long)) == (64, ex.MAX_SEQ_LEN)   # contexts 64 and 512
     assert ex.program_seq_len(short, 32) == 32
     assert ex.export_ptl(short, tmp_path / "default.ptl").is_file()    # the Python API defaults alike
-    for bad in (65, -1):
-        with pytest.raises(ex.ExportError, match=rf"--max_seq_len \({bad}\) must be in 1..64"):
+    for bad in (65, -1, 1, 2):                   # 1 and 2: too short for the dynamic token count (not a traceback)
+        with pytest.raises(ex.ExportError, match=rf"--max_seq_len \({bad}\) must be in 3..64"):
             ex.program_seq_len(short, bad)
     out = tmp_path / "new" / "folder" / "tiny.ptl"    # no --max_seq_len: a 64-token context needs no flag
     with warnings.catch_warnings():
@@ -210,7 +240,7 @@ def test_the_kv_cache_length_defaults_to_the_models_context_up_to_256(tmp_path, 
         ex.main(["--init_from", TINY_LS, "--out", str(out)])                  # .ptl: --format ptl
     assert f"wrote {out}" in capsys.readouterr().out and [p.name for p in out.parent.iterdir()] == ["tiny.ptl"]
     assert zipfile.is_zipfile(out)                                              # TorchScript's archive, not a .pte
-    with pytest.raises(SystemExit, match=r"export.py: --max_seq_len \(256\) must be in 1..64"):
+    with pytest.raises(SystemExit, match=r"export.py: --max_seq_len \(256\) must be in 3..64"):
         ex.main(["--init_from", TINY_LS, "--format", "ptl", "--max_seq_len", "256", "--out", str(out)])
     with pytest.raises(SystemExit):
         ex.main(["--init_from", TINY_LS, "--format", "pte", "--out", str(out)])
