@@ -76,16 +76,16 @@ def load_dataset(cfg, source=None):
     """(meta dict, {"train": [memmap, ...], "val": [...]}) with a clear error for anything missing."""
     data_dir = dataset_dir(cfg)
     hint = prepare_hint(cfg, source)
+    name = f"data_dir {cfg.data_dir}" if cfg.data_dir else f"dataset {cfg.dataset!r}"
     meta_file = data_dir / "meta.json"
     if not meta_file.is_file():
-        raise DataError(f"dataset {cfg.dataset!r} is not prepared: no {meta_file}; {hint}")
+        raise DataError(f"{name} is not prepared: no {meta_file}; {hint}")
     meta = json.loads(meta_file.read_text())
     splits = {}
     for split in ("train", "val"):
         files = split_files(data_dir, split)
         if not files:
-            raise DataError(f"dataset {cfg.dataset!r} has no {split}.bin (or {split}_*.bin shards) in "
-                             f"{data_dir}; {hint}")
+            raise DataError(f"{name} has no {split}.bin (or {split}_*.bin shards) in {data_dir}; {hint}")
         splits[split] = [token_file(f) for f in files]
         short = [str(f) for f, m in zip(files, splits[split]) if len(m) <= cfg.block_size]
         if short:

@@ -36,7 +36,8 @@ def test_batches_depend_only_on_the_generator_keys():
 
 def test_shards_load_and_missing_or_short_data_are_clear_errors(tmp_path, monkeypatch):
     cfg = SimpleNamespace(data_dir=str(tmp_path / "d"), dataset="d", block_size=8)
-    with pytest.raises(DataError, match=f"is not prepared: no .*meta.json; write it with one of data/\\*/prepare.py "
+    with pytest.raises(DataError, match=f"^data_dir {tmp_path / 'd'} is not prepared: no .*meta.json; write it "
+                                        f"with one of data/\\*/prepare.py "
                                         f"--out_dir={tmp_path / 'd'}, or fix data_dir"):
         load_dataset(cfg)
     for name in ("books", "plays"):                                 # a repo whose data/ has two datasets
