@@ -194,9 +194,9 @@ def main(argv=None):
                    help="preset[:field=value+...] (random weights), our checkpoint (an int8 one is dequantized), "
                         "a GGUF file, or an HF dir or repo id")
     p.add_argument("--compare", default="", help="comma-separated --init_from values, timed in one run (overrides it)")
-    p.add_argument("--dtype", default="fp32,w8a8",
+    p.add_argument("--dtype", default="",
                    help="fp32, w8a8 (int8 weights, per-token int8 activations) and/or 8da4w (int4 weights, "
-                        "groups of 32)")
+                        "groups of 32); default fp32,w8a8 (a .ptl: fp32, its only dtype)")
     p.add_argument("--lowering", default="shared", help="shared (identical block delegates shared) and/or naive")
     p.add_argument("--eager", default="", help="also time eager PyTorch in these dtypes, e.g. fp32,bf16")
     p.add_argument("--format", default="pte", choices=("pte", "ptl"), help="ptl: only export (see export.py)")
@@ -260,10 +260,14 @@ def check_args(args):
     sources = [s for s in args.compare.split(",") if s] if args.compare else [args.init_from]
     for source in sources:
         check_source(source)
+    args.dtype = args.dtype or ("fp32" if args.format == "ptl" else "fp32,w8a8")
     dtypes = [program_dtype(d) for d in args.dtype.split(",") if d]
     for d in dtypes:
         if d not in PROGRAM_DTYPES:
             raise BenchError(f"--dtype {d!r}: choose from {', '.join(PROGRAM_DTYPES)}")
+    if args.format == "ptl" and dtypes != ["fp32"]:
+        raise BenchError(f"--format ptl is fp32 only (TorchScript lite), not --dtype {args.dtype}: "
+                         "--format pte for int8 programs")
     for lowering in [x for x in args.lowering.split(",") if x]:
         if lowering not in LOWERINGS:
             raise BenchError(f"--lowering {lowering!r}: choose shared and/or naive")
@@ -281,6 +285,8 @@ def check_args(args):
     if args.out and (len(sources) > 1 or (args.format == "pte" and several)):
         raise BenchError(f"--out {args.out} is one program: give one --init_from, one --dtype (now {args.dtype}) and "
                          "one --lowering, and --device host or none")
+    if args.out and Path(args.out).suffix != f".{args.format}":
+        raise BenchError(f"--out {args.out}: a --format {args.format} program is a .{args.format} file")
     if args.out:
         require_writable(Path(args.out).parent, "--out's folder")
     return sources, dtypes

@@ -76,6 +76,10 @@ def test_out_is_one_program_or_an_error_before_any_export(monkeypatch, tmp_path,
             bm.main(["--init_from", TINY_LS, "--out", "m.pte", "--device", "none"] + many)
     with pytest.raises(SystemExit, match="--format ptl exports one model"):
         bm.main(["--compare", f"{TINY_LS},{TINY_LS}", "--format", "ptl"])
+    with pytest.raises(SystemExit, match="--format ptl is fp32 only .*, not --dtype w8a8"):      # not a silent fp32
+        bm.main(["--init_from", TINY_LS, "--format", "ptl", "--dtype", "w8a8", "--out", "m.ptl"])
+    with pytest.raises(SystemExit, match="--out m.ptl: a --format pte program is a .pte file"):
+        bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--out", "m.ptl"])
     monkeypatch.undo()
     out = tmp_path / "sub" / "m.pte"
     bm.main(["--init_from", TINY_LS, "--dtype", "fp32", "--max_seq_len", str(MAX_SEQ_LEN), "--device", "none",
