@@ -226,9 +226,7 @@ def main(argv=None):
     args = p.parse_args(accept_old_flags(argv, OLD_FLAGS))
     try:
         run(args)
-    except ExportError as e:
-        sys.exit(f"bench_mobile.py: {e}")
-    except OSError as e:                                    # a file that cannot be written, a disk full
+    except (ExportError, OSError) as e:                     # OSError: a file that cannot be written, a disk full
         sys.exit(f"bench_mobile.py: {e}")
     except KeyboardInterrupt:
         print("bench_mobile.py: interrupted (the programs exported so far stay in --cache_dir)", file=sys.stderr)

@@ -502,9 +502,7 @@ def main(argv=None):
             return
         path = write_program(model, args.format, args.dtype, args.out, args.max_seq_len, args.lowering == "shared",
                              args.cache_dir)
-    except ExportError as e:
-        sys.exit(f"export.py: {e}")
-    except OSError as e:                                    # a file that cannot be written, a disk full
+    except (ExportError, OSError) as e:                     # OSError: a file that cannot be written, a disk full
         sys.exit(f"export.py: {e}")
     except KeyboardInterrupt:
         print("export.py: interrupted (nothing half-written: every file is written whole or not at all)",
