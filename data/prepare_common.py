@@ -8,6 +8,7 @@ Sharded datasets (fineweb_edu) write val_000000.bin, train_000001.bin, ... inste
 The tokenizer is GPT-2's BPE, or (--tokenizer=<model>) the tokenizer of a model to fine-tune with train.py;
 such data needs an --out_dir of its own.
 """
+import contextlib
 import json
 import sys
 import urllib.request
@@ -24,6 +25,18 @@ from tokenizer import tiktoken_tokenizer  # noqa: E402
 
 TOKENIZER_HELP = ("gpt2 (OpenAI's GPT-2 BPE), or a model whose tokenizer to use, anything train.py's --init_from "
                   "takes: our checkpoint, a Hugging Face dir or hub id, a .gguf file (needs --out_dir)")
+
+
+@contextlib.contextmanager
+def ctrl_c_is_one_line(script):
+    """Ctrl-C ends a preparation with one line and exit code 130, not a traceback: an earlier dataset in the
+    folder stays whole until the new one is encoded, and meta.json is written last (start_dataset)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted; nothing half-written (a folder without meta.json is not a dataset)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def download(url, dest):

@@ -242,3 +242,14 @@ def test_a_text_too_short_for_both_splits_or_a_vocabulary_over_uint16_writes_not
     with pytest.raises(SystemExit, match="token id 70,000 does not fit"):   # an id past a vocab_size that fits
         prepare_common.uint16_ids([1, 70_000])
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_in_a_preparation_is_one_line_and_exit_code_130(capsys):
+    load_prepare("shakespeare_char")                          # puts data/ on the path, for prepare_common
+    import prepare_common
+    with pytest.raises(SystemExit) as stop:
+        with prepare_common.ctrl_c_is_one_line("data/x/prepare.py"):
+            raise KeyboardInterrupt
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == ("data/x/prepare.py: interrupted; nothing half-written (a folder without "
+                                       "meta.json is not a dataset)\n")

@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import socket
 import sys
 from multiprocessing import Pool
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # prepare_common puts the repo on the path too
-from prepare_common import read_text, source_tokenizer, start_dataset, write_meta, write_tokens  # noqa: E402
+from prepare_common import (ctrl_c_is_one_line, read_text, source_tokenizer, start_dataset,  # noqa: E402
+                            write_meta, write_tokens)
 from configurator import at_least  # noqa: E402
 from tokenizer import tiktoken_tokenizer  # noqa: E402
 
@@ -33,6 +35,7 @@ _tokenizer = None   # one per worker process (tiktoken's encoder does not pickle
 
 def _init_worker():
     global _tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # Ctrl-C is the main process's to handle (one line)
     _tokenizer = tiktoken_tokenizer("gpt2")
 
 
@@ -163,5 +166,6 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", default=str(Path(__file__).parent), help="where to write the shards")
     args = parser.parse_args()
     docs = local_documents(args.input) if args.input else stream_remote()
-    shards = tokenize_and_shard(docs, args.out_dir, args.shard_tokens, args.workers, args.max_tokens)
+    with ctrl_c_is_one_line("data/fineweb_edu/prepare.py"):
+        shards = tokenize_and_shard(docs, args.out_dir, args.shard_tokens, args.workers, args.max_tokens)
     print(f"wrote {len(shards)} shards to {args.out_dir}")

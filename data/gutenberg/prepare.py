@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import (TOKENIZER_HELP, download, output_dir, read_text, source_tokenizer, split_text,  # noqa: E402
-                            write_dataset)
+from prepare_common import (TOKENIZER_HELP, ctrl_c_is_one_line, download, output_dir, read_text,  # noqa: E402
+                            source_tokenizer, split_text, write_dataset)
 from tokenizer import char_tokenizer  # noqa: E402
 
 BOOK_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
@@ -74,4 +74,5 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", help="where to write the .bin files (default: this folder, for gpt2 and char)")
     args = parser.parse_args()
     out_dir = output_dir(args.out_dir, args.tokenizer, Path(__file__).parent, default_tokenizers=("gpt2", "char"))
-    prepare(args.input, args.tokenizer, out_dir)
+    with ctrl_c_is_one_line("data/gutenberg/prepare.py"):
+        prepare(args.input, args.tokenizer, out_dir)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import (TOKENIZER_HELP, output_dir, shakespeare_text, source_tokenizer, split_text,  # noqa: E402
-                            write_dataset)
+from prepare_common import (TOKENIZER_HELP, ctrl_c_is_one_line, output_dir, shakespeare_text,  # noqa: E402
+                            source_tokenizer, split_text, write_dataset)
 
 
 def prepare(input_path=None, out_dir=Path(__file__).parent, tokenizer="gpt2"):
@@ -29,4 +29,5 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="gpt2", help=TOKENIZER_HELP)
     parser.add_argument("--out_dir", help="where to write the .bin files (default: this folder, for gpt2)")
     args = parser.parse_args()
-    prepare(args.input, output_dir(args.out_dir, args.tokenizer, Path(__file__).parent), args.tokenizer)
+    with ctrl_c_is_one_line("data/shakespeare/prepare.py"):
+        prepare(args.input, output_dir(args.out_dir, args.tokenizer, Path(__file__).parent), args.tokenizer)

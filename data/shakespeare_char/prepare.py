@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_common import split_text, shakespeare_text, write_dataset  # noqa: E402
+from prepare_common import ctrl_c_is_one_line, split_text, shakespeare_text, write_dataset  # noqa: E402
 from tokenizer import char_tokenizer  # noqa: E402
 
 
@@ -25,4 +25,5 @@ if __name__ == "__main__":
     parser.add_argument("--input", help="another text file (default: data/tinyshakespeare.txt)")
     parser.add_argument("--out_dir", default=str(Path(__file__).parent), help="where to write the .bin files")
     args = parser.parse_args()
-    prepare(args.input, args.out_dir)
+    with ctrl_c_is_one_line("data/shakespeare_char/prepare.py"):
+        prepare(args.input, args.out_dir)
