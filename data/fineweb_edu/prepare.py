@@ -104,14 +104,19 @@ def batches(items, n):
         yield batch
 
 
+def only_a_validation_shard(what, tokens, shard_tokens):
+    """The error for tokens that fill no more than the first shard, which is the validation split."""
+    return SystemExit(f"{what} no more than the first shard, which validates (--shard_tokens={shard_tokens:,}): "
+                      f"nothing left to train on, nothing kept. Lower --shard_tokens (e.g. "
+                      f"--shard_tokens={max(1, tokens // 10):_})")
+
+
 def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=None, max_tokens=None):
     """Tokenize documents in a process pool and write fixed-size uint16 shards into out_dir; the first
     shard is val, the rest train. A document that overflows a shard continues in the next one.
     Returns the shard paths."""
     if max_tokens is not None and max_tokens <= shard_tokens:
-        raise SystemExit(f"--max_tokens={max_tokens:,} fills no more than the first shard, which validates "
-                         f"(--shard_tokens={shard_tokens:,}): nothing would be left to train on. Lower --shard_tokens "
-                         f"(e.g. --shard_tokens={max(1, max_tokens // 10):_}) or raise --max_tokens")
+        raise only_a_validation_shard(f"--max_tokens={max_tokens:,} fills", max_tokens, shard_tokens)
     tokenizer = source_tokenizer("gpt2")    # here first: a worker that fails to load it is restarted forever
     out_dir = Path(out_dir)
     buffer, filled, paths, total = np.empty(shard_tokens, dtype=np.uint16), 0, [], 0
@@ -150,9 +155,7 @@ def tokenize_and_shard(documents, out_dir, shard_tokens=100_000_000, workers=Non
         raise SystemExit("the documents hold no text: nothing written")
     if len(paths) == 1:         # the validation shard alone: not a dataset train.py can use
         paths[0].unlink()
-        raise SystemExit(f"the documents hold {total:,} tokens, no more than the first shard, which validates "
-                         f"(--shard_tokens={shard_tokens:,}): nothing left to train on, nothing kept. Lower "
-                         f"--shard_tokens (e.g. --shard_tokens={max(1, total // 10):_})")
+        raise only_a_validation_shard(f"the documents hold {total:,} tokens,", total, shard_tokens)
     write_meta(out_dir, tokenizer)
     return paths
 
